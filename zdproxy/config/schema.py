@@ -9,10 +9,13 @@ maps validation errors back to file lines.
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -20,6 +23,10 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
+
+# A location in the config: keys and list indexes from the root, like pydantic's ``loc``.
+Loc = tuple[str | int, ...]
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -30,6 +37,8 @@ def parse_duration(value: Any) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration such as 500ms, 2s or 1m")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise ValueError("a duration must be a finite number of seconds")
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return float(value)
@@ -41,6 +50,8 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+StatusCode = Annotated[int, Field(ge=100, le=599)]
 
 
 class Address(BaseModel):
@@ -64,12 +75,19 @@ def parse_address(value: Any) -> Any:
         host, sep, port = text[1:].partition("]:")
     else:
         host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    if not sep or not host or not (port.isascii() and port.isdigit()):
         raise ValueError(f"invalid address {value!r}: expected host:port")
     port_number = int(port)
     if not 0 < port_number < 65536:
         raise ValueError(f"invalid port {port_number} in {value!r}: must be 1-65535")
-    if any(c in host for c in " /\\@?#"):
+    if ":" in host:
+        if not text.startswith("["):
+            raise ValueError(f"invalid address {value!r}: write IPv6 hosts in brackets, [::1]:8080")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"invalid IPv6 host in {value!r}") from None
+    if any(c in host for c in " /\\@?#[]"):
         raise ValueError(f"invalid host in {value!r}")
     return {"host": host, "port": port_number}
 
@@ -105,6 +123,15 @@ class AdminConfig(_Model):
     max_body_bytes: int = Field(default=65536, gt=0)
     events_ring: int = Field(default=1000, gt=0)
 
+    @field_validator("tokens")
+    @classmethod
+    def _unique_token_names(cls, value: tuple[AdminToken, ...]) -> tuple[AdminToken, ...]:
+        names = [token.name for token in value]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"duplicate token name {name!r}")
+        return value
+
 
 class EtcdConfig(_Model):
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
@@ -115,6 +142,12 @@ class StateConfig(_Model):
     path: str | None = "./zdproxy-state.json"
     etcd: EtcdConfig | None = None
 
+    @model_validator(mode="after")
+    def _one_store(self) -> StateConfig:
+        if self.etcd is not None and "path" in self.model_fields_set and self.path is not None:
+            raise ValueError("set either path or etcd, not both")
+        return self
+
 
 class HealthCheckConfig(_Model):
     """Active health checks. Set on the top level, per pool, or per backend
@@ -123,19 +156,23 @@ class HealthCheckConfig(_Model):
     enabled: bool = True
     path: str = "/healthz"
     host: str | None = None
-    interval: Duration = 2.0
+    interval: PositiveDuration = 2.0
     jitter: float = Field(default=0.1, ge=0.0, le=1.0)
-    timeout: Duration = 1.0
+    timeout: PositiveDuration = 1.0
     rise: int = Field(default=2, ge=1)
     fall: int = Field(default=3, ge=1)
-    expected_statuses: tuple[int, ...] = (200, 204)
+    expected_statuses: tuple[StatusCode, ...] = Field(default=(200, 204), min_length=1)
 
     @field_validator("path")
     @classmethod
     def _path_starts_with_slash(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError("path must start with /")
-        return value
+        return _check_health_path(value)
+
+
+def _check_health_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError(f"path must start with / (got {value!r})")
+    return value
 
 
 class HealthCheckOverride(_Model):
@@ -144,12 +181,17 @@ class HealthCheckOverride(_Model):
     enabled: bool | None = None
     path: str | None = None
     host: str | None = None
-    interval: Duration | None = None
+    interval: PositiveDuration | None = None
     jitter: float | None = Field(default=None, ge=0.0, le=1.0)
-    timeout: Duration | None = None
+    timeout: PositiveDuration | None = None
     rise: int | None = Field(default=None, ge=1)
     fall: int | None = Field(default=None, ge=1)
-    expected_statuses: tuple[int, ...] | None = None
+    expected_statuses: tuple[StatusCode, ...] | None = Field(default=None, min_length=1)
+
+    @field_validator("path")
+    @classmethod
+    def _path_starts_with_slash(cls, value: str | None) -> str | None:
+        return None if value is None else _check_health_path(value)
 
 
 class BackendConfig(_Model):
@@ -262,11 +304,112 @@ class LogConfig(_Model):
     access_log: bool = False
 
 
+def _one_or_many(value: Any) -> Any:
+    return [value] if isinstance(value, str) else value
+
+
+def _check_pool_name(name: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        raise ValueError(f"invalid pool name {name!r}: use letters, digits, _ . -")
+    return name
+
+
+# ``listen`` takes one address or a list; ``pools`` maps a name to a pool. Named so that
+# the loader can validate these sections on their own for its cross-field checks.
+Listeners = Annotated[tuple[HostPort, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
+PoolName = Annotated[str, AfterValidator(_check_pool_name)]
+Pools = Annotated[dict[PoolName, PoolConfig], Field(min_length=1)]
+
+
+# The pydantic error type of ``Config``'s cross-field check.
+CROSS_FIELD_ERROR = "zdproxy_cross_field"
+
+
+def _dotted(loc: Loc) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def check_listeners(listen: Sequence[Address], admin: AdminConfig | None) -> list[tuple[Loc, str]]:
+    """Cross-field problems of the listeners: (location, message) pairs.
+
+    Data listeners are unique, and the admin listener (if given and enabled) is not
+    one of them.
+    """
+    problems: list[tuple[Loc, str]] = []
+    first: dict[Address, int] = {}
+    for index, address in enumerate(listen):
+        if address in first:
+            where = _dotted(("listen", first[address]))
+            problems.append(
+                (("listen", index), f"duplicate listen address {address} (also at {where})")
+            )
+        else:
+            first[address] = index
+    if admin is not None and admin.enabled and admin.listen in first:
+        where = _dotted(("listen", first[admin.listen]))
+        problems.append(
+            (("admin", "listen"), f"{admin.listen} is also a data listener (at {where})")
+        )
+    return problems
+
+
+def check_pools(pools: Mapping[str, PoolConfig]) -> list[tuple[Loc, str]]:
+    """Cross-field problems of the pools: (location, message) pairs, in file order."""
+    weights = {name: pool.weight for name, pool in pools.items()}
+    return check_pool_weights(weights) + check_pool_backends(pools)
+
+
+def check_pool_weights(weights: Mapping[str, int]) -> list[tuple[Loc, str]]:
+    """Pool weights sum to 100."""
+    total = sum(weights.values())
+    if total == 100:
+        return []
+    split = ", ".join(f"{name}={weight}" for name, weight in weights.items())
+    return [(("pools",), f"pool weights must sum to 100, got {total} ({split})")]
+
+
+def check_pool_backends(pools: Mapping[str, PoolConfig]) -> list[tuple[Loc, str]]:
+    """A pool that takes traffic has a backend that can take it; backend ids (explicit
+    or default ``<pool>-<n>``) are unique across pools; addresses are unique in a pool.
+    """
+    problems: list[tuple[Loc, str]] = []
+    ids: dict[str, Loc] = {}
+    for name, pool in pools.items():
+        if pool.weight > 0 and not pool.backends:
+            message = f"pool {name!r} has weight {pool.weight} but no backends"
+            problems.append((("pools", name, "weight"), message))
+        elif pool.weight > 0 and all(backend.weight == 0 for backend in pool.backends):
+            message = f"pool {name!r} has weight {pool.weight} but all its backends have weight 0"
+            problems.append((("pools", name, "backends"), message))
+        addresses: dict[Address, Loc] = {}
+        for index, backend in enumerate(pool.backends):
+            loc: Loc = ("pools", name, "backends", index)
+            backend_id = backend.id or f"{name}-{index + 1}"
+            if backend_id in ids:
+                where = _dotted(ids[backend_id])
+                if backend.id is None:
+                    message = f"default id {backend_id!r} is already used by {where}; set an id"
+                    problems.append((loc, message))
+                else:
+                    problems.append(
+                        ((*loc, "id"), f"duplicate backend id {backend_id!r} (also at {where})")
+                    )
+            else:
+                ids[backend_id] = loc
+            if backend.address in addresses:
+                where = _dotted(addresses[backend.address])
+                message = f"duplicate address {backend.address} in pool {name!r} (also at {where})"
+                problems.append(((*loc, "address"), message))
+            else:
+                addresses[backend.address] = loc
+    return problems
+
+
 class Config(_Model):
-    listen: tuple[HostPort, ...] = Field(min_length=1)
+    listen: Listeners
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
-    pools: dict[str, PoolConfig] = Field(min_length=1)
+    pools: Pools
     health_check: HealthCheckConfig = HealthCheckConfig()
     outlier_detection: OutlierConfig = OutlierConfig()
     slow_start: SlowStartConfig = SlowStartConfig()
@@ -280,26 +423,6 @@ class Config(_Model):
     log: LogConfig = LogConfig()
     shutdown_timeout: Duration = 30.0
 
-    @field_validator("listen", mode="before")
-    @classmethod
-    def _listen_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("pools")
-    @classmethod
-    def _pool_names(cls, value: dict[str, PoolConfig]) -> dict[str, PoolConfig]:
-        for name in value:
-            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
-                raise ValueError(f"invalid pool name {name!r}: use letters, digits, _ . -")
-        return value
-
-    @model_validator(mode="after")
-    def _weights_sum_to_100(self) -> Config:
-        total = sum(pool.weight for pool in self.pools.values())
-        if total != 100:
-            raise ValueError(f"pool weights must sum to 100, got {total}")
-        return self
-
     def backend_ids(self) -> list[tuple[str, str, BackendConfig]]:
         """(pool, id, backend) in file order, with default ids ``<pool>-<n>`` filled in."""
         out = []
@@ -309,10 +432,11 @@ class Config(_Model):
         return out
 
     @model_validator(mode="after")
-    def _unique_backend_ids(self) -> Config:
-        seen: set[str] = set()
-        for _pool, backend_id, _backend in self.backend_ids():
-            if backend_id in seen:
-                raise ValueError(f"duplicate backend id {backend_id!r}")
-            seen.add(backend_id)
+    def _cross_field_checks(self) -> Config:
+        # One error for all of them, at the root: the loader runs the same checks on
+        # the sections and reports each problem at its own key and line instead.
+        problems = check_listeners(self.listen, self.admin) + check_pools(self.pools)
+        if problems:
+            text = "; ".join(f"{_dotted(loc)}: {message}" for loc, message in problems)
+            raise PydanticCustomError(CROSS_FIELD_ERROR, "{problems}", {"problems": text})
         return self
