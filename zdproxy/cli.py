@@ -1,0 +1,133 @@
+"""Command line: ``zdproxy run | check | demo | ctl``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_logging(fmt: str, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # aiohttp's own access log is noise next to ours
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def _run_loop(coro: Any) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        result: int = asyncio.run(coro)
+        return result
+    result = uvloop.run(coro)
+    return int(result)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from zdproxy.config.loader import ConfigError, load_config
+    from zdproxy.server import serve
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        setup_logging(args.log_format)
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    setup_logging(args.log_format or config.log.format, config.log.level)
+    return _run_loop(serve(config, args.config))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from zdproxy.config.loader import check_file
+
+    ok, lines = check_file(args.config)
+    stream = sys.stdout if ok else sys.stderr
+    for line in lines:
+        print(line, file=stream)
+    return 0 if ok else 1
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from zdproxy.demo import run_demo
+
+    setup_logging(args.log_format or "text", "warning")
+    return _run_loop(run_demo())
+
+
+def cmd_ctl(args: argparse.Namespace) -> int:
+    from zdproxy.ctl import main as ctl_main
+
+    code: int = ctl_main(args.ctl_args)
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zdproxy", description="Reverse-proxy load balancer for zero-downtime deployments."
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command")
+
+    run = sub.add_parser("run", help="run the proxy in the foreground")
+    run.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    run.add_argument("--log-format", choices=["text", "json"], default=None)
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a config file")
+    check.add_argument("-c", "--config", required=True, help="config file (YAML)")
+    check.set_defaults(func=cmd_check)
+
+    demo = sub.add_parser("demo", help="run a self-contained blue/green demo")
+    demo.add_argument("--log-format", choices=["text", "json"], default=None)
+    demo.set_defaults(func=cmd_demo)
+
+    ctl = sub.add_parser("ctl", help="admin client (see `zdproxy ctl --help`)", add_help=False)
+    ctl.add_argument("ctl_args", nargs=argparse.REMAINDER)
+    ctl.set_defaults(func=cmd_ctl)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from zdproxy import __version__
+
+        print(f"zdproxy {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    code: int = args.func(args)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Shared, read-mostly state of the data path in one process.
+
+Built once from the config (and rebuilt on reload); protocols hold a reference
+and read precomputed values from it instead of walking the config per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from typing import TYPE_CHECKING
+
+from zdproxy.balancing.selector import Selector
+from zdproxy.config.schema import Config
+
+if TYPE_CHECKING:
+    from zdproxy.proxy.downstream import ClientConnection
+    from zdproxy.proxy.tunnel import Tunnel
+    from zdproxy.proxy.upstream import UpstreamPools
+
+log = logging.getLogger("zdproxy.error")
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class Counters:
+    """Process-wide data-path counters, read by the metrics collector."""
+
+    __slots__ = ("connections_accepted", "retries", "tunnels_total")
+
+    def __init__(self) -> None:
+        self.connections_accepted = 0
+        self.retries = 0
+        self.tunnels_total = 0
+
+
+class ProxyContext:
+    """Everything a connection needs, precomputed from the config."""
+
+    __slots__ = (
+        "closing",
+        "connections",
+        "counters",
+        "limits",
+        "loop",
+        "max_body",
+        "max_connections",
+        "max_header_bytes",
+        "max_headers",
+        "now",
+        "override_cookie",
+        "override_header",
+        "pool_header",
+        "affinity_cookie",
+        "retry_attempts",
+        "retry_buffer",
+        "selector",
+        "selector_wants_affinity",
+        "strict",
+        "t_body",
+        "t_connect",
+        "t_header",
+        "t_idle",
+        "t_tunnel",
+        "t_upstream",
+        "trusted",
+        "tunnels",
+        "upstreams",
+    )
+
+    def __init__(
+        self,
+        config: Config,
+        selector: Selector,
+        upstreams: UpstreamPools,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.loop = loop
+        self.selector = selector
+        self.upstreams = upstreams
+        self.connections: set[ClientConnection] = set()
+        self.tunnels: set[Tunnel] = set()
+        self.counters = Counters()
+        self.closing = False
+        #: coarse clock, refreshed by the sweeper; good enough for deadlines
+        self.now = loop.time()
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        """(Re)read every config-derived value; used at start and on reload."""
+        t = config.timeouts
+        self.t_connect = t.connect
+        self.t_header = t.request_header
+        self.t_body = t.request_body
+        self.t_upstream = t.upstream_response
+        self.t_idle = t.idle
+        self.t_tunnel = t.tunnel_idle
+        limits = config.limits
+        self.limits = limits
+        self.max_header_bytes = limits.max_header_bytes
+        self.max_headers = limits.max_headers
+        self.max_body = limits.max_body_bytes
+        self.max_connections = limits.max_connections
+        routing = config.routing
+        self.override_header = (
+            routing.header.name.lower().encode("ascii") if routing.header.enabled else None
+        )
+        self.override_cookie = routing.cookie.name if routing.cookie.enabled else None
+        sticky = config.sticky
+        self.affinity_cookie = sticky.cookie if sticky.mode in ("pool", "backend") else None
+        self.selector_wants_affinity = self.affinity_cookie is not None
+        http = config.http
+        self.pool_header = (
+            http.pool_response_header_name.encode("ascii") + b": "
+            if http.pool_response_header
+            else None
+        )
+        self.strict = http.strictness == "strict"
+        self.trusted: tuple[_Network, ...] = tuple(
+            ipaddress.ip_network(n, strict=False) for n in http.trusted_proxies
+        )
+        self.retry_attempts = config.retries.attempts
+        self.retry_buffer = config.retries.buffer_body_bytes
+
+    def is_trusted(self, ip: str) -> bool:
+        if not self.trusted:
+            return False
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)

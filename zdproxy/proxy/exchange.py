@@ -1,0 +1,717 @@
+"""One request and its response: the per-request state object.
+
+Stages, each a short method: parse (``add_header``, ``headers_complete``),
+select (``start``), connect (``_connect``), send (``_attach``, body
+streaming), relay (``on_response_*``), finish (``_finish``). Failures before
+the first response byte may be retried on another backend; after it, the
+client connection is closed so a truncated answer is never passed off as whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import httptools
+
+from zdproxy.balancing.model import Backend, BackendState
+from zdproxy.errors import (
+    BadRequest,
+    BadUpstreamResponse,
+    NoBackend,
+    ProxyError,
+    UpstreamConnectError,
+    UpstreamTimeout,
+)
+from zdproxy.http.head import (
+    CONTINUE_100,
+    HOP_BY_HOP,
+    LAST_CHUNK,
+    connection_tokens,
+    error_response,
+    status_line,
+)
+from zdproxy.http.rules import HeadChecker, Tier
+from zdproxy.proxy.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from zdproxy.proxy.downstream import ClientConnection
+
+log = logging.getLogger("zdproxy.error")
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+# what on_header does with a request header, by lower-case name
+_FORWARD = 0
+_HOST = 1
+_CONNECTION = 2
+_DROP = 3
+_XFF = 4
+_XFWD = 5
+_COOKIE = 6
+_EXPECT = 7
+_UPGRADE = 8
+_IDEM_KEY = 9
+_WS_KEY = 10
+
+_REQUEST_HEADER_KIND: dict[bytes, int] = {
+    b"host": _HOST,
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"transfer-encoding": _DROP,  # framing is re-done by the proxy
+    b"content-length": _DROP,
+    b"proxy-authorization": _DROP,
+    b"upgrade": _UPGRADE,
+    b"x-forwarded-for": _XFF,
+    b"x-forwarded-proto": _XFWD,
+    b"x-forwarded-host": _XFWD,
+    b"cookie": _COOKIE,
+    b"expect": _EXPECT,
+    b"idempotency-key": _IDEM_KEY,
+    b"sec-websocket-key": _WS_KEY,
+}
+
+#: request body chunks held before the upstream is connected, before reading pauses
+_PENDING_LIMIT = 256 * 1024
+
+
+class Exchange:
+    __slots__ = (
+        "affinity",
+        "after_reject",
+        "attempts",
+        "backend",
+        "checker",
+        "chunk_out",
+        "client_keep_alive",
+        "conn",
+        "connection_tokens",
+        "content_length",
+        "expect_continue",
+        "expects_body",
+        "extra_headers",
+        "finished",
+        "forwarded",
+        "hash_key",
+        "holding",
+        "host",
+        "idempotent",
+        "in_head",
+        "method",
+        "pending",
+        "pending_bytes",
+        "pool_override",
+        "received_body",
+        "replay",
+        "request_body_started",
+        "request_chunked",
+        "request_done",
+        "request_head",
+        "response_close_delimited",
+        "response_has_no_body",
+        "response_started",
+        "set_cookie",
+        "started_at",
+        "status",
+        "upgrade",
+        "upstream",
+        "upstream_keep_alive",
+        "url",
+        "version",
+        "ws_key",
+        "xff",
+        "xfwd",
+    )
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self.conn = conn
+        self.url = b""
+        self.method = b""
+        self.version = "1.1"
+        self.in_head = True
+        self.forwarded: list[bytes] = []
+        self.checker = HeadChecker()
+        self.host: bytes | None = None
+        self.connection_tokens: list[bytes] | None = None
+        self.xff: bytes | None = None
+        self.xfwd: list[tuple[bytes, bytes]] | None = None
+        self.extra_headers: list[tuple[bytes, bytes]] | None = None
+        self.pool_override: str | None = None
+        self.affinity: str | None = None
+        self.hash_key: str | None = None
+        self.set_cookie: bytes | None = None
+        self.expect_continue = False
+        self.upgrade: bytes | None = None
+        self.ws_key = False
+        self.idempotent = False
+        self.client_keep_alive = True
+        self.request_chunked = False
+        self.content_length: int | None = None
+        self.expects_body = False
+        self.request_head = b""
+        self.request_done = False
+        self.request_body_started = False
+        self.received_body = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.replay: list[bytes] | None = []
+        self.backend: Backend | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.attempts = 0
+        self.holding = False
+        self.started_at = 0.0
+        self.status = 0
+        self.response_started = False
+        self.response_has_no_body = False
+        self.response_close_delimited = False
+        self.chunk_out = False
+        self.upstream_keep_alive = False
+        self.finished = False
+        self.after_reject: bytes | None = None
+
+    # ---- parse -------------------------------------------------------------
+
+    def add_header(self, name: bytes, value: bytes) -> None:
+        self.checker.header(name, value)
+        lname = name.lower()
+        kind = _REQUEST_HEADER_KIND.get(lname, _FORWARD)
+        if kind == _FORWARD:
+            if lname == self.conn.ctx.override_header:
+                self.pool_override = value.decode("latin-1").strip()
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _HOST:
+            self.host = value
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _COOKIE:
+            self._parse_cookie(value)
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _CONNECTION:
+            if self.connection_tokens is None:
+                self.connection_tokens = []
+            self.connection_tokens.append(value)
+        elif kind == _XFF:
+            self.xff = value if self.xff is None else self.xff + b", " + value
+        elif kind == _XFWD:
+            if self.xfwd is None:
+                self.xfwd = []
+            self.xfwd.append((lname, value))
+        elif kind == _EXPECT:
+            if value.strip().lower() == b"100-continue":
+                self.expect_continue = True
+            else:
+                raise _reject(417, "expectation-failed", "unsupported expectation")
+        elif kind == _UPGRADE:
+            self.upgrade = value
+        elif kind == _IDEM_KEY:
+            self.idempotent = True
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _WS_KEY:
+            self.ws_key = True
+            self.forwarded += (name, b": ", value, b"\r\n")
+        # _DROP: hop-by-hop, or framing the proxy redoes itself
+
+    def _parse_cookie(self, value: bytes) -> None:
+        ctx = self.conn.ctx
+        if ctx.override_cookie is None and not ctx.selector_wants_affinity:
+            return
+        for part in value.decode("latin-1").split(";"):
+            key, _, val = part.strip().partition("=")
+            if key == ctx.override_cookie and val:
+                self.pool_override = val
+            elif key == ctx.affinity_cookie and val:
+                self.affinity = val
+
+    def headers_complete(self, parser: httptools.HttpRequestParser) -> None:
+        self.in_head = False
+        method = parser.get_method()
+        self.method = method
+        version = parser.get_http_version()
+        self.version = version
+        checker = self.checker
+        verdict = checker.verdict(method, self.url, b"HTTP/" + version.encode("ascii"))
+        ctx = self.conn.ctx
+        if verdict.tier >= Tier.AMBIGUOUS and (ctx.strict or verdict.tier == Tier.SEVERE):
+            raise _reject(400, "bad-request", verdict.reason)
+        if verdict.tier == Tier.AMBIGUOUS:
+            # lenient mode: forward, then close both connections after the response
+            self.conn.closing = True
+        self.request_chunked = checker.chunked
+        self.content_length = checker.content_length
+        self.expects_body = self.request_chunked or bool(self.content_length)
+        max_body = ctx.max_body
+        if max_body and self.content_length is not None and self.content_length > max_body:
+            raise _reject(413, "body-too-large", "request body too large")
+        self.client_keep_alive = parser.should_keep_alive()
+        if method in IDEMPOTENT:
+            self.idempotent = True
+        if self.upgrade is not None and not parser.should_upgrade():
+            self.upgrade = None
+        self.request_head = self._build_request_head()
+
+    def _build_request_head(self) -> bytes:
+        conn = self.conn
+        tokens = self.connection_tokens
+        forwarded = self.forwarded
+        if tokens is not None:
+            forwarded = self._drop_connection_named(forwarded, connection_tokens(tokens))
+        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", *forwarded]
+        xff = self.xff if conn.trusted else None
+        parts += (
+            b"X-Forwarded-For: ",
+            conn.xff_ip if xff is None else xff + b", " + conn.xff_ip,
+            b"\r\n",
+        )
+        kept = dict(self.xfwd) if (conn.trusted and self.xfwd) else {}
+        parts += (b"X-Forwarded-Proto: ", kept.get(b"x-forwarded-proto", b"http"), b"\r\n")
+        host = kept.get(b"x-forwarded-host", self.host)
+        if host is not None:
+            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if self.request_chunked:
+            parts.append(b"Transfer-Encoding: chunked\r\n")
+        elif self.content_length is not None:
+            parts.append(b"Content-Length: %d\r\n" % self.content_length)
+        if self.upgrade is not None:
+            parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
+        parts.append(b"\r\n")
+        return b"".join(parts)
+
+    @staticmethod
+    def _drop_connection_named(forwarded: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+        """Remove headers that ``Connection`` names (they are hop-by-hop)."""
+        out: list[bytes] = []
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() not in names:
+                out += forwarded[i : i + 4]
+        return out
+
+    # ---- select and connect -------------------------------------------------
+
+    def start(self) -> None:
+        """Called when this exchange reaches the head of its connection's queue."""
+        conn = self.conn
+        self.started_at = conn.ctx.loop.time()
+        if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
+            self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
+            return
+        self._dispatch(None)
+
+    def _dispatch(self, exclude: Backend | None) -> None:
+        ctx = self.conn.ctx
+        backend = ctx.selector.select(self, exclude)
+        if backend is None:
+            self.fail(NoBackend("no healthy backend"))
+            return
+        self.backend = backend
+        self.holding = True
+        backend.in_flight += 1
+        self.attempts += 1
+        upstream = ctx.upstreams.acquire(backend)
+        if upstream is not None:
+            self._attach(upstream)
+        else:
+            ctx.loop.create_task(self._connect(backend))
+
+    async def _connect(self, backend: Backend) -> None:
+        ctx = self.conn.ctx
+        try:
+            async with asyncio.timeout(ctx.t_connect):
+                _, upstream = await ctx.loop.create_connection(
+                    lambda: UpstreamConnection(ctx.upstreams, backend), backend.host, backend.port
+                )
+        except (OSError, TimeoutError) as exc:
+            self._on_connect_failed(backend, exc)
+            return
+        if self.finished or self.backend is not backend:
+            upstream.close()
+            return
+        self._attach(upstream)
+
+    def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
+        kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
+        _count(backend.upstream_errors, kind)
+        self._release_backend()
+        if self.finished:
+            return
+        if self.attempts <= self.conn.ctx.retry_attempts:
+            self.conn.ctx.counters.retries += 1
+            self._dispatch(backend)
+            return
+        self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
+
+    def _attach(self, upstream: UpstreamConnection) -> None:
+        self.upstream = upstream
+        upstream.exchange = self
+        transport = upstream.transport
+        assert transport is not None
+        conn = self.conn
+        if self.expect_continue and not self.request_done and self.attempts == 1:
+            assert conn.transport is not None
+            conn.transport.write(CONTINUE_100)
+        parts = [self.request_head]
+        chunked = self.request_chunked
+        if self.replay:
+            parts += (_frame(c) for c in self.replay) if chunked else self.replay
+        if self.pending:
+            parts += (_frame(c) for c in self.pending) if chunked else self.pending
+            if self.replay is not None:
+                self.replay += self.pending
+            self.pending = []
+            self.pending_bytes = 0
+            conn.resume_reading()
+        if self.request_done:
+            if chunked:
+                parts.append(LAST_CHUNK)
+            conn.set_deadline(4, conn.ctx.t_upstream)
+        transport.writelines(parts)
+
+    # ---- request body ------------------------------------------------------
+
+    def on_request_body(self, data: bytes) -> None:
+        self.received_body += len(data)
+        conn = self.conn
+        max_body = conn.ctx.max_body
+        if max_body and self.received_body > max_body:
+            self.client_keep_alive = False
+            if conn.queue and conn.queue[0] is self:
+                if self.response_started:
+                    self._truncated("request body too large")
+                else:
+                    self.fail(ProxyError("request body too large", status=413, cause="body-too-large"))
+            raise _reject(413, "body-too-large", "request body too large")
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            if self.request_chunked:
+                upstream.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            else:
+                upstream.transport.write(data)
+            replay = self.replay
+            if replay is not None:
+                if self.received_body <= conn.ctx.retry_buffer:
+                    replay.append(data)
+                else:
+                    self.replay = None
+            return
+        self.pending.append(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes > _PENDING_LIMIT:
+            conn.pause_reading()
+
+    def on_request_complete(self) -> None:
+        self.request_done = True
+        if self.finished:
+            return
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            if self.request_chunked:
+                upstream.transport.write(LAST_CHUNK)
+            if not self.response_started:
+                self.conn.set_deadline(4, self.conn.ctx.t_upstream)
+
+    # ---- response ----------------------------------------------------------
+
+    def on_response_head(self, upstream: UpstreamConnection, status: int) -> None:
+        if 100 <= status < 200 and status != 101:
+            return  # interim responses are not relayed; 100 was answered by the proxy
+        self.status = status
+        conn = self.conn
+        ctx = conn.ctx
+        method = self.method
+        no_body = method == b"HEAD" or status in (204, 304) or status == 101
+        self.response_has_no_body = no_body
+        parts = [status_line(status, upstream.reason or None)]
+        chunked = False
+        has_length = False
+        tokens: frozenset[bytes] | None = None
+        headers = upstream.headers
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"transfer-encoding":
+                chunked = True
+                continue
+            if lname == b"connection":
+                tokens = connection_tokens([value])
+                continue
+            if lname in HOP_BY_HOP:
+                continue
+            if lname == b"content-length":
+                has_length = True
+            parts += (name, b": ", value, b"\r\n")
+        if tokens:
+            parts = _drop_named(parts, tokens)
+        if chunked and has_length:
+            # both framings: the body is chunked; the Content-Length is a lie
+            parts = _drop_named(parts, frozenset({b"content-length"}))
+            has_length = False
+        if ctx.pool_header is not None and self.backend is not None:
+            parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
+        if self.set_cookie is not None:
+            parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
+        keep_alive = self.client_keep_alive and not conn.closing
+        if status == 101:
+            parts.append(b"Connection: upgrade\r\nUpgrade: ")
+            parts += (self.upgrade or b"websocket", b"\r\n")
+        elif not no_body and not has_length:
+            if self.version == "1.1":
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+                self.chunk_out = True
+            else:
+                keep_alive = False  # close-delimited for an HTTP/1.0 client
+            self.response_close_delimited = not chunked
+        if not keep_alive:
+            self.client_keep_alive = False
+            if status != 101:
+                parts.append(b"Connection: close\r\n")
+        elif self.version == "1.0":
+            parts.append(b"Connection: keep-alive\r\n")
+        parts.append(b"\r\n")
+        self.response_started = True
+        transport = conn.transport
+        if transport is not None:
+            transport.write(b"".join(parts))
+        conn.set_deadline(4, ctx.t_upstream)
+
+    def on_response_body(self, data: bytes) -> None:
+        conn = self.conn
+        transport = conn.transport
+        if transport is None:
+            return
+        if self.chunk_out:
+            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+        else:
+            transport.write(data)
+        conn.deadline = conn.ctx.now + conn.ctx.t_upstream
+
+    def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
+        if self.status == 0 or self.status == 101:
+            return  # interim response, or a tunnel's handshake
+        self.upstream_keep_alive = keep_alive
+        self._finish(clean=True)
+
+    def on_upstream_upgraded(self, upstream: UpstreamConnection, rest: bytes) -> None:
+        from zdproxy.proxy.tunnel import start_tunnel
+
+        if self.status != 101:
+            self.on_bad_response(upstream, BadUpstreamResponse("unexpected upgrade"))
+            return
+        start_tunnel(self, upstream, rest)
+
+    def on_client_upgrade_data(self, rest: bytes) -> None:
+        """Bytes the client sent after its upgrade request: held until the 101."""
+        if rest:
+            self.pending.append(rest)
+
+    # ---- failures ----------------------------------------------------------
+
+    def on_upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
+        if self.finished or upstream is not self.upstream:
+            return
+        if self.response_started:
+            if self.response_close_delimited:
+                # the body was delimited by the close: that is its normal end
+                self.upstream_keep_alive = False
+                self._finish(clean=True)
+            else:
+                self._truncated("upstream closed mid-response")
+            return
+        backend = self.backend
+        if backend is not None:
+            _count(backend.upstream_errors, "reset")
+        if self._may_retry(upstream):
+            self._retry()
+            return
+        self.fail(ProxyError("upstream closed the connection", cause="upstream-reset"))
+
+    def on_bad_response(self, upstream: UpstreamConnection, exc: Exception) -> None:
+        if self.finished:
+            return
+        backend = self.backend
+        if backend is not None:
+            _count(backend.upstream_errors, "bad_response")
+        if self.response_started:
+            self._truncated("invalid upstream response body")
+        else:
+            self.upstream = None
+            self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
+
+    def on_upstream_timeout(self) -> None:
+        if self.finished:
+            return
+        backend = self.backend
+        if backend is not None:
+            _count(backend.upstream_errors, "timeout")
+        if self.response_started:
+            self._truncated("upstream timed out mid-response")
+        else:
+            self.fail(UpstreamTimeout("backend did not answer in time"))
+
+    def on_body_timeout(self) -> None:
+        if self.finished:
+            return
+        if self.response_started:
+            self._truncated("request body timeout")
+        else:
+            self.client_keep_alive = False
+            self.fail(ProxyError("request body timeout", status=408, cause="request-body-timeout"))
+
+    def on_client_lost(self) -> None:
+        """The client went away: never reuse the upstream connection."""
+        if self.finished:
+            return
+        self.finished = True
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.abort()
+        self._release_backend()
+
+    def _may_retry(self, upstream: UpstreamConnection) -> bool:
+        if self.attempts > self.conn.ctx.retry_attempts:
+            return False
+        if self.request_body_started_and_lost():
+            return False
+        # the keep-alive race: a reused connection closed before answering
+        race = upstream.reused and not upstream.got_bytes
+        return self.idempotent or (race and not self.expects_body)
+
+    def request_body_started_and_lost(self) -> bool:
+        return self.expects_body and self.replay is None
+
+    def _retry(self) -> None:
+        self.conn.ctx.counters.retries += 1
+        failed = self.backend
+        self.upstream = None
+        self._release_backend()
+        self._dispatch(failed)
+
+    def _truncated(self, why: str) -> None:
+        """After response bytes went out: close the client so it sees the cut."""
+        log.info("closing client connection: %s", why)
+        self.finished = True
+        self._record(502 if self.status == 0 else self.status)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.abort()
+        self._release_backend()
+        transport = self.conn.transport
+        if transport is not None:
+            transport.abort()
+
+    def fail(self, error: ProxyError) -> None:
+        """Answer an error the proxy generated (nothing was sent to the client yet)."""
+        if self.finished:
+            return
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+            upstream.close()
+        self._release_backend()
+        self.finished = True
+        self.status = error.status
+        self._record(error.status)
+        conn = self.conn
+        # a request whose body was not fully read leaves the framing in doubt
+        keep_alive = self.client_keep_alive and self.request_done and not conn.closing
+        transport = conn.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(error_response(error.status, error.cause, str(error), close=not keep_alive))
+        self._after_response(keep_alive)
+
+    # ---- finish ------------------------------------------------------------
+
+    def _finish(self, clean: bool) -> None:
+        self.finished = True
+        conn = self.conn
+        ctx = conn.ctx
+        transport = conn.transport
+        if self.chunk_out and transport is not None:
+            transport.write(LAST_CHUNK)
+        self._record(self.status)
+        upstream = self.upstream
+        self.upstream = None
+        backend = self.backend
+        if upstream is not None:
+            if (
+                clean
+                and self.upstream_keep_alive
+                and self.request_done
+                and backend is not None
+                and backend.state is not BackendState.DRAINING
+            ):
+                ctx.upstreams.release(upstream, ctx.now)
+            else:
+                upstream.exchange = None
+                upstream.close()
+        self._release_backend()
+        keep_alive = self.client_keep_alive and self.request_done
+        if not self.request_done:
+            # the answer came before the request body ended: close both sides
+            conn.closing = True
+        self._after_response(keep_alive)
+
+    def _after_response(self, keep_alive: bool) -> None:
+        conn = self.conn
+        if self.after_reject is not None and conn.transport is not None:
+            conn.transport.write(self.after_reject)
+            keep_alive = False
+        conn.response_finished(self, keep_alive)
+
+    def _record(self, status: int) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        _count(backend.codes, status)
+        view = self.conn.ctx.selector.pool_view(backend.pool)
+        if view is not None:
+            loop = self.conn.ctx.loop
+            now = loop.time()
+            view.stats.record(status, now - self.started_at, now)
+
+    def _release_backend(self) -> None:
+        if self.holding:
+            self.holding = False
+            backend = self.backend
+            if backend is not None:
+                backend.in_flight -= 1
+
+    def pause_upstream_reading(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.pause_reading()
+
+    def resume_upstream_reading(self) -> None:
+        upstream = self.upstream
+        if upstream is not None and upstream.transport is not None:
+            upstream.transport.resume_reading()
+
+
+def _frame(chunk: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(chunk), chunk)
+
+
+def _drop_named(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
+    """Drop ``name: value\\r\\n`` quadruples whose name is in ``names``; parts[0] is the
+    status line."""
+    out = [parts[0]]
+    for i in range(1, len(parts) - 3, 4):
+        if parts[i].lower() not in names:
+            out += parts[i : i + 4]
+    tail = (len(parts) - 1) % 4
+    if tail:
+        out += parts[len(parts) - tail :]
+    return out
+
+
+def _count(counter: dict[str, int] | dict[int, int], key: object) -> None:
+    counter[key] = counter.get(key, 0) + 1  # type: ignore[index,call-overload,assignment]
+
+
+def _reject(status: int, cause: str, message: str) -> ProxyError:
+    return ProxyError(message, status=status, cause=cause)

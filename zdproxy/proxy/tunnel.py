@@ -1,0 +1,83 @@
+"""Upgrade tunnels (WebSocket and friends): raw bytes both ways after a 101.
+
+Both protocols switch to relay mode: each side's ``data_received`` writes
+straight to the other transport, EOF is passed on as a half-close, and the
+client connection's deadline becomes the tunnel idle timeout. The tunnel
+keeps its backend's in-flight count until it closes, so a drain waits for it
+(up to the drain timeout, when the runtime closes it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from zdproxy.balancing.model import Backend
+
+if TYPE_CHECKING:
+    from zdproxy.proxy.context import ProxyContext
+    from zdproxy.proxy.exchange import Exchange
+    from zdproxy.proxy.upstream import UpstreamConnection
+
+TUNNEL_DEADLINE = 5  # downstream.TUNNEL
+
+
+class Tunnel:
+    __slots__ = ("backend", "client", "closed", "ctx", "server")
+
+    def __init__(
+        self,
+        ctx: ProxyContext,
+        backend: Backend | None,
+        client: asyncio.Transport,
+        server: asyncio.Transport,
+    ) -> None:
+        self.ctx = ctx
+        self.backend = backend
+        self.client = client
+        self.server = server
+        self.closed = False
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.tunnels.discard(self)
+        if self.backend is not None:
+            self.backend.in_flight -= 1
+        self.client.close()
+        self.server.close()
+
+
+def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) -> None:
+    conn = exchange.conn
+    client = conn.transport
+    server = upstream.transport
+    if client is None or server is None or client.is_closing():
+        upstream.abort()
+        exchange.on_client_lost()
+        return
+    ctx = conn.ctx
+    exchange.finished = True
+    exchange._record(101)
+    # the exchange hands its hold on the backend over to the tunnel
+    backend = exchange.backend if exchange.holding else None
+    exchange.holding = False
+    exchange.upstream = None
+    tunnel = Tunnel(ctx, backend, client, server)
+    ctx.tunnels.add(tunnel)
+    ctx.counters.tunnels_total += 1
+    upstream.exchange = None
+    upstream.tunnel_peer = client
+    upstream.tunnel_ref = tunnel
+    conn.tunnel = server
+    conn.tunnel_ref = tunnel
+    if conn.queue and conn.queue[0] is exchange:
+        conn.queue.popleft()
+    conn.set_deadline(TUNNEL_DEADLINE, ctx.t_tunnel)
+    if rest:
+        client.write(rest)
+    if exchange.pending:
+        server.writelines(exchange.pending)
+        exchange.pending = []
+    conn.resume_reading()

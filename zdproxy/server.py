@@ -1,0 +1,172 @@
+"""Composition root: build every part from the config, serve, stop in order.
+
+Shutdown order (as uvicorn does it): stop accepting, ask every connection to
+finish (idle ones close now, busy ones after their response, with
+``Connection: close``), wait up to ``shutdown_timeout``, then abort the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+
+from zdproxy.balancing.selector import WeightedSelector
+from zdproxy.config.schema import Address, Config
+from zdproxy.control.runtime import Runtime
+from zdproxy.proxy.context import ProxyContext
+from zdproxy.proxy.downstream import ClientConnection
+from zdproxy.proxy.upstream import UpstreamPools
+
+log = logging.getLogger("zdproxy.error")
+
+#: start/stop hooks for the optional parts (admin API, health checks), in order
+Hook = Callable[["ProxyServer"], Awaitable[None]]
+
+
+def bind_socket(address: Address, backlog: int = 4096) -> socket.socket:
+    """A listening TCP socket; created here (not by asyncio) so that it can be
+    handed to a new process on hot upgrade."""
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address.host, address.port))
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+class ProxyServer:
+    def __init__(self, config: Config, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.runtime = Runtime(config)
+        self.selector = WeightedSelector(self.runtime.snapshot)
+        self.runtime.subscribe(self.selector.update)
+        self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
+        self.ctx: ProxyContext | None = None
+        self.servers: list[asyncio.Server] = []
+        self.sockets: list[socket.socket] = []
+        self.start_hooks: list[Hook] = []
+        self.stop_hooks: list[Hook] = []
+        self._stopped = asyncio.Event()
+        self._sweeper: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return asyncio.get_running_loop()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
+        for address in self.config.listen:
+            sock = bind_socket(address)
+            self.sockets.append(sock)
+            server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
+            self.servers.append(server)
+            log.info("listening on %s", address)
+        self._sweeper = loop.create_task(self._sweep())
+        for hook in self.start_hooks:
+            await hook(self)
+
+    def _tick(self) -> float:
+        t = self.config.timeouts
+        shortest = min(t.request_header, t.idle, t.upstream_response, t.request_body, t.connect)
+        return min(0.5, max(0.05, shortest / 4))
+
+    async def _sweep(self) -> None:
+        """Coarse timers: one pass over connections per tick instead of a timer
+        handle per request."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        tick = self._tick()
+        upstream_idle = self.config.timeouts.upstream_idle
+        while True:
+            await asyncio.sleep(tick)
+            now = ctx.now = loop.time()
+            for conn in list(ctx.connections):
+                conn.check_deadline(now)
+            self.upstreams.sweep(now, upstream_idle)
+
+    def request_stop(self) -> None:
+        if not self._stopping:
+            self._stopping = True
+            asyncio.get_running_loop().create_task(self.shutdown())
+
+    async def shutdown(self) -> None:
+        ctx = self.ctx
+        log.info("shutting down: no new connections, finishing in-flight requests")
+        for server in self.servers:
+            server.close()
+        if ctx is not None:
+            ctx.closing = True
+            for conn in list(ctx.connections):
+                conn.shutdown()
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.config.shutdown_timeout
+            while (ctx.connections or ctx.tunnels) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            for conn in list(ctx.connections):
+                if conn.transport is not None:
+                    conn.transport.abort()
+            for tunnel in list(ctx.tunnels):
+                tunnel.close()
+        for hook in reversed(self.stop_hooks):
+            try:
+                await hook(self)
+            except Exception:
+                log.exception("error while stopping")
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.upstreams.close_all()
+        self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+
+
+async def serve(config: Config, config_path: str | None = None) -> int:
+    server = ProxyServer(config, config_path)
+    _install_optional_parts(server)
+    await server.start()
+    server.install_signal_handlers()
+    log.info("zdproxy %s serving (pid %d)", _version(), os.getpid())
+    await server.wait_stopped()
+    return 0
+
+
+def _install_optional_parts(server: ProxyServer) -> None:
+    """Admin API and health checks hook themselves in here when present."""
+    try:
+        from zdproxy.health.checker import install as install_health
+    except ImportError:
+        # no active checks built in: every backend takes traffic at once
+        from zdproxy.balancing.model import BackendState
+
+        for backend_id, backend in server.runtime.backends.items():
+            if backend.state is BackendState.STARTING:
+                server.runtime.set_backend_state(backend_id, BackendState.UP)
+    else:
+        install_health(server)
+    try:
+        from zdproxy.admin.app import install as install_admin
+    except ImportError:
+        pass
+    else:
+        install_admin(server)
+
+
+def _version() -> str:
+    from zdproxy import __version__
+
+    return __version__
