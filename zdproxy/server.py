@@ -14,6 +14,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 
+from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.runtime import Runtime
@@ -47,6 +48,7 @@ class ProxyServer:
         self.selector = WeightedSelector(self.runtime.snapshot)
         self.runtime.subscribe(self.selector.update)
         self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
+        self.runtime.subscribe(self._close_idle_to_unroutable)
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -55,6 +57,14 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+
+    def _close_idle_to_unroutable(self, snapshot: Snapshot) -> None:
+        """Pooled connections to a backend that left rotation (drained, disabled,
+        down, removed) are closed; busy ones close after their response."""
+        for backend_id in self.upstreams.backend_ids():
+            backend = snapshot.backends.get(backend_id)
+            if backend is None or backend.state is not BackendState.UP:
+                self.upstreams.close_backend(backend_id)
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:

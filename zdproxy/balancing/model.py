@@ -61,6 +61,7 @@ class Backend:
         "admin",
         "codes",
         "ejected",
+        "failures",
         "health",
         "host",
         "id",
@@ -83,6 +84,8 @@ class Backend:
         self.health = Health.STARTING
         #: outlier detection took it out of rotation for now
         self.ejected = False
+        #: consecutive failures (5xx, connect, reset); reset by a success
+        self.failures = 0
         #: derived from admin and health by the runtime; what the API shows
         self.state = BackendState.STARTING
         self.in_flight = 0

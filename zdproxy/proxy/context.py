@@ -11,6 +11,12 @@ import ipaddress
 import logging
 from typing import TYPE_CHECKING
 
+from zdproxy.balancing.passive import (
+    NullObserver,
+    PassiveObserver,
+    RetryPolicy,
+    UnboundedRetries,
+)
 from zdproxy.balancing.selector import Selector
 from zdproxy.config.schema import Config
 
@@ -49,11 +55,13 @@ class ProxyContext:
         "max_header_bytes",
         "max_headers",
         "now",
+        "observer",
         "override_cookie",
         "override_header",
         "pool_header",
         "affinity_cookie",
         "retry_attempts",
+        "retry_policy",
         "retry_buffer",
         "selector",
         "selector_wants_affinity",
@@ -83,6 +91,9 @@ class ProxyContext:
         self.tunnels: set[Tunnel] = set()
         self.counters = Counters()
         self.closing = False
+        #: passive health feed and retry budget; the health package installs real ones
+        self.observer: PassiveObserver = NullObserver()
+        self.retry_policy: RetryPolicy = UnboundedRetries()
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
         self.now = loop.time()
         self.apply(config)

@@ -293,7 +293,9 @@ class Exchange:
     def start(self) -> None:
         """Called when this exchange reaches the head of its connection's queue."""
         conn = self.conn
-        self.started_at = conn.ctx.loop.time()
+        ctx = conn.ctx
+        self.started_at = ctx.loop.time()
+        ctx.retry_policy.record_request(ctx.now)
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
             self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
             return
@@ -333,11 +335,13 @@ class Exchange:
     def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
         kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
         _count(backend.upstream_errors, kind)
+        ctx = self.conn.ctx
+        ctx.observer.failure(backend, "connect", ctx.now)
         self._release_backend()
         if self.finished:
             return
-        if self.attempts <= self.conn.ctx.retry_attempts:
-            self.conn.ctx.counters.retries += 1
+        if self.attempts <= ctx.retry_attempts and ctx.retry_policy.allow_retry(ctx.now):
+            ctx.counters.retries += 1
             self._dispatch(backend)
             return
         self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
@@ -520,6 +524,8 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             _count(backend.upstream_errors, "reset")
+            ctx = self.conn.ctx
+            ctx.observer.failure(backend, "reset", ctx.now)
         if self._may_retry(upstream):
             self._retry()
             return
@@ -543,6 +549,8 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             _count(backend.upstream_errors, "timeout")
+            ctx = self.conn.ctx
+            ctx.observer.failure(backend, "timeout", ctx.now)
         if self.response_started:
             self._truncated("upstream timed out mid-response")
         else:
@@ -570,7 +578,8 @@ class Exchange:
         self._release_backend()
 
     def _may_retry(self, upstream: UpstreamConnection) -> bool:
-        if self.attempts > self.conn.ctx.retry_attempts:
+        ctx = self.conn.ctx
+        if self.attempts > ctx.retry_attempts or not ctx.retry_policy.allow_retry(ctx.now):
             return False
         if self.request_body_started_and_lost():
             return False
@@ -643,7 +652,7 @@ class Exchange:
                 and self.upstream_keep_alive
                 and self.request_done
                 and backend is not None
-                and backend.state is not BackendState.DRAINING
+                and backend.state is BackendState.UP
             ):
                 ctx.upstreams.release(upstream, ctx.now)
             else:
@@ -668,10 +677,14 @@ class Exchange:
         if backend is None:
             return
         _count(backend.codes, status)
-        view = self.conn.ctx.selector.pool_view(backend.pool)
+        ctx = self.conn.ctx
+        now = ctx.loop.time()
+        if status >= 500:
+            ctx.observer.failure(backend, "5xx", now)
+        elif backend.failures:
+            ctx.observer.success(backend, now)
+        view = ctx.selector.pool_view(backend.pool)
         if view is not None:
-            loop = self.conn.ctx.loop
-            now = loop.time()
             view.stats.record(status, now - self.started_at, now)
 
     def _release_backend(self) -> None:

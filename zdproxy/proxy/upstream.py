@@ -220,6 +220,9 @@ class UpstreamPools:
             except ValueError:
                 pass
 
+    def backend_ids(self) -> list[str]:
+        return [backend_id for backend_id, stack in self._idle.items() if stack]
+
     def idle_count(self, backend_id: str) -> int:
         stack = self._idle.get(backend_id)
         return len(stack) if stack else 0
