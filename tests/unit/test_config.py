@@ -347,6 +347,16 @@ def test_unsafe_yaml_tag_is_refused() -> None:
     assert found.startswith("test.yaml:13: (yaml): invalid YAML: ")
 
 
+def test_forbidden_character_has_its_line() -> None:
+    found = only_problem(VALID + "log:\n  level: \x07\n")
+    assert found == "test.yaml:13: (yaml): invalid YAML: unacceptable character #x0007"
+
+
+def test_recursive_alias_is_a_problem_not_a_hang() -> None:
+    found = problems(VALID + "x-loop: &loop [1, *loop]\n")
+    assert found[0] == "test.yaml:12: x-loop.1: recursive YAML alias"
+
+
 def test_several_problems_reported_together_in_file_order() -> None:
     text = """\
     listen: 127.0.0.1:8080

@@ -93,8 +93,17 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def load_config_text(text: str, filename: str) -> Config:
     """Validate config ``text``; problems name ``filename``. Raise ``ConfigError``."""
-    builder = _Builder(filename)
-    data = builder.parse(text)
+    try:
+        loader = _Loader(text)  # rejects characters YAML does not allow
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(filename, text, exc)]) from None
+    builder = _Builder(loader, filename)
+    try:
+        data = builder.parse()
+    except yaml.YAMLError as exc:
+        raise ConfigError([_yaml_problem(filename, text, exc)]) from None
+    finally:
+        loader.dispose()
     problems = builder.problems
     if data is not None:
         config, schema_problems = _validate(data, builder.lines, filename)
@@ -172,35 +181,22 @@ _Loader.add_implicit_resolver(
 class _Builder:
     """Builds plain data from YAML nodes, recording the line of every key path."""
 
-    def __init__(self, filename: str) -> None:
+    def __init__(self, loader: _Loader, filename: str) -> None:
         self.filename = filename
         self.lines: dict[Loc, int] = {}
         self.problems: list[ConfigProblem] = []
-        self._loader: _Loader | None = None
+        self._loader = loader
         self._active: set[int] = set()  # ids of the collection nodes being built (aliases)
 
-    def parse(self, text: str) -> dict[str, Any] | None:
-        """The top-level mapping, or None after recording why there is none."""
-        loader = _Loader(text)
-        self._loader = loader
-        try:
-            node = loader.get_single_node()
-            if node is None:
-                message = "the file is empty: a config needs at least listen and pools"
-                self._problem((), 1, message)
-                return None
-            self.lines[()] = node.start_mark.line + 1
-            data = self._build(node, ())
-        except yaml.MarkedYAMLError as exc:
-            self.problems.append(_yaml_problem(self.filename, exc))
+    def parse(self) -> dict[str, Any] | None:
+        """The top-level mapping, or None after recording why there is none.
+        Raises ``yaml.YAMLError`` on invalid YAML."""
+        node = self._loader.get_single_node()
+        if node is None:
+            self._problem((), 1, "the file is empty: a config needs at least listen and pools")
             return None
-        except yaml.YAMLError as exc:  # ReaderError: a character YAML does not allow
-            position = getattr(exc, "position", None)
-            line = text[:position].count("\n") + 1 if isinstance(position, int) else 1
-            self.problems.append(ConfigProblem(self.filename, line, YAML_KEY, str(exc)))
-            return None
-        finally:
-            loader.dispose()
+        self.lines[()] = node.start_mark.line + 1
+        data = self._build(node, ())
         if not isinstance(data, dict):
             message = f"expected a mapping of keys at the top level, got {_describe(data)}"
             self._problem((), self.lines[()], message)
@@ -212,29 +208,41 @@ class _Builder:
 
     def _build(self, node: yaml.Node, path: Loc) -> Any:
         if isinstance(node, yaml.ScalarNode):
-            assert self._loader is not None
             return self._loader.construct_object(node)
-        if id(node) in self._active:
-            self._problem(path, node.start_mark.line + 1, "recursive YAML alias")
-            return None
         if node.tag not in (_MAP_TAG, _SEQ_TAG):
             self._problem(path, node.start_mark.line + 1, f"unsupported YAML tag {node.tag}")
             return None
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path, skip=set())
+        if self._recursive(node, path):
+            return None
+        items: list[Any] = []
         self._active.add(id(node))
-        try:
-            if isinstance(node, yaml.MappingNode):
-                return self._mapping(node, path, skip=set())
-            items: list[Any] = []
-            for index, item in enumerate(node.value):
-                self.lines[(*path, index)] = item.start_mark.line + 1
-                items.append(self._build(item, (*path, index)))
-            return items
-        finally:
-            self._active.discard(id(node))
+        for index, item in enumerate(node.value):
+            self.lines[(*path, index)] = item.start_mark.line + 1
+            items.append(self._build(item, (*path, index)))
+        self._active.discard(id(node))
+        return items
+
+    def _recursive(self, node: yaml.Node, path: Loc) -> bool:
+        """An alias to a node that contains it (``&a [*a]``) would never end."""
+        if id(node) in self._active:
+            self._problem(path, node.start_mark.line + 1, "recursive YAML alias")
+            return True
+        return False
 
     def _mapping(self, node: yaml.MappingNode, path: Loc, skip: set[str]) -> dict[str, Any]:
         """Keys are taken as written (``1:`` is the key "1"). Duplicate keys are
         problems; merge keys (``<<: *defaults``) give way to explicit keys."""
+        if self._recursive(node, path):
+            return {}
+        self._active.add(id(node))
+        try:
+            return self._mapping_items(node, path, skip)
+        finally:
+            self._active.discard(id(node))
+
+    def _mapping_items(self, node: yaml.MappingNode, path: Loc, skip: set[str]) -> dict[str, Any]:
         explicit: dict[str, int] = {}
         merges: list[yaml.Node] = []
         pairs: list[tuple[str, int, yaml.Node]] = []
@@ -273,7 +281,13 @@ class _Builder:
 _INDENTATION_HINTS = ("<block end>", "mapping values are not allowed here")
 
 
-def _yaml_problem(filename: str, exc: yaml.MarkedYAMLError) -> ConfigProblem:
+def _yaml_problem(filename: str, text: str, exc: yaml.YAMLError) -> ConfigProblem:
+    if not isinstance(exc, yaml.MarkedYAMLError):  # ReaderError: a forbidden character
+        position = getattr(exc, "position", None)
+        line = text[:position].count("\n") + 1 if isinstance(position, int) else 1
+        character = getattr(exc, "character", None)
+        what = f"character #x{character:04x}" if isinstance(character, int) else "input"
+        return ConfigProblem(filename, line, YAML_KEY, f"invalid YAML: unacceptable {what}")
     mark = exc.problem_mark or exc.context_mark
     line = mark.line + 1 if mark is not None else 1
     message = f"invalid YAML: {exc.problem or 'syntax error'}"
