@@ -1,0 +1,237 @@
+"""The scenarios and the loop that runs them.
+
+Throughput cases run in rounds; in each round every target runs every case,
+targets interleaved (rotated each round) so that slow drift of the machine
+spreads over all of them. The proxies run side by side for the whole session,
+pinned to the same CPU; only the one under load does work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .memory import measure_idle_memory
+from .servers import UPLOAD_BYTES, Backend, EventError, Target
+from .system import Pinning, cpu_busy_seconds, log, tree_cpu_seconds
+from .wrk import Workload, WrkResult, finish_wrk, run_wrk, start_wrk, wrk_argv
+
+
+@dataclass(frozen=True)
+class Case:
+    key: str
+    scenario: str
+    title: str
+    workload: Workload
+    connections: int
+
+
+CASES: tuple[Case, ...] = (
+    Case("keepalive-c10", "keepalive", "1 KiB GET, keep-alive, c=10", Workload(), 10),
+    Case("keepalive-c50", "keepalive", "1 KiB GET, keep-alive, c=50", Workload(), 50),
+    Case("keepalive-c200", "keepalive", "1 KiB GET, keep-alive, c=200", Workload(), 200),
+    Case("large-c50", "large", "64 KiB responses, keep-alive, c=50", Workload(path="/64k"), 50),
+    Case(
+        "upload-c10",
+        "upload",
+        "1 MiB POST uploads, keep-alive, c=10",
+        Workload(path="/upload", method="POST", body_bytes=UPLOAD_BYTES),
+        10,
+    ),
+    Case(
+        "close-c50",
+        "close",
+        "1 KiB GET, new connection per request (Connection: close), c=50",
+        Workload(close=True),
+        50,
+    ),
+)
+
+THROUGHPUT_SCENARIOS = ("keepalive", "large", "upload", "close")
+ALL_SCENARIOS = (*THROUGHPUT_SCENARIOS, "memory", "balancing", "events")
+EVENTS = ("steady", "flip", "drain", "kill")
+EVENT_BACKEND = "blue-1"
+
+
+@dataclass
+class Session:
+    """Everything a scenario needs: tools, pinning, backends, targets, output."""
+
+    wrk_bin: str
+    pinning: Pinning
+    workdir: Path
+    backends: dict[str, Backend]
+    targets: list[Target]
+    duration: int
+    skipped: list[str] = field(default_factory=list)
+
+    def wrk(self, target: Target, workload: Workload, connections: int, duration: int) -> list[str]:
+        return wrk_argv(
+            self.wrk_bin, self.pinning, target.port, workload, connections, duration, self.workdir
+        )
+
+
+def measure(session: Session, target: Target, case: Case, duration: int) -> dict[str, Any]:
+    """One wrk run against ``target`` with the proxy's CPU time around it."""
+    root = target.proc.pid if target.proc is not None else None
+    proxy_cpu = session.pinning.proxy_cpu
+    busy_before = cpu_busy_seconds(proxy_cpu) if proxy_cpu is not None else 0.0
+    cpu_before = tree_cpu_seconds(root) if root else 0.0
+    started = time.monotonic()
+    result = run_wrk(session.wrk(target, case.workload, case.connections, duration), duration)
+    cpu_after = tree_cpu_seconds(root) if root else 0.0
+    wall = time.monotonic() - started
+    busy_after = cpu_busy_seconds(proxy_cpu) if proxy_cpu is not None else 0.0
+    record: dict[str, Any] = {"case": case.key, "proxy": target.name, **result.as_dict()}
+    cpu = cpu_after - cpu_before
+    if target.is_proxy and result.requests:
+        record["cpu_s"] = round(cpu, 3)
+        record["cpu_us_per_req"] = round(cpu * 1e6 / result.requests, 2)
+    if proxy_cpu is not None and wall > 0:
+        # time the proxy's CPU spent on anything but the proxy: other processes, interrupts
+        other = max(0.0, (busy_after - busy_before) - cpu)
+        record["proxy_cpu_other_pct"] = round(100 * other / wall, 1)
+    return record
+
+
+def warm_up(session: Session, seconds: int) -> None:
+    warm = Case("warmup", "warmup", "warm-up", Workload(), 50)
+    for target in session.targets:
+        with contextlib.suppress(RuntimeError):
+            measure(session, target, warm, seconds)
+
+
+def run_throughput(
+    session: Session, cases: list[Case], rounds: int, progress: Callable[[str], None] = log
+) -> list[dict[str, Any]]:
+    runs: list[dict[str, Any]] = []
+    targets = session.targets
+    for round_no in range(rounds):
+        shift = round_no % len(targets) if targets else 0
+        order = targets[shift:] + targets[:shift]
+        for case in cases:
+            for target in order:
+                if target.proc is not None and not target.proc.alive():
+                    msg = f"{target.name}: died during the run\n{target.describe_failure('exited')}"
+                    if msg not in session.skipped:
+                        session.skipped.append(msg)
+                        log("! " + msg)
+                    continue
+                try:
+                    record = measure(session, target, case, session.duration)
+                except RuntimeError as exc:
+                    log(f"! {case.key} {target.name}: {exc}")
+                    continue
+                record["round"] = round_no + 1
+                runs.append(record)
+                cpu = record.get("cpu_us_per_req")
+                progress(
+                    f"  round {round_no + 1}/{rounds} {case.key:<15} {target.name:<8} "
+                    f"{record['rps']:>10,.0f} req/s  p99 {record['p99_us'] / 1000:7.2f} ms  "
+                    f"errors {record['errors']:>5}"
+                    + (f"  cpu {cpu:7.1f} us/req" if cpu is not None else "")
+                )
+                time.sleep(0.2)
+    return runs
+
+
+def run_memory(session: Session, connections: int) -> list[dict[str, Any]]:
+    records = []
+    for target in session.targets:
+        if not target.is_proxy:
+            continue
+        log(f"  {target.name}: opening {connections} idle keep-alive connections")
+        try:
+            result = measure_idle_memory(target.port, connections, target.pids)
+        except (OSError, TimeoutError) as exc:
+            session.skipped.append(f"memory: {target.name}: {exc!r}")
+            continue
+        record = {"proxy": target.name, **result.as_dict()}
+        records.append(record)
+        log(
+            f"  {target.name}: held {result.held}/{connections}, RSS "
+            f"{result.rss_before_kib / 1024:.1f} -> {result.rss_after_kib / 1024:.1f} MiB, "
+            f"{record['kib_per_connection']} KiB/connection"
+            + (f" (first error: {result.first_error})" if result.first_error else "")
+        )
+        time.sleep(1.0)
+    return records
+
+
+def _restore(session: Session, target: Target, event: str) -> str | None:
+    """Put things back after an event; returns a note when that did not fully work."""
+    try:
+        if event == "flip":
+            target.flip("blue")
+            time.sleep(1.0)
+        elif event == "drain":
+            target.undrain(EVENT_BACKEND)
+            if not target.wait_backend_up(EVENT_BACKEND, 15.0):
+                return f"{EVENT_BACKEND} not up again 15 s after enable"
+        elif event == "kill":
+            session.backends[EVENT_BACKEND].start()
+            if not target.wait_backend_up(EVENT_BACKEND, 20.0):
+                return f"{EVENT_BACKEND} not up again 20 s after restart"
+    except (EventError, OSError) as exc:
+        return f"restore after {event} failed: {exc}"
+    return None
+
+
+def run_events(session: Session, duration: int, event_at: float) -> list[dict[str, Any]]:
+    """Per proxy: a steady run, then one run each with a flip, a drain and a backend kill
+    ``event_at`` seconds in; failed requests and latency of each run."""
+    records: list[dict[str, Any]] = []
+    for target in session.targets:
+        if not target.is_proxy:
+            continue
+        reason = target.events_unavailable()
+        if reason is not None:
+            msg = f"events: {target.name} skipped: {reason}"
+            session.skipped.append(msg)
+            log("! " + msg)
+            continue
+        for event in EVENTS:
+            argv = session.wrk(target, Workload(), 50, duration)
+            wrk = start_wrk(argv)
+            time.sleep(event_at)
+            note = None
+            action_ms = None
+            started = time.monotonic()
+            try:
+                if event == "flip":
+                    target.flip("green")
+                elif event == "drain":
+                    target.drain(EVENT_BACKEND)
+                elif event == "kill":
+                    session.backends[EVENT_BACKEND].crash()
+                action_ms = round((time.monotonic() - started) * 1000, 1)
+            except (EventError, OSError) as exc:
+                note = f"{event} failed: {exc}"
+            try:
+                result: WrkResult | None = finish_wrk(wrk, duration + 30)
+            except RuntimeError as exc:
+                result = None
+                note = f"{note}; {exc}" if note else str(exc)
+            restore_note = _restore(session, target, event) if event != "steady" else None
+            record: dict[str, Any] = {"proxy": target.name, "event": event}
+            if result is not None:
+                record.update(result.as_dict())
+            record["action_ms"] = action_ms
+            record["note"] = "; ".join(n for n in (note, restore_note) if n) or None
+            records.append(record)
+            if result is not None:
+                log(
+                    f"  {target.name:<8} {event:<7} {result.rps:>10,.0f} req/s  "
+                    f"p99 {result.p99_us / 1000:7.2f} ms  max {result.max_us / 1000:8.1f} ms  "
+                    f"errors {result.errors}" + (f"  ({record['note']})" if record["note"] else "")
+                )
+            else:
+                log(f"  {target.name:<8} {event:<7} no result: {record['note']}")
+            if note and event != "steady" and "failed" in note:
+                session.skipped.append(f"events: {target.name} {event}: {note}")
+            time.sleep(1.0)
+    return records
