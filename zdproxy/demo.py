@@ -87,7 +87,9 @@ def _port_free(port: int) -> bool:
 async def run_demo() -> int:
     from zdproxy.server import ProxyServer, _install_optional_parts
 
-    busy = [p for p in (PROXY_PORT, ADMIN_PORT, *sum(DEMO_BACKENDS.values(), ())) if not _port_free(p)]
+    busy = [
+        p for p in (PROXY_PORT, ADMIN_PORT, *sum(DEMO_BACKENDS.values(), ())) if not _port_free(p)
+    ]
     if busy:
         print(f"zdproxy demo: ports already in use: {', '.join(map(str, busy))}")
         return 1

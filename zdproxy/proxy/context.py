@@ -45,6 +45,7 @@ class ProxyContext:
     """Everything a connection needs, precomputed from the config."""
 
     __slots__ = (
+        "affinity_cookie",
         "closing",
         "connections",
         "counters",
@@ -59,10 +60,9 @@ class ProxyContext:
         "override_cookie",
         "override_header",
         "pool_header",
-        "affinity_cookie",
         "retry_attempts",
-        "retry_policy",
         "retry_buffer",
+        "retry_policy",
         "selector",
         "selector_wants_affinity",
         "strict",

@@ -8,9 +8,9 @@ answered in order, and the deadline the sweeper checks.
 from __future__ import annotations
 
 import asyncio
-from typing import cast
 import logging
 from collections import deque
+from typing import cast
 
 import httptools
 
@@ -36,9 +36,9 @@ MAX_PIPELINE = 8
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "client_ip",
         "closing",
         "ctx",
-        "client_ip",
         "deadline",
         "deadline_kind",
         "head_bytes",

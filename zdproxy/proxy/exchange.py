@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -245,6 +245,8 @@ class Exchange:
         max_body = ctx.max_body
         if max_body and self.content_length is not None and self.content_length > max_body:
             raise _reject(413, "body-too-large", "request body too large")
+        if self.host is None and version == "1.1":
+            raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
         self.client_keep_alive = parser.should_keep_alive()
         if method in IDEMPOTENT:
             self.idempotent = True
@@ -276,7 +278,9 @@ class Exchange:
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         if self.upgrade is not None:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
-        parts.append(b"\r\n")
+        if self.host is not None:
+            parts.append(b"\r\n")
+        # else: an HTTP/1.0 request without Host; _attach adds the backend's address
         return b"".join(parts)
 
     @staticmethod
@@ -356,6 +360,8 @@ class Exchange:
             assert conn.transport is not None
             conn.transport.write(CONTINUE_100)
         parts = [self.request_head]
+        if self.host is None:
+            parts += (b"Host: ", upstream.backend.address.encode("ascii"), b"\r\n\r\n")
         chunked = self.request_chunked
         if self.replay:
             parts += (_frame(c) for c in self.replay) if chunked else self.replay
@@ -384,7 +390,9 @@ class Exchange:
                 if self.response_started:
                     self._truncated("request body too large")
                 else:
-                    self.fail(ProxyError("request body too large", status=413, cause="body-too-large"))
+                    self.fail(
+                        ProxyError("request body too large", status=413, cause="body-too-large")
+                    )
             raise _reject(413, "body-too-large", "request body too large")
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
@@ -630,7 +638,9 @@ class Exchange:
         keep_alive = self.client_keep_alive and self.request_done and not conn.closing
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            transport.write(error_response(error.status, error.cause, str(error), close=not keep_alive))
+            transport.write(
+                error_response(error.status, error.cause, str(error), close=not keep_alive)
+            )
         self._after_response(keep_alive)
 
     # ---- finish ------------------------------------------------------------
@@ -722,8 +732,8 @@ def _drop_named(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
     return out
 
 
-def _count(counter: dict[str, int] | dict[int, int], key: object) -> None:
-    counter[key] = counter.get(key, 0) + 1  # type: ignore[index,call-overload,assignment]
+def _count(counter: dict[Any, int], key: object) -> None:
+    counter[key] = counter.get(key, 0) + 1
 
 
 def _reject(status: int, cause: str, message: str) -> ProxyError:
