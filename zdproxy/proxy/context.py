@@ -65,6 +65,7 @@ class ProxyContext:
         "retry_policy",
         "selector",
         "selector_wants_affinity",
+        "hash_on",
         "strict",
         "t_body",
         "t_connect",
@@ -121,6 +122,12 @@ class ProxyContext:
         sticky = config.sticky
         self.affinity_cookie = sticky.cookie if sticky.mode in ("pool", "backend") else None
         self.selector_wants_affinity = self.affinity_cookie is not None
+        #: sticky.mode hash: what fills hints.hash_key (b"": the client address; else a
+        #: lower-case header name); None: nothing
+        self.hash_on: bytes | None = None
+        if sticky.mode == "hash":
+            header = sticky.hash_on.partition("header:")[2]
+            self.hash_on = header.lower().encode("latin-1")
         http = config.http
         self.pool_header = (
             http.pool_response_header_name.encode("ascii") + b": "

@@ -300,10 +300,22 @@ class Exchange:
         ctx = conn.ctx
         self.started_at = ctx.loop.time()
         ctx.retry_policy.record_request(ctx.now)
+        if ctx.hash_on is not None:
+            self.hash_key = self._hash_key(ctx.hash_on)
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
             self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
             return
         self._dispatch(None)
+
+    def _hash_key(self, header: bytes) -> str | None:
+        """What ``sticky.mode: hash`` hashes: the client address, or a header's value."""
+        if not header:
+            return self.conn.client_ip
+        forwarded = self.forwarded
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() == header:
+                return forwarded[i + 2].decode("latin-1")
+        return None
 
     def _dispatch(self, exclude: Backend | None) -> None:
         ctx = self.conn.ctx
