@@ -239,12 +239,19 @@ class ClientConnection(asyncio.Protocol):
     def reject(self, status: int, cause: str, message: str) -> None:
         """Answer an error the proxy generated for a request and close: framing is
         in doubt or the request broke a limit, so nothing more is read."""
+        broken = self.parsing
         self.parsing = None
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         transport.pause_reading()
         self.reading_paused = True
+        if broken is not None and self.queue and self.queue[-1] is broken:
+            # its head was accepted but its body is malformed: it never completes
+            if len(self.queue) == 1:
+                broken.on_request_error(ProxyError(message, status=status, cause=cause))
+                return
+            self.queue.pop()
         if self.queue:
             # an earlier pipelined response is still due: answer it, then close
             self.closing = True
@@ -261,7 +268,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _parse_error(self, exc: Exception) -> None:
         message = str(exc)
-        if "version" in message.lower():
+        if message.startswith("Invalid HTTP version"):
+            # llhttp parsed a version it does not speak (HTTP/1.2, HTTP/3.0); malformed
+            # versions ("HTTP/1.1.1", bare LF after it) are plain 400s
             self.reject(505, "bad-version", "HTTP version not supported")
         elif isinstance(exc, httptools.HttpParserInvalidMethodError):
             self.reject(400, "bad-method", "invalid request method")

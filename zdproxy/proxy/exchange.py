@@ -102,6 +102,7 @@ class Exchange:
         "idempotent",
         "in_head",
         "method",
+        "out",
         "pending",
         "pending_bytes",
         "pool_override",
@@ -112,6 +113,7 @@ class Exchange:
         "request_done",
         "request_head",
         "response_close_delimited",
+        "response_doubtful",
         "response_has_no_body",
         "response_started",
         "set_cookie",
@@ -168,10 +170,14 @@ class Exchange:
         self.response_started = False
         self.response_has_no_body = False
         self.response_close_delimited = False
+        #: the response framing was repaired (CL and chunked): never reuse the upstream
+        self.response_doubtful = False
         self.chunk_out = False
         self.upstream_keep_alive = False
         self.finished = False
         self.after_reject: bytes | None = None
+        #: response bytes produced during the current upstream read, not yet written
+        self.out: list[bytes] | None = None
 
     # ---- parse -------------------------------------------------------------
 
@@ -235,6 +241,8 @@ class Exchange:
         verdict = checker.verdict(method, self.url, b"HTTP/" + version.encode("ascii"))
         ctx = self.conn.ctx
         if verdict.tier >= Tier.AMBIGUOUS and (ctx.strict or verdict.tier == Tier.SEVERE):
+            if verdict.kind == "UnsupportedVersion":  # HTTP/2.0 and later on an HTTP/1 port
+                raise _reject(505, "bad-version", verdict.reason)
             raise _reject(400, "bad-request", verdict.reason)
         if verdict.tier == Tier.AMBIGUOUS:
             # lenient mode: forward, then close both connections after the response
@@ -449,13 +457,18 @@ class Exchange:
         parts = [status_line(status, upstream.reason or None)]
         chunked = False
         has_length = False
+        codings: list[bytes] = []
+        accept = False
         tokens: frozenset[bytes] | None = None
         headers = upstream.headers
         for name, value in headers:
             lname = name.lower()
             if lname == b"transfer-encoding":
                 chunked = True
+                codings += (c.strip(b" \t").lower() for c in value.split(b","))
                 continue
+            if lname == b"sec-websocket-accept":
+                accept = True
             if lname == b"connection":
                 tokens = connection_tokens([value])
                 continue
@@ -464,12 +477,22 @@ class Exchange:
             if lname == b"content-length":
                 has_length = True
             parts += (name, b": ", value, b"\r\n")
+        if chunked and codings != [b"chunked"]:
+            # the proxy re-frames bodies: anything but one final chunked is unreadable
+            raise BadUpstreamResponse(f"response Transfer-Encoding {b', '.join(codings)!r}")
+        if status == 101:
+            if self.upgrade is None:
+                raise BadUpstreamResponse("101 to a request that did not ask to upgrade")
+            if not accept and self.upgrade.lower() == b"websocket":
+                raise BadUpstreamResponse("101 without Sec-WebSocket-Accept")
         if tokens:
             parts = _drop_named(parts, tokens)
         if chunked and has_length:
-            # both framings: the body is chunked; the Content-Length is a lie
+            # both framings: the body is chunked; the Content-Length is a lie (RFC 9112
+            # 6.3); forwarded without it, and the upstream connection is not reused
             parts = _drop_named(parts, frozenset({b"content-length"}))
             has_length = False
+            self.response_doubtful = True
         if ctx.pool_header is not None and self.backend is not None:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
         if self.set_cookie is not None:
@@ -493,26 +516,34 @@ class Exchange:
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
         self.response_started = True
-        transport = conn.transport
-        if transport is not None:
-            transport.write(b"".join(parts))
+        # held until the end of this read, so head and body leave in one syscall
+        self.out = [b"".join(parts)]
         conn.set_deadline(4, ctx.t_upstream)
 
     def on_response_body(self, data: bytes) -> None:
-        conn = self.conn
-        transport = conn.transport
-        if transport is None:
-            return
+        out = self.out
+        if out is None:
+            out = self.out = []
         if self.chunk_out:
-            transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
+            out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
-            transport.write(data)
+            out.append(data)
+        conn = self.conn
         conn.deadline = conn.ctx.now + conn.ctx.t_upstream
+
+    def flush_response(self) -> None:
+        """Write what this read of the upstream produced, in one call."""
+        out = self.out
+        if out:
+            self.out = None
+            transport = self.conn.transport
+            if transport is not None:
+                transport.writelines(out)
 
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
         if self.status == 0 or self.status == 101:
             return  # interim response, or a tunnel's handshake
-        self.upstream_keep_alive = keep_alive
+        self.upstream_keep_alive = keep_alive and not self.response_doubtful
         self._finish(clean=True)
 
     def on_upstream_upgraded(self, upstream: UpstreamConnection, rest: bytes) -> None:
@@ -521,6 +552,7 @@ class Exchange:
         if self.status != 101:
             self.on_bad_response(upstream, BadUpstreamResponse("unexpected upgrade"))
             return
+        self.flush_response()
         start_tunnel(self, upstream, rest)
 
     def on_client_upgrade_data(self, rest: bytes) -> None:
@@ -584,6 +616,18 @@ class Exchange:
         else:
             self.client_keep_alive = False
             self.fail(ProxyError("request body timeout", status=408, cause="request-body-timeout"))
+
+    def on_request_error(self, error: ProxyError) -> None:
+        """The request body turned out malformed: the request never completes, so the
+        upstream connection (holding part of it) is closed and the client gets ``error``
+        (or, when response bytes already went out, a closed connection)."""
+        if self.finished:
+            return
+        self.client_keep_alive = False
+        if self.response_started:
+            self._truncated(str(error))
+        else:
+            self.fail(error)
 
     def on_client_lost(self) -> None:
         """The client went away: never reuse the upstream connection."""
@@ -661,9 +705,12 @@ class Exchange:
         self.finished = True
         conn = self.conn
         ctx = conn.ctx
-        transport = conn.transport
-        if self.chunk_out and transport is not None:
-            transport.write(LAST_CHUNK)
+        if self.chunk_out:
+            if self.out is None:
+                self.out = [LAST_CHUNK]
+            else:
+                self.out.append(LAST_CHUNK)
+        self.flush_response()
         self._record(self.status)
         upstream = self.upstream
         self.upstream = None

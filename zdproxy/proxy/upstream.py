@@ -24,6 +24,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("zdproxy.error")
 
 
+def _response_parser(protocol: UpstreamConnection) -> httptools.HttpResponseParser:
+    parser = httptools.HttpResponseParser(protocol)
+    # a response with both Content-Length and chunked is read as chunked (RFC 9112
+    # 6.3) and forwarded without the Content-Length; the exchange then discards the
+    # connection. llhttp refuses such a response unless told otherwise.
+    parser.set_dangerous_leniencies(lenient_chunked_length=True)
+    return parser
+
+
 class _HeadResponseDone(Exception):
     """Raised from a parser callback to stop parsing after a HEAD response's head."""
 
@@ -49,7 +58,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.pools = pools
         self.backend = backend
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.parser = _response_parser(self)
         self.exchange: Exchange | None = None
         self.headers: list[tuple[bytes, bytes]] = []
         self.reason = b""
@@ -92,13 +101,16 @@ class UpstreamConnection(asyncio.Protocol):
         self.got_bytes = True
         try:
             self.parser.feed_data(data)
+            exchange = self.exchange
+            if exchange is not None and exchange.out:
+                exchange.flush_response()
         except httptools.HttpParserUpgrade as upgrade:
             exchange = self.exchange
             if exchange is not None:
                 exchange.on_upstream_upgraded(self, data[upgrade.args[0] :])
         except httptools.HttpParserCallbackError as exc:
             if isinstance(exc.__context__, _HeadResponseDone):
-                self.parser = httptools.HttpResponseParser(self)
+                self.parser = _response_parser(self)
             else:
                 self._bad_response(exc)
         except httptools.HttpParserError as exc:
