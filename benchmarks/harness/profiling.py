@@ -7,6 +7,7 @@ samples, self and inclusive) into the results directory.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +31,10 @@ def find_py_spy(install: bool) -> str | None:
     return found
 
 
+_PROCESS_FRAME = re.compile(r'^process \d+:(?:"[^"]*"|[^;]*);?')
+NO_PYTHON_FRAME = "(no Python frame: native code, e.g. the event loop's I/O)"
+
+
 def top_functions(collapsed: str, limit: int = 30) -> str:
     """A text summary of py-spy's collapsed stacks: self and inclusive sample shares."""
     own: Counter[str] = Counter()
@@ -40,16 +45,22 @@ def top_functions(collapsed: str, limit: int = 30) -> str:
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = stack.split(";")
-        # the first frame is "process NNN:..." with --subprocesses; keep code frames only
-        frames = [f for f in frames if not f.startswith("process ")] or frames
+        # with --subprocesses the first frame is 'process PID:"command line"', and the
+        # command line may itself contain ';'
+        stack = _PROCESS_FRAME.sub("", stack)
+        frames = [f for f in stack.split(";") if f] or [NO_PYTHON_FRAME]
         total += count
         own[frames[-1]] += count
         for frame in set(frames):
             inclusive[frame] += count
     if not total:
         return "no samples\n"
-    out = [f"{total} samples", "", "self %  function (file)"]
+    out = [
+        f"{total} samples. Self time at the event loop's run() is time in uvloop's C code",
+        "(system calls, callbacks' dispatch); py-spy --native would break it down.",
+        "",
+        "self %  function (file)",
+    ]
     out += [f"{100 * n / total:6.1f}  {frame}" for frame, n in own.most_common(limit)]
     out += ["", "incl %  function (file)"]
     out += [f"{100 * n / total:6.1f}  {frame}" for frame, n in inclusive.most_common(limit)]

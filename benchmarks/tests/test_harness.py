@@ -139,6 +139,7 @@ def test_top_functions_summarises_collapsed_stacks() -> None:
     collapsed = "process 1:main;a (x.py);b (x.py) 3\nprocess 1:main;a (x.py) 1\n"
     text = top_functions(collapsed)
     assert text.startswith("4 samples")
+    assert "100.0  a (x.py)" in text
     assert " 75.0  b (x.py)" in text
     assert "100.0  a (x.py)" in text
 
