@@ -1,0 +1,102 @@
+"""The retry budget: retries may add at most a set share of extra load.
+
+Retries rescue single requests, but when a whole pool is failing they
+multiply the load on what is left of it (a retry storm). The budget, as in
+Envoy and Finagle, bounds retries to ``budget_percent`` of the requests seen
+over a sliding window, plus a small floor so that a quiet proxy (a handful of
+requests a second) can still retry the odd failure.
+
+The window is a ring of one-second buckets with running totals, so both calls
+are O(1) amortised and allocate nothing. Implements
+``zdproxy.balancing.passive.RetryPolicy``; the data path calls
+``record_request`` once per request and ``allow_retry`` right before each
+retry (a granted retry is counted against the budget).
+"""
+
+from __future__ import annotations
+
+#: the sliding window, in one-second buckets
+WINDOW_SECONDS = 10
+#: retries always allowed per window, whatever the traffic (the floor)
+MIN_RETRIES_PER_WINDOW = 20
+
+
+class RetryBudget:
+    __slots__ = (
+        "_buckets",
+        "_requests",
+        "_retries",
+        "_seconds",
+        "denied",
+        "floor",
+        "granted",
+        "ratio",
+        "window",
+    )
+
+    def __init__(
+        self,
+        budget_percent: float,
+        window: int = WINDOW_SECONDS,
+        floor: int = MIN_RETRIES_PER_WINDOW,
+    ) -> None:
+        if window < 1:
+            raise ValueError("the window is at least one second")
+        self.ratio = budget_percent / 100.0
+        self.window = window
+        self.floor = floor
+        #: per bucket: [requests, retries]
+        self._buckets = [[0, 0] for _ in range(window)]
+        self._seconds = [-1] * window
+        #: running totals over the buckets of the window
+        self._requests = 0
+        self._retries = 0
+        #: lifetime counters, for metrics
+        self.granted = 0
+        self.denied = 0
+
+    def _bucket(self, now: float) -> list[int]:
+        second = int(now)
+        index = second % self.window
+        if self._seconds[index] != second:
+            # once a second: buckets from past laps of the ring leave the totals
+            self._expire(second)
+            self._seconds[index] = second
+        return self._buckets[index]
+
+    def _expire(self, second: int) -> None:
+        """Drop buckets that fell out of the window since their last use."""
+        oldest = second - self.window
+        seconds = self._seconds
+        for i in range(self.window):
+            if 0 <= seconds[i] <= oldest:
+                bucket = self._buckets[i]
+                self._requests -= bucket[0]
+                self._retries -= bucket[1]
+                bucket[0] = bucket[1] = 0
+                seconds[i] = -1
+
+    def record_request(self, now: float) -> None:
+        self._bucket(now)[0] += 1
+        self._requests += 1
+
+    def allow_retry(self, now: float) -> bool:
+        bucket = self._bucket(now)
+        if self._retries >= max(self.floor, self._requests * self.ratio):
+            self.denied += 1
+            return False
+        bucket[1] += 1
+        self._retries += 1
+        self.granted += 1
+        return True
+
+    def state(self, now: float) -> dict[str, float]:
+        """The window's figures, for the admin API."""
+        self._bucket(now)
+        return {
+            "requests": self._requests,
+            "retries": self._retries,
+            "allowed": max(self.floor, self._requests * self.ratio),
+            "granted_total": self.granted,
+            "denied_total": self.denied,
+        }
