@@ -4,12 +4,24 @@ Admin calls, health checks and (later) rollouts change state only through its
 methods. Each change rebuilds an immutable ``Snapshot`` and hands it to the
 subscribers (the selector of the data path), so a request sees either the old
 or the new state, never half of a change.
+
+Operator mutations (``split``, ``flip``, ``add_backend``, ``remove_backend``,
+``drain``, ``disable``, ``enable``) validate everything first and raise
+``ControlError`` (400), ``NotFound`` (404) or ``Conflict`` (409) with nothing
+changed; a change is applied with exactly one snapshot swap, recorded in the
+audit log (``events``) and handed to the state listeners (persistence).
+
+Times are ``time.monotonic()`` seconds (``clock``), the clock the event loop
+uses too; ``drain_started`` tells the data path since when a backend drains.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from zdproxy.balancing.model import (
     ROUTABLE_STATES,
@@ -22,16 +34,44 @@ from zdproxy.balancing.model import (
     derive_state,
 )
 from zdproxy.balancing.stats import PoolStats
-from zdproxy.config.schema import Config
+from zdproxy.config.schema import BackendConfig, Config, parse_address
+from zdproxy.control.events import SYSTEM_ACTOR, Event, EventLog, iso_time
+from zdproxy.control.store import STATE_FORMAT
+from zdproxy.errors import Conflict, ControlError, NotFound
 
 log = logging.getLogger("zdproxy.control")
 
 SnapshotListener = Callable[[Snapshot], None]
+StateListener = Callable[[dict[str, Any]], None]
+
+_BACKEND_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_MAX_BACKEND_WEIGHT = 1000
+
+#: Operator actions on one backend: (action, current admin state) -> new admin state.
+#: The same state means "nothing to do"; a missing pair is refused with 409.
+ADMIN_TRANSITIONS: dict[tuple[str, Admin], Admin] = {
+    ("drain", Admin.ENABLED): Admin.DRAINING,
+    ("drain", Admin.DRAINING): Admin.DRAINING,
+    ("drain", Admin.DRAINED): Admin.DRAINED,
+    ("disable", Admin.ENABLED): Admin.DISABLED,
+    ("disable", Admin.DRAINING): Admin.DISABLED,
+    ("disable", Admin.DRAINED): Admin.DISABLED,
+    ("disable", Admin.DISABLED): Admin.DISABLED,
+    ("enable", Admin.ENABLED): Admin.ENABLED,
+    ("enable", Admin.DRAINING): Admin.ENABLED,
+    ("enable", Admin.DRAINED): Admin.ENABLED,
+    ("enable", Admin.DISABLED): Admin.ENABLED,
+}
+
+_REFUSALS: dict[tuple[str, Admin], str] = {
+    ("drain", Admin.DISABLED): "backend {id} is disabled: enable it before draining it",
+}
 
 
 class Runtime:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock
         self.version = 0
         self.pool_weights: dict[str, int] = {}
         self.pool_stats: dict[str, PoolStats] = {}
@@ -39,7 +79,25 @@ class Runtime:
         #: effective weights (slow start, outlier ejection) by backend id; default: the
         #: configured weight
         self.effective_weight: dict[str, int] = {}
+        #: the audit log
+        self.events = EventLog(config.admin.events_ring)
+        #: backends added through the API: id -> {id, pool, address, weight} (persisted)
+        self.added: dict[str, dict[str, Any]] = {}
+        #: config backends removed through the API: id -> {pool, address} (persisted)
+        self.removed: dict[str, dict[str, str]] = {}
+        #: since when (clock) a backend in admin state DRAINING drains, by id
+        self.drain_started: dict[str, float] = {}
+        #: backends being removed: id -> deadline (clock) after which they go anyway
+        self.removing: dict[str, float] = {}
+        #: whether active health checks apply to a backend, by id
+        self.checked: dict[str, bool] = {}
+        #: health-check details by backend id, filled by the health checker for the API
+        self.health_info: dict[str, Mapping[str, Any]] = {}
+        #: zdproxy_rollouts_total and zdproxy_config_reloads_total, by result
+        self.rollout_results: dict[str, int] = {}
+        self.config_reloads: dict[str, int] = {}
         self._listeners: list[SnapshotListener] = []
+        self._state_listeners: list[StateListener] = []
         self._snapshot: Snapshot | None = None
         self.load_config(config)
 
@@ -48,21 +106,48 @@ class Runtime:
     def load_config(self, config: Config) -> None:
         """Take pools and backends from the config (at start)."""
         self.config = config
-        initial = Health.STARTING if config.health_check.enabled else Health.UP
         for name, pool in config.pools.items():
             self.pool_weights[name] = pool.weight
             self.pool_stats.setdefault(name, PoolStats())
         for pool_name, backend_id, spec in config.backend_ids():
-            backend = Backend(
-                backend_id, pool_name, spec.address.host, spec.address.port, spec.weight
+            self._create(
+                backend_id,
+                pool_name,
+                spec.address.host,
+                spec.address.port,
+                spec.weight,
+                self._checks_enabled(pool_name, spec),
             )
-            backend.health = initial
-            backend.state = derive_state(backend.admin, backend.health)
-            self.backends[backend_id] = backend
         self.publish()
+
+    def _checks_enabled(self, pool: str, spec: BackendConfig | None) -> bool:
+        """Whether active health checks apply: the nearest ``enabled`` wins."""
+        enabled = self.config.health_check.enabled
+        pool_config = self.config.pools.get(pool)
+        for override in (
+            pool_config.health_check if pool_config is not None else None,
+            spec.health_check if spec is not None else None,
+        ):
+            if override is not None and override.enabled is not None:
+                enabled = override.enabled
+        return enabled
+
+    def _create(
+        self, backend_id: str, pool: str, host: str, port: int, weight: int, checked: bool
+    ) -> Backend:
+        backend = Backend(backend_id, pool, host, port, weight)
+        backend.health = Health.STARTING if checked else Health.UP
+        backend.state = derive_state(backend.admin, backend.health)
+        self.backends[backend_id] = backend
+        self.checked[backend_id] = checked
+        return backend
 
     def subscribe(self, listener: SnapshotListener) -> None:
         self._listeners.append(listener)
+
+    def subscribe_state(self, listener: StateListener) -> None:
+        """Called with ``export_state()`` after every change of persisted state."""
+        self._state_listeners.append(listener)
 
     @property
     def snapshot(self) -> Snapshot:
@@ -98,9 +183,10 @@ class Runtime:
         for listener in self._listeners:
             listener(snapshot)
 
-    # ---- mutations (the admin API and health checks call these) -----------
+    # ---- health checks and passive health call these ----------------------
 
     def set_pool_weights(self, weights: dict[str, int]) -> None:
+        """Bootstrap helper without checks or audit; operators go through ``split``."""
         self.pool_weights = {name: weights.get(name, 0) for name in self.pool_weights}
         self.publish()
 
@@ -151,3 +237,418 @@ class Runtime:
     def set_backend_state(self, backend_id: str, state: BackendState) -> None:
         """Test and bootstrap helper: force the health part of a backend's state."""
         self.set_health(backend_id, Health(state.value))
+
+    def set_health_info(self, backend_id: str, info: Mapping[str, Any]) -> None:
+        """Health-check counters for the state API (no snapshot change)."""
+        if backend_id in self.backends:
+            self.health_info[backend_id] = info
+
+    def record_config_reload(self, result: str) -> None:
+        self.config_reloads[result] = self.config_reloads.get(result, 0) + 1
+
+    def record_rollout(self, result: str) -> None:
+        self.rollout_results[result] = self.rollout_results.get(result, 0) + 1
+
+    # ---- operator mutations (the admin API calls these) -------------------
+
+    def split(self, weights: Mapping[str, Any], actor: str, force: bool = False) -> Event | None:
+        """Set every pool's percent of new traffic at once; pools left out get 0.
+        Returns the audit event, or None when nothing changed."""
+        if not isinstance(weights, Mapping) or not weights:
+            raise ControlError('expected pool weights, e.g. {"blue": 90, "green": 10}')
+        for name, weight in weights.items():
+            self._pool(name)
+            if type(weight) is not int or not 0 <= weight <= 100:
+                raise ControlError(
+                    f"weight of pool {name!r} must be an integer 0-100, got {weight!r}"
+                )
+        new = {name: weights.get(name, 0) for name in self.pool_weights}
+        total = sum(new.values())
+        if total != 100:
+            split = ", ".join(f"{name}={weight}" for name, weight in new.items())
+            raise ControlError(f"pool weights must sum to 100, got {total} ({split})")
+        return self._set_weights(new, "split", ",".join(new), actor, force)
+
+    def flip(self, to: Any, actor: str, force: bool = False) -> Event | None:
+        """100 % of new traffic to pool ``to`` at once; requests in flight on the
+        other pools finish where they are."""
+        if not isinstance(to, str) or not to:
+            raise ControlError("expected the name of the pool to flip to")
+        self._pool(to)
+        new = {name: 100 if name == to else 0 for name in self.pool_weights}
+        return self._set_weights(new, "flip", to, actor, force)
+
+    def _set_weights(
+        self, new: dict[str, int], action: str, target: str, actor: str, force: bool
+    ) -> Event | None:
+        unusable = [name for name, w in new.items() if w > 0 and not self.usable(name)]
+        note = None
+        if unusable:
+            names = ", ".join(repr(name) for name in unusable)
+            problem = f"pool {names} has no usable backend (none is up)"
+            if not force:
+                raise Conflict(f'{problem}; send "force": true to do it anyway')
+            note = f"forced: {problem}"
+        if new == self.pool_weights:
+            return None
+        before = dict(self.pool_weights)
+        self.pool_weights = new
+        self.publish()
+        log.info("%s by %s: %s", action, actor, _weights_text(new))
+        return self._changed(actor, action, target, before, dict(new), note)
+
+    def usable(self, pool: str) -> bool:
+        """Whether a pool has a backend that takes new requests now."""
+        view = self.snapshot.pools.get(pool)
+        return view is not None and bool(view.routable)
+
+    def add_backend(
+        self,
+        pool: Any,
+        address: Any,
+        backend_id: Any = None,
+        weight: Any = 1,
+        actor: str = SYSTEM_ACTOR,
+    ) -> Backend:
+        """A new backend in ``pool``. It takes traffic once healthy: it starts in
+        ``starting`` when active health checks apply to the pool, else ``up``."""
+        if not isinstance(pool, str):
+            raise ControlError("pool must be a pool name")
+        self._pool(pool)
+        if not isinstance(address, str):
+            raise ControlError("address must be a string host:port")
+        try:
+            host_port = parse_address(address)
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        host, port = host_port["host"], host_port["port"]
+        if type(weight) is not int or not 0 <= weight <= _MAX_BACKEND_WEIGHT:
+            raise ControlError(f"weight must be an integer 0-{_MAX_BACKEND_WEIGHT}, got {weight!r}")
+        if backend_id is None:
+            backend_id = self._free_id(pool)
+        elif not isinstance(backend_id, str) or not _BACKEND_ID.match(backend_id):
+            raise ControlError(
+                f"invalid backend id {backend_id!r}: use 1-128 letters, digits and _ . : -"
+            )
+        if backend_id in self.backends:
+            raise Conflict(f"backend id {backend_id!r} is already in use")
+        for other in self.backends.values():
+            if other.pool == pool and (other.host, other.port) == (host, port):
+                raise Conflict(f"pool {pool!r} already has backend {other.id!r} at {other.address}")
+        backend = self._create(
+            backend_id, pool, host, port, weight, self._checks_enabled(pool, None)
+        )
+        spec = {"id": backend_id, "pool": pool, "address": backend.address, "weight": weight}
+        self.removed.pop(backend_id, None)
+        self.added[backend_id] = spec
+        self.publish()
+        log.info(
+            "backend %s added to pool %s at %s by %s", backend_id, pool, backend.address, actor
+        )
+        self._changed(actor, "backend.add", backend_id, None, _brief(backend))
+        return backend
+
+    def _free_id(self, pool: str) -> str:
+        n = 1
+        while f"{pool}-{n}" in self.backends or f"{pool}-{n}" in self.removed:
+            n += 1
+        return f"{pool}-{n}"
+
+    def remove_backend(self, backend_id: Any, actor: str) -> bool:
+        """Drain a backend, then delete it: at once when nothing is in flight, else
+        once its requests finish or after ``draining.timeout``. True when it is
+        gone already."""
+        backend = self._backend(backend_id)
+        if backend.id in self.removing:
+            raise Conflict(f"backend {backend.id} is already being removed")
+        before = _brief(backend)
+        if backend.id in self.added:
+            del self.added[backend.id]
+        else:
+            self.removed[backend.id] = {"pool": backend.pool, "address": backend.address}
+        now = self.clock()
+        if backend.in_flight <= 0:
+            self._delete(backend)
+            self.publish()
+            log.info("backend %s removed by %s", backend.id, actor)
+            self._changed(actor, "backend.remove", backend.id, before, None)
+            return True
+        if backend.admin is Admin.ENABLED:
+            backend.admin = Admin.DRAINING
+            self.drain_started[backend.id] = now
+            self._update(backend)
+        self.removing[backend.id] = now + self.config.draining.timeout
+        self.publish()
+        log.info(
+            "backend %s: removal by %s, draining %d in flight", backend.id, actor, backend.in_flight
+        )
+        after = {**_brief(backend), "removing": True}
+        self._changed(actor, "backend.remove", backend.id, before, after)
+        return False
+
+    def _delete(self, backend: Backend) -> None:
+        del self.backends[backend.id]
+        self.effective_weight.pop(backend.id, None)
+        self.drain_started.pop(backend.id, None)
+        self.removing.pop(backend.id, None)
+        self.checked.pop(backend.id, None)
+        self.health_info.pop(backend.id, None)
+
+    def drain(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """No new requests; the ones in flight (and, per ``draining``, affinity-bound
+        clients) finish; the state goes ``draining`` then ``drained``."""
+        return self._admin_action("drain", backend_id, actor)
+
+    def disable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """Out of rotation at once (maintenance); requests in flight finish."""
+        return self._admin_action("disable", backend_id, actor)
+
+    def enable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """Back into rotation; with active health checks it starts over in
+        ``starting`` and takes traffic after ``rise`` passing checks."""
+        return self._admin_action("enable", backend_id, actor)
+
+    def _admin_action(self, action: str, backend_id: Any, actor: str) -> Event | None:
+        backend = self._backend(backend_id)
+        if backend.id in self.removing:
+            raise Conflict(f"backend {backend.id} is being removed")
+        current = backend.admin
+        new = ADMIN_TRANSITIONS.get((action, current))
+        if new is None:
+            message = _REFUSALS.get((action, current), "cannot {action} backend {id} ({admin})")
+            raise Conflict(message.format(id=backend.id, action=action, admin=current.value))
+        if new is current:
+            return None
+        before = _brief(backend)
+        backend.admin = new
+        if new is Admin.DRAINING:
+            self.drain_started[backend.id] = self.clock()
+        else:
+            self.drain_started.pop(backend.id, None)
+        if new is Admin.ENABLED and self.checked.get(backend.id, False):
+            backend.health = Health.STARTING
+        self._update(backend)
+        self.publish()
+        log.info("backend %s: %s by %s", backend.id, action, actor)
+        return self._changed(actor, f"backend.{action}", backend.id, before, _brief(backend))
+
+    # ---- time-driven progress ---------------------------------------------
+
+    def tick(self, now: float | None = None) -> None:
+        """Advance drains and removals (the admin layer calls this every 100 ms).
+
+        A draining backend becomes ``drained`` when nothing is in flight on it
+        (with ``draining.sticky_until_timeout``: at the timeout), or at the latest
+        after ``draining.timeout``. A backend being removed is deleted when nothing
+        is in flight on it or at its deadline. All of one tick is one snapshot swap.
+        """
+        if not self.drain_started and not self.removing:
+            return
+        if now is None:
+            now = self.clock()
+        timeout = self.config.draining.timeout
+        wait_for_timeout = self.config.draining.sticky_until_timeout
+        done: list[tuple[str, str, Any, Any]] = []
+        for backend_id, started in list(self.drain_started.items()):
+            backend = self.backends.get(backend_id)
+            if backend is None or backend.admin is not Admin.DRAINING:
+                del self.drain_started[backend_id]
+                continue
+            if backend_id in self.removing:
+                continue
+            idle = backend.in_flight <= 0 and not wait_for_timeout
+            if idle or now >= started + timeout:
+                before = _brief(backend)
+                backend.admin = Admin.DRAINED
+                del self.drain_started[backend_id]
+                self._update(backend)
+                if not idle:
+                    log.info(
+                        "backend %s: drain timeout with %d in flight", backend_id, backend.in_flight
+                    )
+                done.append(("backend.drained", backend_id, before, _brief(backend)))
+        for backend_id, deadline in list(self.removing.items()):
+            backend = self.backends.get(backend_id)
+            if backend is None:
+                del self.removing[backend_id]
+                continue
+            if backend.in_flight <= 0 or now >= deadline:
+                before = {**_brief(backend), "removing": True}
+                self._delete(backend)
+                log.info("backend %s removed (%d in flight)", backend_id, backend.in_flight)
+                done.append(("backend.removed", backend_id, before, None))
+        if done:
+            self.publish()
+            for action, target, before, after in done:
+                self.events.record(SYSTEM_ACTOR, action, target, before, after)
+            self._state_changed()
+
+    # ---- persistence ------------------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """What survives a restart, as plain JSON (the ``StateStore`` layout)."""
+        return {
+            "format": STATE_FORMAT,
+            "saved_at": iso_time(time.time()),
+            "config_weights": {name: pool.weight for name, pool in self.config.pools.items()},
+            "weights": dict(self.pool_weights),
+            "admin": {
+                b.id: b.admin.value
+                for b in self.backends.values()
+                if b.admin is not Admin.ENABLED and b.id not in self.removing
+            },
+            "added": [dict(spec) for spec in self.added.values()],
+            "removed": {k: dict(v) for k, v in self.removed.items()},
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Merge saved state (checked by ``store.check_state``) into the state built
+        from the config. The config wins where they disagree, field by field:
+
+        * a backend the config no longer has is gone, whatever the state says;
+        * a config backend removed through the API stays removed while the config
+          still has it with the same pool and address (a changed entry is back);
+        * a backend added through the API comes back, unless its pool left the
+          config or the config now defines its id or address (the config's wins);
+        * admin states (drained, disabled, ...) of the remaining backends come back;
+        * saved pool weights win while the config's weights (and pool set) are the
+          ones the state was saved under; an edited config's weights win.
+        """
+        for backend_id, where in state["removed"].items():
+            backend = self.backends.get(backend_id)
+            if backend is None:
+                log.info("saved state: removed backend %s is not in the config either", backend_id)
+            elif (backend.pool, backend.address) == (where["pool"], where["address"]):
+                self._delete(backend)
+                self.removed[backend_id] = {"pool": where["pool"], "address": where["address"]}
+            else:
+                log.info(
+                    "saved state: backend %s was removed through the API, but the config "
+                    "changed it since: the config's entry is used",
+                    backend_id,
+                )
+        for spec in state["added"]:
+            self._restore_added(spec)
+        for backend_id, admin in state["admin"].items():
+            backend = self.backends.get(backend_id)
+            if backend is None:
+                log.info(
+                    "saved state: backend %s is no longer configured; its admin state "
+                    "%s is dropped",
+                    backend_id,
+                    admin,
+                )
+                continue
+            backend.admin = Admin(admin)
+            if backend.admin is Admin.DRAINING:
+                self.drain_started[backend_id] = self.clock()
+            self._update(backend)
+        config_weights = {name: pool.weight for name, pool in self.config.pools.items()}
+        saved = state["weights"]
+        if state["config_weights"] != config_weights:
+            log.info(
+                "saved state: the config's pool weights changed since the state was "
+                "saved; using the config's weights %s",
+                _weights_text(config_weights),
+            )
+        elif set(saved) != set(self.pool_weights) or sum(saved.values()) != 100:
+            log.warning("saved state: weights %s do not fit the pools; using the config's", saved)
+        else:
+            self.pool_weights = {name: saved[name] for name in self.pool_weights}
+        log.info(
+            "restored state: weights %s, %d backend(s) added and %d removed through "
+            "the API, %d not enabled",
+            _weights_text(self.pool_weights),
+            len(self.added),
+            len(self.removed),
+            sum(1 for b in self.backends.values() if b.admin is not Admin.ENABLED),
+        )
+        self.publish()
+
+    def _restore_added(self, spec: Mapping[str, Any]) -> None:
+        backend_id, pool = spec["id"], spec["pool"]
+        if pool not in self.pool_weights:
+            log.warning(
+                "saved state: backend %s was added to pool %s, which is no longer "
+                "configured; dropped",
+                backend_id,
+                pool,
+            )
+            return
+        if backend_id in self.backends:
+            log.info(
+                "saved state: the config now defines backend %s; the config's entry wins",
+                backend_id,
+            )
+            return
+        try:
+            host_port = parse_address(spec["address"])
+        except ValueError as exc:
+            log.warning("saved state: added backend %s: %s; dropped", backend_id, exc)
+            return
+        host, port = host_port["host"], host_port["port"]
+        for other in self.backends.values():
+            if other.pool == pool and (other.host, other.port) == (host, port):
+                log.info(
+                    "saved state: added backend %s has the address of %s, which the "
+                    "config defines; the config's entry wins",
+                    backend_id,
+                    other.id,
+                )
+                return
+        weight = min(max(spec["weight"], 0), _MAX_BACKEND_WEIGHT)
+        self._create(backend_id, pool, host, port, weight, self._checks_enabled(pool, None))
+        self.added[backend_id] = {
+            "id": backend_id,
+            "pool": pool,
+            "address": self.backends[backend_id].address,
+            "weight": weight,
+        }
+
+    # ---- helpers ----------------------------------------------------------
+
+    def _pool(self, name: Any) -> str:
+        if not isinstance(name, str) or name not in self.pool_weights:
+            known = ", ".join(self.pool_weights)
+            raise NotFound(f"no pool named {name!r} (pools: {known})")
+        return name
+
+    def _backend(self, backend_id: Any) -> Backend:
+        backend = self.backends.get(backend_id) if isinstance(backend_id, str) else None
+        if backend is None:
+            raise NotFound(f"no backend with id {backend_id!r}")
+        return backend
+
+    def _changed(
+        self,
+        actor: str,
+        action: str,
+        target: str,
+        before: Any,
+        after: Any,
+        note: str | None = None,
+    ) -> Event:
+        event = self.events.record(actor, action, target, before, after, note)
+        self._state_changed()
+        return event
+
+    def _state_changed(self) -> None:
+        if self._state_listeners:
+            state = self.export_state()
+            for listener in self._state_listeners:
+                listener(state)
+
+
+def _brief(backend: Backend) -> dict[str, Any]:
+    """A backend as the audit log shows it before and after a change."""
+    return {
+        "pool": backend.pool,
+        "address": backend.address,
+        "weight": backend.weight,
+        "admin": backend.admin.value,
+        "state": backend.state.value,
+    }
+
+
+def _weights_text(weights: Mapping[str, int]) -> str:
+    return " ".join(f"{name}={weight}" for name, weight in weights.items())
