@@ -1,0 +1,490 @@
+"""The admin API: an aiohttp application on its own listener (never the data port).
+
+It talks to the control plane only: reads come from the runtime, changes go
+through the runtime's mutation methods, which validate everything and raise
+``ControlError`` (mapped here to its HTTP status). A mutation is answered once
+its new state and audit record are on disk.
+
+``install(server)`` wires the control plane into the composition root: it loads
+the tokens (refusing to start on a non-loopback address without one), restores
+the saved state before traffic is served, binds the admin socket, and adds the
+start/stop hooks that run the API and the 100 ms runtime tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from zdproxy import __version__
+from zdproxy.admin.auth import (
+    Authenticator,
+    AuthError,
+    Token,
+    TokenConfigError,
+    is_loopback,
+    load_tokens,
+)
+from zdproxy.admin.openapi import build_spec
+from zdproxy.balancing.model import Backend
+from zdproxy.control.events import Event, events_path, iso_time
+from zdproxy.control.runtime import Runtime
+from zdproxy.control.store import FileStore, Persistence
+from zdproxy.errors import ControlError
+from zdproxy.metrics import CONTENT_TYPE_LATEST, DataPathCounts, build_registry, render
+
+if TYPE_CHECKING:
+    import socket
+
+    from zdproxy.server import ProxyServer
+
+log = logging.getLogger("zdproxy.admin")
+
+#: how often the runtime advances drains and removals, seconds
+TICK_SECONDS = 0.1
+MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_TOKEN = web.RequestKey("zdproxy_token", Token)
+_STATIC = resources.files("zdproxy.admin") / "static"
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        text=json.dumps(data, separators=(",", ":")),
+        status=status,
+        content_type="application/json",
+    )
+
+
+def error_response(
+    status: int, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    response = json_response({"error": message}, status)
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: int) -> str:
+    if exc.status == 404:
+        return f"no such endpoint: {request.method} {request.path}"
+    if exc.status == 405:
+        allowed = exc.headers.get("Allow", "")
+        return f"method {request.method} not allowed on {request.path} (allowed: {allowed})"
+    if exc.status == 413:
+        return f"request body too large (at most {max_body} bytes)"
+    return exc.reason
+
+
+class AdminApi:
+    """Request handlers; everything they need is passed in, nothing is global."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        persistence: Persistence,
+        auth: Authenticator,
+        *,
+        max_body: int,
+        data_path: Callable[[], DataPathCounts],
+        closing: Callable[[], bool],
+    ) -> None:
+        self.runtime = runtime
+        self.persistence = persistence
+        self.auth = auth
+        self.max_body = max_body
+        self.closing = closing
+        self.registry = build_registry(runtime, data_path)
+        self.spec = json.dumps(build_spec(__version__)).encode()
+        self.page = (_STATIC / "index.html").read_bytes()
+
+    def build_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
+        r = app.router
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/", self.dashboard)
+        r.add_static("/static/", str(_STATIC), append_version=False)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/api/v1/openapi.json", self.openapi)
+        r.add_get("/api/v1/state", self.state)
+        r.add_get("/api/v1/events", self.events)
+        r.add_put("/api/v1/split", self.split)
+        r.add_post("/api/v1/flip", self.flip)
+        r.add_post("/api/v1/backends", self.add_backend)
+        r.add_delete("/api/v1/backends/{id}", self.remove_backend)
+        for action in ("drain", "disable", "enable"):
+            r.add_post(f"/api/v1/backends/{{id}}/{action}", self._backend_action(action))
+        r.add_route("*", "/api/v1/rollouts", self.rollouts)
+        r.add_route("*", "/api/v1/rollouts/{tail:.*}", self.rollouts)
+        return app
+
+    # ---- cross-cutting: auth, body size, errors ----------------------------
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        path = request.path
+        if path.startswith("/api/") or path == "/metrics":
+            try:
+                request[_TOKEN] = self.auth.check(
+                    request.headers.get("Authorization"), request.method in MUTATING_METHODS
+                )
+            except AuthError as exc:
+                headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+                return error_response(exc.status, str(exc), headers)
+        length = request.content_length
+        if length is not None and length > self.max_body:
+            return error_response(413, f"request body too large (at most {self.max_body} bytes)")
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, str(exc))
+        except ControlError as exc:
+            return error_response(exc.status, str(exc))
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            message = _http_error_message(exc, request, self.max_body)
+            return error_response(exc.status, message, headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("admin API: %s %s failed", request.method, path)
+            return error_response(500, "internal error (see the zdproxy log)")
+
+    async def _body(self, request: web.Request, allowed: frozenset[str] | None) -> dict[str, Any]:
+        """The JSON object body; ``allowed`` keys only (None: any key)."""
+        raw = await request.read()
+        if not raw.strip():
+            if allowed is not None and not allowed:
+                return {}
+            raise ApiError(400, "expected a JSON object body")
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise ApiError(400, f"invalid JSON body: {exc}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "expected a JSON object body")
+        if allowed is not None:
+            unknown = sorted(set(data) - allowed)
+            if unknown:
+                expected = ", ".join(sorted(allowed)) or "none"
+                raise ApiError(400, f"unknown key {unknown[0]!r} (expected: {expected})")
+        return data
+
+    @staticmethod
+    def _force(data: dict[str, Any]) -> bool:
+        force = data.pop("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(400, "force must be true or false")
+        return force
+
+    # ---- reads --------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        if self.closing():
+            return error_response(503, "shutting down")
+        return json_response({"status": "ok"})
+
+    async def dashboard(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(body=self.page, content_type="text/html", charset="utf-8")
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = render(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.spec, content_type="application/json")
+
+    async def state(self, request: web.Request) -> web.Response:
+        return json_response(state_view(self.runtime, self.persistence))
+
+    async def events(self, request: web.Request) -> web.Response:
+        since = _int_param(request, "since", 0, 0, None)
+        limit = _int_param(request, "limit", None, 1, 10000)
+        return json_response({"events": self.runtime.events.list(since, limit)})
+
+    async def rollouts(self, request: web.Request) -> web.Response:
+        return error_response(501, "rollouts are not available yet")
+
+    # ---- mutations ----------------------------------------------------------
+
+    async def _done(self, data: dict[str, Any], status: int = 200) -> web.Response:
+        await self.persistence.flush()
+        return json_response(data, status)
+
+    def _weights_result(self, event: Event | None) -> dict[str, Any]:
+        return {
+            "weights": dict(self.runtime.pool_weights),
+            "changed": event is not None,
+            "event": event.to_json() if event is not None else None,
+        }
+
+    async def split(self, request: web.Request) -> web.Response:
+        data = await self._body(request, None)
+        # "force" is the flag unless a pool is named so
+        force = self._force(data) if "force" not in self.runtime.pool_weights else False
+        event = self.runtime.split(data, request[_TOKEN].name, force=force)
+        return await self._done(self._weights_result(event))
+
+    async def flip(self, request: web.Request) -> web.Response:
+        data = await self._body(request, frozenset({"to", "force"}))
+        if "to" not in data:
+            raise ApiError(400, 'expected {"to": "POOL"}')
+        force = self._force(data)
+        event = self.runtime.flip(data["to"], request[_TOKEN].name, force=force)
+        return await self._done(self._weights_result(event))
+
+    async def add_backend(self, request: web.Request) -> web.Response:
+        data = await self._body(request, frozenset({"pool", "address", "id", "weight"}))
+        for key in ("pool", "address"):
+            if key not in data:
+                raise ApiError(400, f"missing key {key!r}")
+        backend = self.runtime.add_backend(
+            data["pool"],
+            data["address"],
+            data.get("id"),
+            data.get("weight", 1),
+            actor=request[_TOKEN].name,
+        )
+        return await self._done(
+            {
+                "backend": backend_view(self.runtime, backend),
+                "changed": True,
+                "event": self.runtime.events.last(),
+            },
+            201,
+        )
+
+    async def remove_backend(self, request: web.Request) -> web.Response:
+        await self._body(request, frozenset())
+        backend_id = request.match_info["id"]
+        backend = self.runtime.backends.get(backend_id)
+        removed = self.runtime.remove_backend(backend_id, request[_TOKEN].name)
+        assert backend is not None  # remove_backend raised NotFound otherwise
+        event = self.runtime.events.last()
+        return await self._done(
+            {"backend": backend_view(self.runtime, backend), "removed": removed, "event": event},
+            200 if removed else 202,
+        )
+
+    def _backend_action(self, action: str) -> Handler:
+        mutate = {
+            "drain": self.runtime.drain,
+            "disable": self.runtime.disable,
+            "enable": self.runtime.enable,
+        }[action]
+
+        async def handle(request: web.Request) -> web.StreamResponse:
+            await self._body(request, frozenset())
+            backend_id = request.match_info["id"]
+            event = mutate(backend_id, request[_TOKEN].name)
+            backend = self.runtime.backends[backend_id]
+            return await self._done(
+                {
+                    "backend": backend_view(self.runtime, backend),
+                    "changed": event is not None,
+                    "event": event.to_json() if event is not None else None,
+                }
+            )
+
+        return handle
+
+
+def _int_param(
+    request: web.Request, name: str, default: int | None, low: int, high: int | None
+) -> Any:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ApiError(400, f"{name} must be an integer, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bounds = f"{low}-{high}" if high is not None else f">= {low}"
+        raise ApiError(400, f"{name} must be {bounds}, got {value}")
+    return value
+
+
+# ---- views ------------------------------------------------------------------
+
+
+def backend_view(runtime: Runtime, backend: Backend) -> dict[str, Any]:
+    started = runtime.drain_started.get(backend.id)
+    drain_started_at = None
+    if started is not None:
+        drain_started_at = iso_time(time.time() - (runtime.clock() - started))
+    info = runtime.health_info.get(backend.id)
+    return {
+        "id": backend.id,
+        "address": backend.address,
+        "pool": backend.pool,
+        "state": backend.state.value,
+        "admin": backend.admin.value,
+        "health": backend.health.value,
+        "ejected": backend.ejected,
+        "in_flight": backend.in_flight,
+        "weight": backend.weight,
+        "effective_weight": runtime.effective_weight.get(backend.id, backend.weight),
+        "removing": backend.id in runtime.removing,
+        "added": backend.id in runtime.added,
+        "drain_started_at": drain_started_at,
+        "failures": backend.failures,
+        "requests": sum(backend.codes.values()),
+        "health_checks": dict(info) if info is not None else None,
+    }
+
+
+def state_view(runtime: Runtime, persistence: Persistence | None = None) -> dict[str, Any]:
+    pools: dict[str, Any] = {
+        name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
+        for name, weight in runtime.pool_weights.items()
+    }
+    for backend in runtime.backends.values():
+        pools[backend.pool]["backends"].append(backend_view(runtime, backend))
+    store = persistence.store if persistence is not None else None
+    return {
+        "pid": os.getpid(),
+        "version": __version__,
+        "generation": runtime.version,
+        "pools": pools,
+        "rollout": None,
+        "persistence": {
+            "path": store.path if isinstance(store, FileStore) else None,
+            "last_error": persistence.last_error if persistence is not None else None,
+        },
+    }
+
+
+# ---- lifecycle --------------------------------------------------------------
+
+
+class ControlPlane:
+    """The admin listener, the runtime tick and persistence of one server."""
+
+    def __init__(self, server: ProxyServer, tokens: list[Token]) -> None:
+        self.server = server
+        config = server.config
+        runtime = server.runtime
+        state = config.state
+        if state.etcd is not None:
+            log.warning("state.etcd is not supported yet: runtime state is kept in memory only")
+        path = state.path if state.etcd is None else None
+        self.persistence = Persistence(
+            runtime,
+            FileStore(path) if path is not None else None,
+            events_path(path) if path is not None else None,
+        )
+        self.api = AdminApi(
+            runtime,
+            self.persistence,
+            Authenticator(tokens),
+            max_body=config.admin.max_body_bytes,
+            data_path=self._data_path_counts,
+            closing=self._closing,
+        )
+        self.socket: socket.socket | None = None
+        self._runner: web.AppRunner | None = None
+        self._ticker: asyncio.Task[None] | None = None
+
+    def _closing(self) -> bool:
+        ctx = self.server.ctx
+        return ctx is None or ctx.closing
+
+    def _data_path_counts(self) -> DataPathCounts:
+        ctx = self.server.ctx
+        if ctx is None:
+            return DataPathCounts()
+        counters = ctx.counters
+        return DataPathCounts(
+            client_connections=len(ctx.connections),
+            upstream_connections=self.server.upstreams.open_count,
+            tunnels=len(ctx.tunnels),
+            connections_accepted=counters.connections_accepted,
+            retries=counters.retries,
+            tunnels_total=counters.tunnels_total,
+        )
+
+    async def start(self, server: ProxyServer) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        if self.socket is not None:
+            runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
+            await runner.setup()
+            await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
+            self._runner = runner
+            log.info("admin API on http://%s/", server.config.admin.listen)
+
+    async def stop(self, server: ProxyServer) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            self._ticker = None
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.persistence.close()
+
+    async def _tick(self) -> None:
+        runtime = self.server.runtime
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            try:
+                runtime.tick()
+            except Exception:
+                log.exception("runtime tick failed")
+
+
+def install(server: ProxyServer) -> None:
+    """Wire the control plane into ``server`` (before ``server.start()``).
+
+    Exits the process with status 1, after logging why, when the admin listener
+    would be reachable from other hosts without a token, when a configured token
+    cannot be read, or when the admin address cannot be bound.
+    """
+    from zdproxy.server import bind_socket
+
+    admin = server.config.admin
+    try:
+        tokens = load_tokens(admin) if admin.enabled else []
+    except TokenConfigError as exc:
+        log.error("cannot start the admin API: %s", exc)
+        raise SystemExit(1) from None
+    if admin.enabled and not tokens:
+        if not is_loopback(admin.listen.host):
+            log.error(
+                "refusing to start: the admin API would listen on %s, which is not a loopback "
+                "address, without a token. Set the ZDPROXY_ADMIN_TOKEN environment variable "
+                "(admin.token_env), admin.token_file or admin.tokens, or listen on 127.0.0.1",
+                admin.listen,
+            )
+            raise SystemExit(1)
+        log.warning(
+            "no admin token configured: the admin API answers 401 to every call until one is "
+            "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
+        )
+    plane = ControlPlane(server, tokens)
+    plane.persistence.restore()
+    plane.persistence.attach()
+    if admin.enabled:
+        try:
+            plane.socket = bind_socket(admin.listen, backlog=128)
+        except OSError as exc:
+            log.error("cannot listen on the admin address %s: %s", admin.listen, exc)
+            raise SystemExit(1) from None
+    server.start_hooks.append(plane.start)
+    server.stop_hooks.append(plane.stop)

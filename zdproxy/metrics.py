@@ -1,0 +1,179 @@
+"""Prometheus metrics, read at scrape time from the plain counters the data path keeps.
+
+The data path never calls prometheus-client: per request it bumps a dict entry
+on the backend (``Backend.codes``, ``Backend.upstream_errors``), ``in_flight``
+and its pool's ``PoolStats`` (histogram, sum, count). ``ZdproxyCollector``
+turns those into metric families when ``GET /metrics`` is scraped, so metrics
+cost nothing per request beyond counters that rollout analysis needs anyway,
+and nothing per label lookup or lock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from zdproxy.balancing.model import BackendState
+from zdproxy.balancing.stats import LATENCY_BUCKETS
+from zdproxy.control.runtime import Runtime
+
+__all__ = ["CONTENT_TYPE_LATEST", "DataPathCounts", "ZdproxyCollector", "build_registry", "render"]
+
+_BUCKET_LABELS = (*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf")
+
+
+class DataPathCounts(NamedTuple):
+    """Connection figures of the data path at scrape time."""
+
+    client_connections: int = 0
+    upstream_connections: int = 0
+    tunnels: int = 0
+    connections_accepted: int = 0
+    retries: int = 0
+    tunnels_total: int = 0
+
+
+class ZdproxyCollector(Collector):
+    """Every zdproxy metric, built from the runtime and the data path's counters."""
+
+    def __init__(self, runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> None:
+        self.runtime = runtime
+        self.data_path = data_path
+
+    def describe(self) -> list[Metric]:
+        # no up-front description: the registry must not call collect() at register time
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        runtime = self.runtime
+        backends = list(runtime.backends.values())
+
+        requests = CounterMetricFamily(
+            "zdproxy_requests",
+            "Responses sent to clients, by pool, backend and status code.",
+            labels=["pool", "backend", "code"],
+        )
+        errors = CounterMetricFamily(
+            "zdproxy_upstream_errors",
+            "Failures talking to backends, by kind.",
+            labels=["pool", "backend", "kind"],
+        )
+        up = GaugeMetricFamily(
+            "zdproxy_backend_up", "1 when the backend's state is up.", labels=["pool", "backend"]
+        )
+        state = GaugeMetricFamily(
+            "zdproxy_backend_state",
+            "1 for the backend's current state (up, down, starting, draining, drained, disabled).",
+            labels=["pool", "backend", "state"],
+        )
+        ejected = GaugeMetricFamily(
+            "zdproxy_backend_ejected",
+            "1 while outlier detection keeps the backend out of rotation.",
+            labels=["pool", "backend"],
+        )
+        in_flight = GaugeMetricFamily(
+            "zdproxy_backend_in_flight",
+            "Requests (and tunnels) in progress on the backend.",
+            labels=["pool", "backend"],
+        )
+        for backend in backends:
+            labels = [backend.pool, backend.id]
+            for code, count in list(backend.codes.items()):
+                requests.add_metric([backend.pool, backend.id, str(code)], count)
+            for kind, count in list(backend.upstream_errors.items()):
+                errors.add_metric([backend.pool, backend.id, kind], count)
+            up.add_metric(labels, 1 if backend.state is BackendState.UP else 0)
+            for value in BackendState:
+                state.add_metric([*labels, value.value], 1 if backend.state is value else 0)
+            ejected.add_metric(labels, 1 if backend.ejected else 0)
+            in_flight.add_metric(labels, backend.in_flight)
+        yield requests
+        yield errors
+        yield up
+        yield state
+        yield ejected
+        yield in_flight
+
+        duration = HistogramMetricFamily(
+            "zdproxy_request_duration_seconds",
+            "Time from the start of a request to the end of its response, by pool.",
+            labels=["pool"],
+        )
+        for pool, stats in runtime.pool_stats.items():
+            running = 0
+            buckets: list[tuple[str, float]] = []
+            for label, count in zip(_BUCKET_LABELS, stats.histogram, strict=True):
+                running += count
+                buckets.append((label, running))
+            duration.add_metric([pool], buckets, sum_value=stats.latency_sum)
+        yield duration
+
+        weight = GaugeMetricFamily(
+            "zdproxy_pool_weight", "Percent of new traffic sent to the pool.", labels=["pool"]
+        )
+        for pool, percent in runtime.pool_weights.items():
+            weight.add_metric([pool], percent)
+        yield weight
+
+        counts = self.data_path()
+        connections = GaugeMetricFamily(
+            "zdproxy_connections",
+            "Open connections: client (downstream), upstream (to backends), tunnel.",
+            labels=["side"],
+        )
+        connections.add_metric(["client"], counts.client_connections)
+        connections.add_metric(["upstream"], counts.upstream_connections)
+        connections.add_metric(["tunnel"], counts.tunnels)
+        yield connections
+        yield CounterMetricFamily(
+            "zdproxy_connections_accepted",
+            "Client connections accepted.",
+            value=counts.connections_accepted,
+        )
+        yield CounterMetricFamily(
+            "zdproxy_retries", "Requests retried on another backend.", value=counts.retries
+        )
+        yield CounterMetricFamily(
+            "zdproxy_tunnels",
+            "Upgraded connections (WebSocket) tunnelled.",
+            value=counts.tunnels_total,
+        )
+
+        rollouts = CounterMetricFamily(
+            "zdproxy_rollouts", "Finished rollouts, by result.", labels=["result"]
+        )
+        for result, count in runtime.rollout_results.items():
+            rollouts.add_metric([result], count)
+        yield rollouts
+        reloads = CounterMetricFamily(
+            "zdproxy_config_reloads", "Config reloads (SIGHUP), by result.", labels=["result"]
+        )
+        for result, count in runtime.config_reloads.items():
+            reloads.add_metric([result], count)
+        yield reloads
+
+
+def build_registry(runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> CollectorRegistry:
+    """A registry of its own (not the global one): several servers in one process
+    (tests, the demo) each export their own figures. Process metrics included."""
+    from prometheus_client import PlatformCollector, ProcessCollector
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(ZdproxyCollector(runtime, data_path))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The text exposition format."""
+    return generate_latest(registry)
