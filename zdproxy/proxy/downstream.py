@@ -255,7 +255,10 @@ class ClientConnection(asyncio.Protocol):
         if self.queue:
             # an earlier pipelined response is still due: answer it, then close
             self.closing = True
-            self.queue[-1].after_reject = error_response(status, cause, message)
+            last = self.queue[-1]
+            if last.client_keep_alive:
+                last.after_reject = error_response(status, cause, message)
+            # else that request closes the connection: bytes after it get no answer
             return
         transport.write(error_response(status, cause, message))
         self._close_after_flush()
