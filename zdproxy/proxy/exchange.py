@@ -26,11 +26,14 @@ from zdproxy.errors import (
 )
 from zdproxy.http.head import (
     CONTINUE_100,
-    HOP_BY_HOP,
     LAST_CHUNK,
+    RESPONSE_BAD_CODING,
+    RESPONSE_BOTH_FRAMINGS,
+    RESPONSE_CHUNKED,
+    RESPONSE_HAS_LENGTH,
     connection_tokens,
     error_response,
-    status_line,
+    rewrite_response_head,
 )
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.proxy.upstream import UpstreamConnection
@@ -392,6 +395,7 @@ class Exchange:
             self.pending = []
             self.pending_bytes = 0
             conn.resume_reading()
+        upstream.expect_response()
         if self.request_done:
             if chunked:
                 parts.append(LAST_CHUNK)
@@ -445,7 +449,7 @@ class Exchange:
 
     # ---- response ----------------------------------------------------------
 
-    def on_response_head(self, upstream: UpstreamConnection, status: int) -> None:
+    def on_response_head(self, upstream: UpstreamConnection, status: int, raw: bytes) -> None:
         if 100 <= status < 200 and status != 101:
             return  # interim responses are not relayed; 100 was answered by the proxy
         self.status = status
@@ -454,45 +458,25 @@ class Exchange:
         method = self.method
         no_body = method == b"HEAD" or status in (204, 304) or status == 101
         self.response_has_no_body = no_body
-        parts = [status_line(status, upstream.reason or None)]
-        chunked = False
-        has_length = False
-        codings: list[bytes] = []
-        accept = False
-        tokens: frozenset[bytes] | None = None
-        headers = upstream.headers
-        for name, value in headers:
-            lname = name.lower()
-            if lname == b"transfer-encoding":
-                chunked = True
-                codings += (c.strip(b" \t").lower() for c in value.split(b","))
-                continue
-            if lname == b"sec-websocket-accept":
-                accept = True
-            if lname == b"connection":
-                tokens = connection_tokens([value])
-                continue
-            if lname in HOP_BY_HOP:
-                continue
-            if lname == b"content-length":
-                has_length = True
-            parts += (name, b": ", value, b"\r\n")
-        if chunked and codings != [b"chunked"]:
+        head, flags = rewrite_response_head(raw)
+        if flags & RESPONSE_BAD_CODING:
             # the proxy re-frames bodies: anything but one final chunked is unreadable
-            raise BadUpstreamResponse(f"response Transfer-Encoding {b', '.join(codings)!r}")
+            raise BadUpstreamResponse("response Transfer-Encoding other than chunked")
+        if not head.startswith(b"HTTP/1.1 "):
+            head = b"HTTP/1.1" + head[8:]  # the client is spoken to in HTTP/1.1 framing
         if status == 101:
             if self.upgrade is None:
                 raise BadUpstreamResponse("101 to a request that did not ask to upgrade")
+            accept = b"\r\nsec-websocket-accept:" in head.lower()
             if not accept and self.upgrade.lower() == b"websocket":
                 raise BadUpstreamResponse("101 without Sec-WebSocket-Accept")
-        if tokens:
-            parts = _drop_named(parts, tokens)
-        if chunked and has_length:
+        chunked = bool(flags & RESPONSE_CHUNKED)
+        has_length = bool(flags & RESPONSE_HAS_LENGTH)
+        if flags & RESPONSE_BOTH_FRAMINGS:
             # both framings: the body is chunked; the Content-Length is a lie (RFC 9112
             # 6.3); forwarded without it, and the upstream connection is not reused
-            parts = _drop_named(parts, frozenset({b"content-length"}))
-            has_length = False
             self.response_doubtful = True
+        parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
         if self.set_cookie is not None:
