@@ -152,7 +152,10 @@ def body_framing(headers: list[tuple[bytes, bytes]]) -> tuple[bool, int]:
     if codings and lengths:
         raise Malformed("both Content-Length and Transfer-Encoding")
     if codings:
-        if codings != [b"chunked"]:
+        items = [c.strip(b" \t") for value in codings for c in value.split(b",")]
+        if len(codings) > 1 or items[-1] != b"chunked" or items.count(b"chunked") > 1:
+            raise Malformed(f"Transfer-Encoding {codings!r}")
+        if not set(items[:-1]) <= {b"gzip", b"deflate", b"compress"}:
             raise Malformed(f"Transfer-Encoding {codings!r}")
         return True, 0
     if len(lengths) > 1:

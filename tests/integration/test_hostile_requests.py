@@ -293,6 +293,14 @@ CASES = [
         1,
     ),
     Case(
+        "te-gzip-chunked",
+        post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),
+        200,
+        False,
+        None,
+        1,
+    ),
+    Case(
         "te-chunked-uppercase",
         post(b"Transfer-Encoding: CHUNKED\r\n", b"0\r\n\r\n"),
         200,
@@ -420,6 +428,21 @@ def test_forwarded_request_is_rewritten(proxy: ProxyProcess, backend: RecordingB
     assert names.isdisjoint({b"x-secret", b"keep-alive", b"te", b"connection"})
     assert seen.header(b"transfer-encoding") == b"chunked"
     assert seen.body == b"abcde"
+
+
+def test_transfer_codings_before_chunked_travel_on(
+    proxy: ProxyProcess, backend: RecordingBackend
+) -> None:
+    """gzip applied before chunked is the body's own coding: the proxy redoes the
+    chunking but must not drop the gzip (identity means nothing and goes)."""
+    mark = backend.mark()
+    request = post(b"Transfer-Encoding: gzip\r\nTransfer-Encoding: identity, chunked\r\n")
+    response, client = exchange(proxy.port, request + b"3\r\n\x1f\x8b\x08\r\n0\r\n\r\n")
+    client.close()
+    assert response.status == 200
+    seen = backend.wait_requests(mark[0] + 1)[mark[0]]
+    assert seen.header(b"transfer-encoding") == b"gzip, chunked"
+    assert seen.body == b"\x1f\x8b\x08"
 
 
 def test_pipelined_good_bad_smuggled(proxy: ProxyProcess, backend: RecordingBackend) -> None:

@@ -57,6 +57,7 @@ _EXPECT = 7
 _UPGRADE = 8
 _IDEM_KEY = 9
 _WS_KEY = 10
+_TE = 11
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -65,7 +66,7 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"proxy-connection": _DROP,
     b"te": _DROP,
     b"trailer": _DROP,
-    b"transfer-encoding": _DROP,  # framing is re-done by the proxy
+    b"transfer-encoding": _TE,  # chunked is re-done by the proxy, other codings kept
     b"content-length": _DROP,
     b"proxy-authorization": _DROP,
     b"upgrade": _UPGRADE,
@@ -122,6 +123,7 @@ class Exchange:
         "set_cookie",
         "started_at",
         "status",
+        "te_codings",
         "upgrade",
         "upstream",
         "upstream_keep_alive",
@@ -151,6 +153,8 @@ class Exchange:
         self.set_cookie: bytes | None = None
         self.expect_continue = False
         self.upgrade: bytes | None = None
+        #: transfer codings applied before chunked (gzip, ...): they travel on
+        self.te_codings: bytes | None = None
         self.ws_key = False
         self.idempotent = False
         self.client_keep_alive = True
@@ -221,6 +225,12 @@ class Exchange:
         elif kind == _WS_KEY:
             self.ws_key = True
             self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _TE:
+            for item in value.split(b","):
+                coding = item.split(b";", 1)[0].strip(b" \t").lower()
+                if coding and coding != b"chunked" and coding != b"identity":
+                    codings = self.te_codings
+                    self.te_codings = coding if codings is None else codings + b", " + coding
         # _DROP: hop-by-hop, or framing the proxy redoes itself
 
     def _parse_cookie(self, value: bytes) -> None:
@@ -284,7 +294,10 @@ class Exchange:
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
         if self.request_chunked:
-            parts.append(b"Transfer-Encoding: chunked\r\n")
+            if self.te_codings is None:
+                parts.append(b"Transfer-Encoding: chunked\r\n")
+            else:
+                parts += (b"Transfer-Encoding: ", self.te_codings, b", chunked\r\n")
         elif self.content_length is not None:
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         if self.upgrade is not None:
