@@ -17,7 +17,7 @@ import httptools
 from zdproxy.errors import ProxyError
 from zdproxy.http.head import error_response
 from zdproxy.proxy.context import ProxyContext
-from zdproxy.proxy.exchange import Exchange
+from zdproxy.proxy.exchange import Exchange, without_body
 from zdproxy.proxy.tunnel import Tunnel
 
 log = logging.getLogger("zdproxy.error")
@@ -252,15 +252,18 @@ class ClientConnection(asyncio.Protocol):
                 broken.on_request_error(ProxyError(message, status=status, cause=cause))
                 return
             self.queue.pop()
+        response = error_response(status, cause, message)
+        if broken is not None and broken.method == b"HEAD":
+            response = without_body(response)
         if self.queue:
             # an earlier pipelined response is still due: answer it, then close
             self.closing = True
             last = self.queue[-1]
             if last.client_keep_alive:
-                last.after_reject = error_response(status, cause, message)
+                last.after_reject = response
             # else that request closes the connection: bytes after it get no answer
             return
-        transport.write(error_response(status, cause, message))
+        transport.write(response)
         self._close_after_flush()
 
     def _close_after_flush(self) -> None:

@@ -100,6 +100,7 @@ class Exchange:
         "extra_headers",
         "finished",
         "forwarded",
+        "framing_doubtful",
         "hash_key",
         "holding",
         "host",
@@ -117,7 +118,6 @@ class Exchange:
         "request_done",
         "request_head",
         "response_close_delimited",
-        "response_doubtful",
         "response_has_no_body",
         "response_started",
         "set_cookie",
@@ -177,8 +177,9 @@ class Exchange:
         self.response_started = False
         self.response_has_no_body = False
         self.response_close_delimited = False
-        #: the response framing was repaired (CL and chunked): never reuse the upstream
-        self.response_doubtful = False
+        #: a response with CL and chunked, or an Ambiguous request let through (lenient):
+        #: the upstream connection is never reused
+        self.framing_doubtful = False
         self.chunk_out = False
         self.upstream_keep_alive = False
         self.finished = False
@@ -260,6 +261,7 @@ class Exchange:
         if verdict.tier == Tier.AMBIGUOUS:
             # lenient mode: forward, then close both connections after the response
             self.conn.closing = True
+            self.framing_doubtful = True
         self.request_chunked = checker.chunked
         self.content_length = checker.content_length
         self.expects_body = self.request_chunked or bool(self.content_length)
@@ -488,7 +490,7 @@ class Exchange:
         if flags & RESPONSE_BOTH_FRAMINGS:
             # both framings: the body is chunked; the Content-Length is a lie (RFC 9112
             # 6.3); forwarded without it, and the upstream connection is not reused
-            self.response_doubtful = True
+            self.framing_doubtful = True
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
@@ -540,7 +542,7 @@ class Exchange:
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
         if self.status == 0 or self.status == 101:
             return  # interim response, or a tunnel's handshake
-        self.upstream_keep_alive = keep_alive and not self.response_doubtful
+        self.upstream_keep_alive = keep_alive and not self.framing_doubtful
         self._finish(clean=True)
 
     def on_upstream_upgraded(self, upstream: UpstreamConnection, rest: bytes) -> None:
@@ -691,9 +693,8 @@ class Exchange:
         keep_alive = self.client_keep_alive and self.request_done and not conn.closing
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            transport.write(
-                error_response(error.status, error.cause, str(error), close=not keep_alive)
-            )
+            response = error_response(error.status, error.cause, str(error), close=not keep_alive)
+            transport.write(without_body(response) if self.method == b"HEAD" else response)
         self._after_response(keep_alive)
 
     # ---- finish ------------------------------------------------------------
@@ -769,6 +770,11 @@ class Exchange:
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             upstream.transport.resume_reading()
+
+
+def without_body(response: bytes) -> bytes:
+    """An error response as the answer to HEAD: the head alone (RFC 9110 9.3.2)."""
+    return response[: response.index(b"\r\n\r\n") + 4]
 
 
 def _frame(chunk: bytes) -> bytes:
