@@ -457,7 +457,8 @@ def _run(
         )
 
     save()
-    log(f"* wrote {out_dir / 'RESULTS.md'}, {out_dir / 'results.json'}, {out_dir / 'chart.png'}")
+    written = [out_dir / name for name in ("RESULTS.md", "results.json", "chart.png")]
+    log("* wrote " + ", ".join(str(path) for path in written if path.exists()))
     log(f"* done in {(time.monotonic() - started) / 60:.1f} min")
     if skipped:
         log("* skipped or incomplete:")

@@ -312,7 +312,8 @@ def render_chart(results: dict[str, Any], path: Path) -> str | None:
     cases = [c["key"] for c in results.get("cases", []) if c["scenario"] == "keepalive"]
     cases = [c for c in cases if c in summary]
     if not cases:
-        return "chart: no keep-alive results"
+        path.unlink(missing_ok=True)  # no stale chart next to new results
+        return None
     proxies = sorted({p for c in cases for p in summary[c]}, key=_order)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     width = 0.8 / max(1, len(proxies))

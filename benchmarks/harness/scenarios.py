@@ -9,6 +9,7 @@ pinned to the same CPU; only the one under load does work.
 from __future__ import annotations
 
 import contextlib
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -144,16 +145,27 @@ def run_memory(session: Session, connections: int) -> list[dict[str, Any]]:
     for target in session.targets:
         if not target.is_proxy:
             continue
-        log(f"  {target.name}: opening {connections} idle keep-alive connections")
+        count = connections
+        capacity = target.idle_capacity()
+        if capacity is not None and capacity < count:
+            count = capacity
+            note = (
+                f"memory: {target.name} measured with {count} idle connections, not "
+                f"{connections}: its connection limit is bounded by RLIMIT_NOFILE "
+                f"({resource.getrlimit(resource.RLIMIT_NOFILE)[0]})"
+            )
+            session.skipped.append(note)
+            log("! " + note)
+        log(f"  {target.name}: opening {count} idle keep-alive connections")
         try:
-            result = measure_idle_memory(target.port, connections, target.pids)
+            result = measure_idle_memory(target.port, count, target.pids)
         except (OSError, TimeoutError) as exc:
             session.skipped.append(f"memory: {target.name}: {exc!r}")
             continue
         record = {"proxy": target.name, **result.as_dict()}
         records.append(record)
         log(
-            f"  {target.name}: held {result.held}/{connections}, RSS "
+            f"  {target.name}: held {result.held}/{count}, RSS "
             f"{result.rss_before_kib / 1024:.1f} -> {result.rss_after_kib / 1024:.1f} MiB, "
             f"{record['kib_per_connection']} KiB/connection"
             + (f" (first error: {result.first_error})" if result.first_error else "")

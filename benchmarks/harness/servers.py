@@ -11,6 +11,7 @@ import http.client
 import json
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -310,6 +311,11 @@ class Target:
     def pids(self) -> list[int]:
         return self.proc.tree() if self.proc is not None else []
 
+    def idle_capacity(self) -> int | None:
+        """How many idle client connections this target can hold, when it is bounded
+        below what the memory scenario asks for."""
+        return None
+
     def wait_ready(self, timeout: float) -> None:
         """Data port open and GET / answered 200 (backends may need health checks first)."""
         if not wait_port(self.port, min(timeout, 15.0), self.proc):
@@ -470,8 +476,15 @@ class HaproxyProxy(Target):
     ) -> None:
         super().__init__(prefix, pinning, topology, port)
         self.haproxy_bin = haproxy_bin
-        self.maxconn = max_connections + 1000
+        # HAProxy reserves two descriptors per connection (client and server side) and
+        # refuses to start when RLIMIT_NOFILE cannot hold 2 x maxconn
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        self.maxconn = min(max_connections + 1000, (nofile - 64) // 2)
         self.socket_path = prefix / "admin.sock"
+
+    def idle_capacity(self) -> int | None:
+        # keep room for health checks and the harness's own probes
+        return self.maxconn - 50
 
     def render(self) -> str:
         servers = [
