@@ -53,6 +53,7 @@ TICK_SECONDS = 0.1
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _TOKEN = web.RequestKey("zdproxy_token", Token)
 _STATIC = resources.files("zdproxy.admin") / "static"
+_CONTENT_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -112,13 +113,19 @@ class AdminApi:
         self.registry = build_registry(runtime, data_path)
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
+        #: the dashboard's assets, read once: name -> (body, content type)
+        self.assets = {
+            item.name: (item.read_bytes(), _CONTENT_TYPES[item.name.rpartition(".")[2]])
+            for item in _STATIC.iterdir()
+            if item.name.rpartition(".")[2] in _CONTENT_TYPES
+        }
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/", self.dashboard)
-        r.add_static("/static/", str(_STATIC), append_version=False)
+        r.add_get("/static/{name}", self.asset)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
         r.add_get("/api/v1/state", self.state)
@@ -204,6 +211,13 @@ class AdminApi:
     async def dashboard(self, request: web.Request) -> web.StreamResponse:
         return web.Response(body=self.page, content_type="text/html", charset="utf-8")
 
+    async def asset(self, request: web.Request) -> web.Response:
+        asset = self.assets.get(request.match_info["name"])
+        if asset is None:
+            raise ApiError(404, f"no such file: {request.path}")
+        body, content_type = asset
+        return web.Response(body=body, content_type=content_type, charset="utf-8")
+
     async def metrics(self, request: web.Request) -> web.Response:
         body = render(self.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -215,6 +229,9 @@ class AdminApi:
         return json_response(state_view(self.runtime, self.persistence))
 
     async def events(self, request: web.Request) -> web.Response:
+        unknown = sorted(set(request.query) - {"since", "limit"})
+        if unknown:
+            raise ApiError(400, f"unknown query parameter {unknown[0]!r} (expected: limit, since)")
         since = _int_param(request, "since", 0, 0, None)
         limit = _int_param(request, "limit", None, 1, 10000)
         return json_response({"events": self.runtime.events.list(since, limit)})
@@ -255,6 +272,8 @@ class AdminApi:
         for key in ("pool", "address"):
             if key not in data:
                 raise ApiError(400, f"missing key {key!r}")
+        if "id" in data and not isinstance(data["id"], str):
+            raise ApiError(400, "id must be a string (leave it out for the default POOL-N)")
         backend = self.runtime.add_backend(
             data["pool"],
             data["address"],
