@@ -254,6 +254,8 @@ class RecordingBackend:
         self.requests: list[Request] = []
         self.malformed: list[tuple[str, bytes]] = []
         self.conns: list[BackendConn] = []
+        #: (connection id, target) of every request head, as soon as it arrives
+        self.heads: list[tuple[int, bytes]] = []
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -321,6 +323,23 @@ class RecordingBackend:
         result: list[Request] = wait_for(enough, timeout, f"{count} backend requests")
         return result
 
+    def wait_head(self, target: bytes, timeout: float = 5.0) -> int:
+        """Wait until a request head for ``target`` arrived; its connection id."""
+
+        def found() -> int | None:
+            with self._cond:
+                for conn_id, seen in self.heads:
+                    if seen == target:
+                        return conn_id
+            return None
+
+        conn_id: int = wait_for(found, timeout, f"a request head for {target!r}")
+        return conn_id
+
+    def conn(self, conn_id: int) -> BackendConn:
+        with self._cond:
+            return self.conns[conn_id - 1]
+
     def open_connections(self) -> int:
         with self._cond:
             return sum(1 for c in self.conns if not c.closed)
@@ -338,7 +357,7 @@ class RecordingBackend:
         try:
             while True:
                 try:
-                    request, buf = await self._read_request(reader, conn, buf)
+                    request, buf = await self._read_request(reader, writer, conn, buf)
                 except Malformed as exc:
                     with self._cond:
                         self.malformed.append((str(exc), bytes(conn.raw)))
@@ -369,7 +388,11 @@ class RecordingBackend:
         return data
 
     async def _read_request(
-        self, reader: asyncio.StreamReader, conn: BackendConn, buf: bytes
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        conn: BackendConn,
+        buf: bytes,
     ) -> tuple[Request | None, bytes]:
         """The next request on ``conn``, or None at a clean end of the connection."""
         while b"\r\n\r\n" not in buf:
@@ -386,6 +409,13 @@ class RecordingBackend:
         method, target, headers = parse_request_head(buf[:end])
         chunked, length = body_framing(headers)
         start = end + 4
+        with self._cond:
+            self.heads.append((conn.conn_id, target))
+            self._cond.notify_all()
+        if target.startswith(b"/fault/early-response"):
+            # answer before reading the body (as a backend refusing an upload does)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
+            await writer.drain()
         while True:
             try:
                 if chunked:
@@ -484,12 +514,7 @@ class RecordingBackend:
                 _reset(writer)
             return False
         if fault == "early-response":
-            body = b"early"
-            writer.write(
-                b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n%s" % (len(body), ident, body)
-            )
-            await writer.drain()
-            return True
+            return await self._linger(reader, conn)  # answered when the head came
         if fault == "slow-body":
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n%s\r\n" % ident)
             for _ in range(2000):

@@ -36,6 +36,7 @@ MAX_PIPELINE = 8
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "client_eof",
         "client_ip",
         "closing",
         "ctx",
@@ -61,6 +62,8 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.closing = False
+        #: the client half-closed after complete requests: close once they are answered
+        self.client_eof = False
         self.reading_paused = False
         self.deadline = 0.0
         self.deadline_kind = NO_DEADLINE
@@ -132,8 +135,12 @@ class ClientConnection(asyncio.Protocol):
             if tunnel.can_write_eof():
                 tunnel.write_eof()
             return True
-        # a client half-close after a full request still gets its answer
-        return bool(self.queue)
+        # a client half-close after a full request still gets its answer; in the
+        # middle of one, that request can never complete: the client is gone
+        if self.queue and self.parsing is None:
+            self.client_eof = True
+            return True
+        return False
 
     def pause_writing(self) -> None:
         if self.queue:
@@ -221,6 +228,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if queue:
             queue[0].start()
+        elif self.client_eof:
+            self._close_after_flush()
         elif self.parsing is None:
             self.set_deadline(IDLE, self.ctx.t_idle)
         if self.reading_paused and len(queue) < MAX_PIPELINE:
