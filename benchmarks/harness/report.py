@@ -170,8 +170,15 @@ def events_table(records: list[dict[str, Any]]) -> list[str]:
     nginx = {r["event"]: r for r in records if r["proxy"] == "nginx"}
     rows = []
     for r in sorted(records, key=lambda r: _order(r["proxy"])):
+        served = r.get("served")
+        shares = "-"
+        if served and sum(served.values()):
+            total = sum(served.values())
+            shares = " / ".join(f"{100 * served[k] / total:.0f}" for k in sorted(served))
         if "requests" not in r:
-            rows.append([r["proxy"], r["event"], "-", "-", "-", "-", "-", "-", r.get("note") or ""])
+            rows.append(
+                [r["proxy"], r["event"], "-", "-", "-", "-", "-", "-", shares, r.get("note") or ""]
+            )
             continue
         base = nginx.get(r["event"])
         errors = f"{r['errors']:,}"
@@ -191,6 +198,7 @@ def events_table(records: list[dict[str, Any]]) -> list[str]:
                     ".2f",
                     "x",
                 ),
+                shares,
                 r.get("note") or "",
             ]
         )
@@ -204,6 +212,7 @@ def events_table(records: list[dict[str, Any]]) -> list[str]:
             "max ms",
             "failed requests",
             "p99 vs nginx",
+            "served by blue-1 / blue-2 / green-1 (%)",
             "note",
         ],
         rows,

@@ -193,6 +193,24 @@ def _restore(session: Session, target: Target, event: str) -> str | None:
     return None
 
 
+def _shares(served: dict[str, int] | None) -> str:
+    if not served or not sum(served.values()):
+        return "-"
+    total = sum(served.values())
+    return " ".join(f"{k} {100 * v / total:.0f}%" for k, v in served.items())
+
+
+def _served(session: Session, before: dict[str, int | None]) -> dict[str, int] | None:
+    """Requests each backend served since ``before`` (None when a counter is missing)."""
+    out = {}
+    for backend_id, backend in session.backends.items():
+        now, then = backend.requests(), before.get(backend_id)
+        if now is None or then is None or now < then:
+            return None
+        out[backend_id] = now - then
+    return out
+
+
 def run_events(session: Session, duration: int, event_at: float) -> list[dict[str, Any]]:
     """Per proxy: a steady run, then one run each with a flip, a drain and a backend kill
     ``event_at`` seconds in; failed requests and latency of each run."""
@@ -208,6 +226,7 @@ def run_events(session: Session, duration: int, event_at: float) -> list[dict[st
             continue
         for event in EVENTS:
             argv = session.wrk(target, Workload(), 50, duration)
+            served_before = {i: b.requests() for i, b in session.backends.items()}
             wrk = start_wrk(argv)
             time.sleep(event_at)
             note = None
@@ -228,10 +247,12 @@ def run_events(session: Session, duration: int, event_at: float) -> list[dict[st
             except RuntimeError as exc:
                 result = None
                 note = f"{note}; {exc}" if note else str(exc)
+            served = _served(session, served_before) if event != "kill" else None
             restore_note = _restore(session, target, event) if event != "steady" else None
             record: dict[str, Any] = {"proxy": target.name, "event": event}
             if result is not None:
                 record.update(result.as_dict())
+            record["served"] = served
             record["action_ms"] = action_ms
             record["note"] = "; ".join(n for n in (note, restore_note) if n) or None
             records.append(record)
@@ -239,7 +260,8 @@ def run_events(session: Session, duration: int, event_at: float) -> list[dict[st
                 log(
                     f"  {target.name:<8} {event:<7} {result.rps:>10,.0f} req/s  "
                     f"p99 {result.p99_us / 1000:7.2f} ms  max {result.max_us / 1000:8.1f} ms  "
-                    f"errors {result.errors}" + (f"  ({record['note']})" if record["note"] else "")
+                    f"errors {result.errors}  served {_shares(served)}"
+                    + (f"  ({record['note']})" if record["note"] else "")
                 )
             else:
                 log(f"  {target.name:<8} {event:<7} no result: {record['note']}")

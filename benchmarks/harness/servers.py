@@ -7,6 +7,7 @@ tree only). Configs are generated into one temporary directory per run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -27,6 +28,7 @@ ONE_KIB_BODY = ("zdproxy-bench " * 80)[:1023] + "\n"  # exactly 1024 bytes
 assert len(ONE_KIB_BODY) == 1024
 LARGE_BODY_BYTES = 64 * 1024
 UPLOAD_BYTES = 1024 * 1024
+STATUS_PATH = "/_zdbench_status"
 
 
 class StartError(RuntimeError):
@@ -158,12 +160,21 @@ class ManagedProcess:
             proc.stop(timeout=3.0)
 
 
+@functools.cache
+def _nginx_build(nginx_bin: str) -> str:
+    done = subprocess.run([nginx_bin, "-V"], capture_output=True, text=True, check=False)
+    return done.stderr + done.stdout
+
+
 def _nginx_supports_e(nginx_bin: str) -> bool:
-    done = subprocess.run([nginx_bin, "-v"], capture_output=True, text=True, check=False)
-    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", done.stderr + done.stdout)
+    match = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", _nginx_build(nginx_bin))
     if match is None:
         return False
     return tuple(int(x) for x in match.groups()) >= (1, 19, 5)
+
+
+def _nginx_has_stub_status(nginx_bin: str) -> bool:
+    return "http_stub_status_module" in _nginx_build(nginx_bin)
 
 
 def _nginx_argv(nginx_bin: str, conf: Path, prefix: Path) -> list[str]:
@@ -215,6 +226,10 @@ class Backend:
         # turns that into a 200. So /upload really consumes the upload before answering.
         (www / "upload").write_bytes(b"")
         conf = self.prefix / "nginx.conf"
+        status = ""
+        if _nginx_has_stub_status(self.nginx_bin):
+            # per-backend request counters, to check where traffic went during events
+            status = f"    location = {STATUS_PATH} {{ stub_status; }}\n"
         conf.write_text(
             _nginx_common(self.prefix, self.worker_connections)
             + f"""http {{
@@ -241,11 +256,25 @@ class Backend:
     location = /_sink {{ internal; return 204; }}
     location @uploaded {{ default_type text/plain; return 200 "uploaded $content_length\\n"; }}
     location / {{ return 404; }}
-  }}
+{status}  }}
 }}
 """
         )
         return conf
+
+    def requests(self) -> int | None:
+        """Requests this backend has served since it started (nginx stub_status)."""
+        if not _nginx_has_stub_status(self.nginx_bin):
+            return None
+        try:
+            status, body = http_request(self.port, STATUS_PATH, timeout=2.0)
+        except OSError:
+            return None
+        lines = body.decode(errors="replace").splitlines()
+        if status != 200 or len(lines) < 3:
+            return None
+        counters = lines[2].split()
+        return int(counters[2]) if len(counters) == 3 and counters[2].isdigit() else None
 
     def start(self) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)

@@ -206,7 +206,21 @@ def _results() -> dict[str, Any]:
             },
         ],
         "balancing": [{"implementation": "ref", "backends": 2, "ns_per_pick": 100}],
-        "events": [],
+        "events": [
+            {
+                "proxy": "zdproxy",
+                "event": "flip",
+                "requests": 100,
+                "rps": 50.0,
+                "p50_us": 1000,
+                "p99_us": 4000,
+                "max_us": 9000,
+                "errors": 0,
+                "status": 0,
+                "served": {"blue-1": 20, "blue-2": 20, "green-1": 60},
+                "note": None,
+            }
+        ],
         "skipped": ["zdproxy events: admin API answered 404"],
     }
 
@@ -231,6 +245,7 @@ def test_markdown_has_ratios_to_nginx_and_the_verdict() -> None:
     assert "NOT met: 1 errors" in text
     assert "| zdproxy | 10 / 10 | 1.0 | 1.0 | 4.00 | 4.00x |" in text
     assert "admin API answered 404" in text
+    assert "| zdproxy | flip | 50 | 1.00 | 4.00 | 9.0 | 0 | - | 20 / 20 / 60 |  |" in text
 
 
 def test_write_reports(tmp_path: Path) -> None:
