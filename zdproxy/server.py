@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from zdproxy.balancing.model import BackendState, Snapshot
@@ -28,7 +29,11 @@ log = logging.getLogger("zdproxy.error")
 Hook = Callable[["ProxyServer"], Awaitable[None]]
 
 
-def bind_socket(address: Address, backlog: int = 4096) -> socket.socket:
+#: listen backlog: where connections wait while limits.max_connections is reached
+BACKLOG = 4096
+
+
+def bind_socket(address: Address, backlog: int = BACKLOG) -> socket.socket:
     """A listening TCP socket; created here (not by asyncio) so that it can be
     handed to a new process on hot upgrade."""
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
@@ -57,6 +62,7 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
+        self._limit_logged_at: float | None = None
 
     def _close_idle_to_unroutable(self, snapshot: Snapshot) -> None:
         """Pooled connections to a backend that left rotation (drained, disabled,
@@ -74,14 +80,56 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
         for address in self.config.listen:
-            sock = bind_socket(address)
-            self.sockets.append(sock)
-            server = await loop.create_server(lambda: ClientConnection(ctx), sock=sock)
-            self.servers.append(server)
+            self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
+        await self._serve_sockets()
+        ctx.accept_control = self._accept_control
         self._sweeper = loop.create_task(self._sweep())
         for hook in self.start_hooks:
             await hook(self)
+
+    async def _serve_sockets(self) -> None:
+        """Accept on every listening socket. The server gets a duplicate of the
+        socket: closing the server (to stop accepting) closes only the duplicate,
+        so the socket keeps listening and new connections wait in its backlog
+        instead of being refused or reset."""
+        assert self.ctx is not None
+        ctx = self.ctx
+        loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            server = await loop.create_server(
+                lambda: ClientConnection(ctx), sock=sock.dup(), backlog=BACKLOG
+            )
+            self.servers.append(server)
+
+    def _accept_control(self, accepting: bool) -> None:
+        """limits.max_connections reached (False) or left (True)."""
+        if self._stopping:
+            return
+        if not accepting:
+            now = time.monotonic()
+            if self._limit_logged_at is None or now - self._limit_logged_at >= 60:
+                self._limit_logged_at = now
+                log.warning(
+                    "limits.max_connections (%d) reached: new connections wait in the backlog",
+                    self.config.limits.max_connections,
+                )
+            self._stop_accepting()
+        elif not self.servers:
+            asyncio.get_running_loop().create_task(self._resume_accepting())
+
+    def _stop_accepting(self) -> None:
+        for server in self.servers:
+            server.close()
+        self.servers = []
+
+    async def _resume_accepting(self) -> None:
+        ctx = self.ctx
+        if self._stopping or self.servers or ctx is None or ctx.accept_paused:
+            return
+        await self._serve_sockets()
+        if self._stopping or ctx.accept_paused:
+            self._stop_accepting()
 
     def _tick(self) -> float:
         t = self.config.timeouts
@@ -111,8 +159,10 @@ class ProxyServer:
     async def shutdown(self) -> None:
         ctx = self.ctx
         log.info("shutting down: no new connections, finishing in-flight requests")
-        for server in self.servers:
-            server.close()
+        self._stopping = True
+        self._stop_accepting()
+        for sock in self.sockets:
+            sock.close()
         if ctx is not None:
             ctx.closing = True
             for conn in list(ctx.connections):

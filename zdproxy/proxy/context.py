@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from zdproxy.balancing.passive import (
@@ -30,6 +31,10 @@ log = logging.getLogger("zdproxy.error")
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
+def _ignore(accepting: bool) -> None:
+    pass
+
+
 class Counters:
     """Process-wide data-path counters, read by the metrics collector."""
 
@@ -45,6 +50,8 @@ class ProxyContext:
     """Everything a connection needs, precomputed from the config."""
 
     __slots__ = (
+        "accept_control",
+        "accept_paused",
         "affinity_cookie",
         "closing",
         "connections",
@@ -92,6 +99,10 @@ class ProxyContext:
         self.tunnels: set[Tunnel] = set()
         self.counters = Counters()
         self.closing = False
+        #: limits.max_connections: the server installs ``accept_control(False)`` to stop
+        #: accepting (new connections wait in the listen backlog) and ``(True)`` to resume
+        self.accept_control: Callable[[bool], None] = _ignore
+        self.accept_paused = False
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()

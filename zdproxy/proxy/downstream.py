@@ -84,6 +84,9 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.connections.add(self)
         ctx.counters.connections_accepted += 1
+        if len(ctx.connections) >= ctx.max_connections and not ctx.accept_paused:
+            ctx.accept_paused = True
+            ctx.accept_control(False)
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.xff_ip = self.client_ip.encode("ascii")
@@ -93,7 +96,11 @@ class ClientConnection(asyncio.Protocol):
             self.closing = True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.ctx.connections.discard(self)
+        ctx = self.ctx
+        ctx.connections.discard(self)
+        if ctx.accept_paused and len(ctx.connections) < ctx.max_connections:
+            ctx.accept_paused = False
+            ctx.accept_control(True)
         self.deadline_kind = NO_DEADLINE
         if self.tunnel_ref is not None:
             self.tunnel_ref.close()
