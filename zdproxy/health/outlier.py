@@ -1,0 +1,126 @@
+"""Passive health: the outlier detector the data path reports outcomes to.
+
+Implements ``zdproxy.balancing.passive.PassiveObserver``. The policy (when to
+eject, for how long, how many) is ``zdproxy.balancing.outlier``; this object
+feeds it, keeps ``Backend.failures`` (the data path reports a success only to a
+backend with a failure streak, so a success costs nothing in the common case),
+applies ejections through ``Runtime.set_ejected`` and ends them on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from zdproxy.balancing.model import Admin, Backend
+from zdproxy.balancing.outlier import OutlierPolicy
+from zdproxy.config.schema import OutlierConfig
+from zdproxy.control.runtime import Runtime
+
+log = logging.getLogger("zdproxy.health")
+
+
+class OutlierDetector:
+    def __init__(self, runtime: Runtime, config: OutlierConfig) -> None:
+        self.runtime = runtime
+        self.policy = OutlierPolicy(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+
+    def reconfigure(self, config: OutlierConfig) -> None:
+        self.policy.reconfigure(config)
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- PassiveObserver ----------------------------------------------------
+
+    def failure(self, backend: Backend, kind: str, now: float) -> None:
+        backend.failures += 1
+        if backend.admin is not Admin.ENABLED or backend.ejected:
+            return
+        members = sum(
+            1
+            for b in self.runtime.backends.values()
+            if b.pool == backend.pool and b.admin is Admin.ENABLED
+        )
+        ejection = self.policy.failure(backend.id, backend.pool, kind, now, members)
+        if ejection is None:
+            return
+        log.warning(
+            "backend %s ejected for %.1fs: %s",
+            backend.id,
+            ejection.until - now,
+            ejection.reason,
+        )
+        self.runtime.set_ejected(backend.id, True)
+        self._wake_at(ejection.until)
+
+    def success(self, backend: Backend, now: float) -> None:
+        backend.failures = 0
+        self.policy.success(backend.id)
+
+    # ---- ejection timers ------------------------------------------------------
+
+    def _wake_at(self, when: float) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        if self._timer is not None:
+            if self._timer_at <= when:
+                return
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = loop.call_at(when, self._wake)
+
+    def _wake(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for backend_id in self.policy.due(now):
+            backend = self.runtime.backends.get(backend_id)
+            if backend is None:
+                self.policy.forget(backend_id)
+                continue
+            backend.failures = 0
+            log.info("backend %s: ejection over, back in service", backend_id)
+            self.runtime.set_ejected(backend_id, False)
+        following = self.policy.next_due()
+        if following is not None:
+            self._wake_at(max(following, now + 0.001))
+
+    def sync(self, backends: dict[str, Backend]) -> None:
+        """After a snapshot: forget removed backends; a backend the operator
+        re-enabled or took out comes back from ejection (its health checks decide)."""
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        for backend_id in [b for b in self.policy.records if b not in backends]:
+            self.policy.forget(backend_id)
+        for backend in backends.values():
+            if backend.ejected and backend.admin is not Admin.ENABLED:
+                self.policy.release(backend.id, now)
+                self.runtime.set_ejected(backend.id, False)
+
+    # ---- for the admin API ---------------------------------------------------
+
+    def info(self, backend_id: str) -> dict[str, Any]:
+        record = self.policy.records.get(backend_id)
+        if record is None:
+            return {"ejected": False, "ejections_total": 0, "ejected_until": None}
+        until = None
+        if record.ejected_until is not None and self._loop is not None:
+            until = round(time.time() + (record.ejected_until - self._loop.time()), 3)
+        return {
+            "ejected": record.ejected_until is not None,
+            "ejections_total": record.ejections_total,
+            "ejected_until": until,
+        }
