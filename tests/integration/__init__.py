@@ -1,0 +1,1 @@
+"""Integration tests (a package, so that basenames may repeat across suites)."""

@@ -1,0 +1,202 @@
+"""Active health checks through a real zdproxy process and real backend processes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from support_health import BackendProc, Client, Load, ProxyProc, figure, running, wait_until
+
+INTERVAL = 0.25
+RISE = 2
+FALL = 3
+#: jitter of 10 %, one interval for the check in flight, and the 100 ms tick of
+#: the test's own polling: generous bounds derived from the config
+SLACK = 1.0
+
+
+async def test_sigkill_one_of_three_under_keepalive_load(tmp_path: Path) -> None:
+    async with running(tmp_path, {"blue": 3}) as (proxy, backends):
+        load = Load(proxy.port, clients=30).start()
+        await asyncio.sleep(1.0)
+        victim = backends["blue-2"]
+        killed_at = time.monotonic()
+        victim.kill()
+        await proxy.wait_state("blue-2", True, 10, key="ejected")
+        to_ejected = time.monotonic() - killed_at
+        await proxy.wait_state("blue-2", "down", 10)
+        down_at = time.monotonic()
+        to_down = down_at - killed_at
+        await asyncio.sleep(1.0)
+        after_down = load.served_since(down_at + 0.05)
+        # it comes back: started again on the same port, it rises and takes traffic
+        restarted_at = time.monotonic()
+        await victim.start()
+        to_up = await proxy.wait_state("blue-2", "up", 15)
+        await wait_until(
+            lambda: load.served_since(restarted_at + to_up)["blue-2"] > 0, 10, "traffic to blue-2"
+        )
+        result = await load.stop()
+        info = (await proxy.backend("blue-2"))["health_checks"]
+    figure(
+        "sigkill 1 of 3, 30 keep-alive clients",
+        requests=result.requests,
+        failures=result.failures,
+        errors=dict(result.errors),
+        death_to_ejection_s=round(to_ejected, 3),
+        death_to_down_s=round(to_down, 3),
+        restart_to_up_s=round(to_up, 3),
+    )
+    assert result.failures == 0, result.errors
+    assert result.requests > 1000
+    assert after_down["blue-2"] == 0
+    assert to_down <= FALL * INTERVAL * 1.1 + INTERVAL + SLACK
+    assert info["consecutive_passes"] >= RISE and info["checks_total"] > 0
+
+
+async def test_failing_health_check_takes_backend_out_and_back(tmp_path: Path) -> None:
+    async with running(tmp_path, {"blue": 2}) as (proxy, backends):
+        client = Client(proxy.port)
+        b1 = backends["blue-1"]
+        await b1.ctl(health=503)
+        out = await proxy.wait_state("blue-1", "down", 10)
+        info = (await proxy.backend("blue-1"))["health_checks"]
+        served = [(await client.request()).backend for _ in range(20)]
+        await b1.ctl(health=200)
+        back = await proxy.wait_state("blue-1", "up", 10)
+        served_after = [(await client.request()).backend for _ in range(20)]
+        client.close()
+    figure("health check 503", out_s=round(out, 3), back_s=round(back, 3))
+    assert out <= FALL * INTERVAL * 1.1 + INTERVAL + SLACK
+    assert back <= RISE * INTERVAL * 1.1 + INTERVAL + SLACK
+    assert info["last_status"] == 503 and info["last_error"] == "status 503"
+    assert info["consecutive_failures"] >= FALL
+    assert set(served) == {"blue-2"}
+    assert set(served_after) == {"blue-1", "blue-2"}
+
+
+async def test_checks_reuse_one_connection(tmp_path: Path) -> None:
+    async with running(tmp_path, {"blue": 1}) as (_proxy, backends):
+        b1 = backends["blue-1"]
+        await wait_until(lambda: _at_least(b1, "health", 10), 20, "ten health checks on blue-1")
+        counts = await b1.counts()
+    assert counts["health_connections"] == 1, counts
+
+
+async def _at_least(backend: BackendProc, key: str, n: int) -> bool:
+    return (await backend.counts())[key] >= n
+
+
+async def test_hung_health_endpoint_never_piles_up_checks(tmp_path: Path) -> None:
+    timeout = 0.5
+    async with running(
+        tmp_path,
+        {"blue": 2},
+        health_check={"interval": "200ms", "timeout": f"{timeout}s", "rise": 2, "fall": 2},
+    ) as (proxy, backends):
+        b1 = backends["blue-1"]
+        await b1.ctl(health_delay=30)
+        before = (await b1.counts())["health"]
+        started = time.monotonic()
+        await proxy.wait_state("blue-1", "down", 10)
+        await asyncio.sleep(3.0)
+        checks = (await b1.counts())["health"] - before
+        elapsed = time.monotonic() - started
+        info = (await proxy.backend("blue-1"))["health_checks"]
+    # one check at a time: at most one per (interval + timeout), never one per interval
+    assert checks <= elapsed / (0.2 * 0.9 + timeout) + 2, (checks, elapsed)
+    assert info["last_error"].startswith("timeout")
+
+
+async def test_frozen_backend_is_taken_out_and_new_requests_avoid_it(tmp_path: Path) -> None:
+    async with running(
+        tmp_path,
+        {"blue": 2},
+        health_check={"interval": "200ms", "timeout": "300ms", "rise": 2, "fall": 2},
+    ) as (proxy, backends):
+        b1 = backends["blue-1"]
+        b1.freeze()
+        try:
+            took = await proxy.wait_state("blue-1", "down", 10)
+            client = Client(proxy.port, timeout=5)
+            served = [(await client.request()).backend for _ in range(20)]
+            client.close()
+        finally:
+            b1.thaw()
+        await proxy.wait_state("blue-1", "up", 10)
+    figure("frozen backend (SIGSTOP)", out_s=round(took, 3))
+    assert set(served) == {"blue-2"}
+
+
+async def test_added_backend_starts_after_rise_and_removed_one_stops(tmp_path: Path) -> None:
+    async with running(tmp_path, {"blue": 1}) as (proxy, _backends):
+        extra = await BackendProc("blue-9").start()
+        try:
+            status, body = await proxy.api(
+                "POST",
+                "/api/v1/backends",
+                {"pool": "blue", "address": extra.address, "id": "blue-9"},
+            )
+            assert status in (200, 201), body
+            assert (await proxy.backend("blue-9"))["state"] == "starting"
+            await proxy.wait_state("blue-9", "up", 10)
+            client = Client(proxy.port)
+            served = {(await client.request()).backend for _ in range(10)}
+            assert served == {"blue-1", "blue-9"}
+            status, body = await proxy.api("DELETE", "/api/v1/backends/blue-9")
+            assert status in (200, 202), body
+            await wait_until(_gone(proxy, "blue-9"), 10, "blue-9 removed")
+            before = (await extra.counts())["health"]
+            await asyncio.sleep(4 * INTERVAL)
+            assert (await extra.counts())["health"] - before <= 1
+            client.close()
+        finally:
+            extra.stop()
+
+
+def _gone(proxy: ProxyProc, backend_id: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        return backend_id not in await proxy.backends()
+
+    return check
+
+
+async def test_disable_enable_rises_again(tmp_path: Path) -> None:
+    async with running(tmp_path, {"blue": 2}) as (proxy, _backends):
+        status, _ = await proxy.api("POST", "/api/v1/backends/blue-1/disable")
+        assert status == 200
+        assert (await proxy.backend("blue-1"))["state"] == "disabled"
+        status, _ = await proxy.api("POST", "/api/v1/backends/blue-1/enable")
+        assert status == 200
+        state = (await proxy.backend("blue-1"))["state"]
+        assert state == "starting"
+        took = await proxy.wait_state("blue-1", "up", 10)
+    assert took <= RISE * INTERVAL * 1.1 + INTERVAL + SLACK
+
+
+async def test_restarted_proxy_serves_at_once_new_backends_need_rise(tmp_path: Path) -> None:
+    """Backends of the config were serving before a restart: one passing check
+    brings them up, so a restarted proxy does not answer 503 for rise x interval.
+    A backend added at runtime needs its full rise."""
+    slow_checks = {"interval": "2s", "timeout": "500ms", "rise": 3, "fall": 3}
+    async with running(tmp_path, {"blue": 2}, wait_up=False, health_check=slow_checks) as (
+        proxy,
+        _,
+    ):
+        client = Client(proxy.port)
+        first = [await client.request() for _ in range(10)]
+        extra = await BackendProc("blue-9").start()
+        try:
+            status, _ = await proxy.api(
+                "POST", "/api/v1/backends", {"pool": "blue", "address": extra.address}
+            )
+            assert status in (200, 201)
+            await asyncio.sleep(1.0)
+            added = [b for b in (await proxy.backends()).values() if b["address"] == extra.address]
+            assert added[0]["state"] == "starting"
+        finally:
+            extra.stop()
+        client.close()
+    assert [r.status for r in first] == [200] * 10

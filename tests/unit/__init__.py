@@ -1,0 +1,1 @@
+"""Unit tests (a package, so that basenames may repeat across suites)."""
