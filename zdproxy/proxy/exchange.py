@@ -604,8 +604,26 @@ class Exchange:
             ctx.observer.failure(backend, "timeout", ctx.now)
         if self.response_started:
             self._truncated("upstream timed out mid-response")
+        elif self._may_retry_after_timeout():
+            # a hung backend: the request goes to another one (nginx's
+            # proxy_next_upstream timeout), the silent connection is dropped
+            upstream = self.upstream
+            if upstream is not None:
+                upstream.exchange = None
+                upstream.abort()
+            self._retry()
         else:
             self.fail(UpstreamTimeout("backend did not answer in time"))
+
+    def _may_retry_after_timeout(self) -> bool:
+        ctx = self.conn.ctx
+        return (
+            self.idempotent
+            and self.request_done
+            and not self.request_body_started_and_lost()
+            and self.attempts <= ctx.retry_attempts
+            and ctx.retry_policy.allow_retry(ctx.now)
+        )
 
     def on_body_timeout(self) -> None:
         if self.finished:
