@@ -200,3 +200,78 @@ async def test_restarted_proxy_serves_at_once_new_backends_need_rise(tmp_path: P
             extra.stop()
         client.close()
     assert [r.status for r in first] == [200] * 10
+
+
+async def test_backend_frozen_under_load_costs_no_request(tmp_path: Path) -> None:
+    """SIGSTOP: the backend accepts connections and never answers. Requests in
+    flight on it time out and go to another backend; checks take it out."""
+    async with running(
+        tmp_path,
+        {"blue": 3},
+        health_check={"interval": "250ms", "timeout": "300ms", "rise": 2, "fall": 2},
+        timeouts={"upstream_response": "1s"},
+    ) as (proxy, backends):
+        load = Load(proxy.port, clients=30).start()
+        await asyncio.sleep(1.0)
+        victim = backends["blue-3"]
+        frozen_at = time.monotonic()
+        victim.freeze()
+        try:
+            await proxy.wait_state("blue-3", "down", 10)
+            to_down = time.monotonic() - frozen_at
+            await asyncio.sleep(1.0)
+        finally:
+            victim.thaw()
+        thawed_at = time.monotonic()
+        to_up = await proxy.wait_state("blue-3", "up", 10)
+        await wait_until(
+            lambda: load.served_since(thawed_at + to_up)["blue-3"] > 0, 10, "traffic to blue-3"
+        )
+        result = await load.stop()
+    figure(
+        "SIGSTOP 1 of 3, 30 keep-alive clients, upstream timeout 1s",
+        requests=result.requests,
+        failures=result.failures,
+        errors=dict(result.errors),
+        freeze_to_down_s=round(to_down, 3),
+    )
+    assert result.failures == 0, result.errors
+
+
+async def test_slow_start_ramps_a_recovered_backend(tmp_path: Path) -> None:
+    window = 3.0
+    async with running(
+        tmp_path,
+        {"blue": 2},
+        health_check={"interval": "250ms", "timeout": "250ms", "rise": 2, "fall": 2},
+        slow_start={"window": f"{window}s"},
+    ) as (proxy, backends):
+        load = Load(proxy.port, clients=10).start()
+        await backends["blue-1"].ctl(health=503)
+        await proxy.wait_state("blue-1", "down", 10)
+        await backends["blue-1"].ctl(health=200)
+        await proxy.wait_state("blue-1", "up", 10)
+        up_at = time.monotonic()
+        during = await proxy.backend("blue-1")
+        await asyncio.sleep(window + 1.0)
+        after = await proxy.backend("blue-1")
+        result = await load.stop()
+
+    def share(start: float, end: float) -> float:
+        served = [b for t, b in result.timeline if up_at + start <= t < up_at + end]
+        return served.count("blue-1") / max(1, len(served))
+
+    early, late, steady = share(0.0, 0.75), share(window - 0.75, window), share(window + 0.2, 99)
+    figure(
+        "slow start over 3s",
+        share_first_750ms=round(early, 3),
+        share_last_750ms=round(late, 3),
+        share_after=round(steady, 3),
+    )
+    assert result.failures == 0
+    assert during["health_checks"]["slow_start_percent"] is not None
+    assert during["effective_weight"] > during["weight"]  # scaled while ramping
+    assert after["effective_weight"] == after["weight"]
+    assert after["health_checks"]["slow_start_percent"] is None
+    assert early < 0.3 < late
+    assert 0.4 < steady < 0.6
