@@ -227,6 +227,7 @@ FAULTS = {
     "hang": "read the request, never answer",
     "ws-no-accept": "101 without Sec-WebSocket-Accept (502)",
     "ws-echo": "101 with a proper accept, then echo raw bytes; on EOF send <eof> and close",
+    "ws-half-close": "101, then 'hello' and EOF; keeps reading (recording) until the peer closes",
     "close": "200 with Connection: close",
 }
 
@@ -540,6 +541,16 @@ class RecordingBackend:
             await writer.drain()
             await self._echo(reader, writer, conn)
             return False
+        if fault == "ws-half-close":
+            key = request.header(b"sec-websocket-key") or b""
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\nhello"
+                % websocket_accept(key)
+            )
+            await writer.drain()
+            writer.write_eof()
+            return await self._linger(reader, conn)
         body = b"unknown fault"
         writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         await writer.drain()
@@ -588,9 +599,12 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` over ``base``, recursively; a None value removes the key."""
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -601,11 +615,16 @@ class ProxyProcess:
     """``zdproxy run -c`` in a subprocess on a free port, in front of ``backends``."""
 
     def __init__(
-        self, workdir: Path, backends: list[int], overrides: dict[str, Any] | None = None
+        self,
+        workdir: Path,
+        backends: list[int],
+        overrides: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.workdir = workdir
         self.backends = backends
         self.overrides = overrides or {}
+        self.env = {**os.environ, **(env or {})}
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "zdproxy.log"
@@ -642,6 +661,7 @@ class ProxyProcess:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.workdir,
+                env=self.env,
             )
             log.close()
             if self._wait_listening():

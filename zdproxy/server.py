@@ -133,7 +133,9 @@ class ProxyServer:
 
     def _tick(self) -> float:
         t = self.config.timeouts
-        shortest = min(t.request_header, t.idle, t.upstream_response, t.request_body, t.connect)
+        shortest = min(
+            t.request_header, t.idle, t.upstream_response, t.request_body, t.connect, t.tunnel_idle
+        )
         return min(0.5, max(0.05, shortest / 4))
 
     async def _sweep(self) -> None:

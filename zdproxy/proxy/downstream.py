@@ -141,6 +141,8 @@ class ClientConnection(asyncio.Protocol):
         if tunnel is not None:
             if tunnel.can_write_eof():
                 tunnel.write_eof()
+            if self.tunnel_ref is not None:
+                self.tunnel_ref.on_eof()
             return True
         # a client half-close after a full request still gets its answer; in the
         # middle of one, that request can never complete: the client is gone

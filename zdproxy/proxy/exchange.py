@@ -125,6 +125,7 @@ class Exchange:
         "status",
         "te_codings",
         "upgrade",
+        "upgrade_data",
         "upstream",
         "upstream_keep_alive",
         "url",
@@ -153,6 +154,8 @@ class Exchange:
         self.set_cookie: bytes | None = None
         self.expect_continue = False
         self.upgrade: bytes | None = None
+        #: bytes the client sent behind its upgrade request: only a 101 lets them on
+        self.upgrade_data = b""
         #: transfer codings applied before chunked (gzip, ...): they travel on
         self.te_codings: bytes | None = None
         self.ws_key = False
@@ -496,6 +499,9 @@ class Exchange:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
         if self.set_cookie is not None:
             parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
+        if self.upgrade is not None and status != 101:
+            # declined: the client's stream after its request is not HTTP we parsed
+            self.client_keep_alive = False
         keep_alive = self.client_keep_alive and not conn.closing
         if status == 101:
             parts.append(b"Connection: upgrade\r\nUpgrade: ")
@@ -555,9 +561,11 @@ class Exchange:
         start_tunnel(self, upstream, rest)
 
     def on_client_upgrade_data(self, rest: bytes) -> None:
-        """Bytes the client sent after its upgrade request: held until the 101."""
-        if rest:
-            self.pending.append(rest)
+        """Bytes the client sent after its upgrade request: held until the 101, and
+        dropped (the connection then closes) when the backend declines the upgrade.
+        Sent earlier, a backend that declines would read them as a request the
+        proxy never checked."""
+        self.upgrade_data += rest
 
     # ---- failures ----------------------------------------------------------
 

@@ -23,7 +23,7 @@ TUNNEL_DEADLINE = 5  # downstream.TUNNEL
 
 
 class Tunnel:
-    __slots__ = ("backend", "client", "closed", "ctx", "server")
+    __slots__ = ("backend", "client", "closed", "ctx", "eofs", "server")
 
     def __init__(
         self,
@@ -37,6 +37,14 @@ class Tunnel:
         self.client = client
         self.server = server
         self.closed = False
+        #: directions that ended with a half-close (EOF passed on)
+        self.eofs = 0
+
+    def on_eof(self) -> None:
+        """One side half-closed (its EOF was passed on); when both have, it is over."""
+        self.eofs += 1
+        if self.eofs >= 2:
+            self.close()
 
     def close(self) -> None:
         if self.closed:
@@ -77,7 +85,7 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
     conn.set_deadline(TUNNEL_DEADLINE, ctx.t_tunnel)
     if rest:
         client.write(rest)
-    if exchange.pending:
-        server.writelines(exchange.pending)
-        exchange.pending = []
+    if exchange.upgrade_data:
+        server.write(exchange.upgrade_data)
+        exchange.upgrade_data = b""
     conn.resume_reading()

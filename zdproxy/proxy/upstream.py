@@ -125,6 +125,8 @@ class UpstreamConnection(asyncio.Protocol):
         if peer is not None:
             if peer.can_write_eof():
                 peer.write_eof()
+            if self.tunnel_ref is not None:
+                self.tunnel_ref.on_eof()
             return True  # keep the other direction open (half-close)
         return None
 
