@@ -275,3 +275,56 @@ async def test_slow_start_ramps_a_recovered_backend(tmp_path: Path) -> None:
     assert after["health_checks"]["slow_start_percent"] is None
     assert early < 0.3 < late
     assert 0.4 < steady < 0.6
+
+
+async def test_reconfigure_applies_settings_and_keeps_pins() -> None:
+    """In process: ``server.health.reconfigure`` (for a config reload) applies new
+    settings, and pins signed with the process's random key stay valid."""
+    from support_health import free_port
+
+    from zdproxy.config.schema import Config
+    from zdproxy.health.checker import HealthService, install
+    from zdproxy.server import ProxyServer
+
+    def config(**sections: object) -> Config:
+        return Config.model_validate(
+            {
+                "listen": f"127.0.0.1:{free_port()}",
+                "admin": {"enabled": False},
+                "state": {"path": None},
+                "pools": {"blue": {"weight": 100, "backends": [{"address": "127.0.0.1:9"}]}},
+                "health_check": {"enabled": False},
+                **sections,
+            }
+        )
+
+    class Hints:
+        pool_override = None
+        affinity: str | None = None
+        hash_key = None
+        set_cookie: bytes | None = None
+
+    server = ProxyServer(config(sticky={"mode": "pool"}))
+    install(server)
+    await server.start()
+    try:
+        service = server.health  # type: ignore[attr-defined]
+        assert isinstance(service, HealthService)
+        hints = Hints()
+        server.selector.select(hints)
+        assert hints.set_cookie is not None
+        pin = hints.set_cookie.split(b";")[0].partition(b"=")[2].decode()
+        service.reconfigure(
+            config(
+                sticky={"mode": "pool"}, slow_start={"window": "5s"}, retries={"budget_percent": 5}
+            )
+        )
+        again = Hints()
+        again.affinity = pin
+        server.selector.select(again)
+        assert again.set_cookie is None  # the pin still verifies
+        assert service.slow_start.window == 5.0
+        assert server.ctx is not None and server.ctx.retry_policy is service.retry_budget
+        assert service.retry_budget.ratio == 0.05
+    finally:
+        await server.shutdown()

@@ -371,6 +371,7 @@ class HealthService:
                     "affinity cookies are signed with a random key of this process; set "
                     "sticky.secret_env when several zdproxy instances serve one site"
                 )
+        self._secret = secret
         server.selector.configure(config.sticky, config.draining, secret)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_pending = False
@@ -409,15 +410,18 @@ class HealthService:
         await self.checker.stop()
 
     def reconfigure(self, config: Config) -> None:
-        """Apply a reloaded config."""
+        """Apply a reloaded config (after the runtime took its pools and backends)."""
         self.checker.reconfigure(config)
         self.outlier.reconfigure(config.outlier_detection)
         self.slow_start.reconfigure(config.slow_start.window)
         self.retry_budget = RetryBudget(config.retries.budget_percent)
         if self.server.ctx is not None:
             self.server.ctx.retry_policy = self.retry_budget
-        secret, _ = load_secret(config.sticky.secret_env, os.environ)
-        self.server.selector.configure(config.sticky, config.draining, secret)
+        secret, from_env = load_secret(config.sticky.secret_env, os.environ)
+        if from_env:
+            self._secret = secret
+        # else the process's random key stays: pins survive the reload
+        self.server.selector.configure(config.sticky, config.draining, self._secret)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         # runtime calls are not made from inside its own publish: later listeners
