@@ -443,6 +443,7 @@ class NginxProxy(Target):
   server {{
     listen 127.0.0.1:{self.port} backlog=4096;
     client_max_body_size 2m;
+    client_body_buffer_size 256k;
     location / {{
       proxy_pass http://backends;
       proxy_http_version 1.1;
