@@ -75,3 +75,33 @@ def test_invalid_thresholds() -> None:
         m.reconfigure(1, 0)
     m.reconfigure(4, 5)
     assert (m.rise, m.fall) == (4, 5)
+
+
+def test_settings_merge_nearest_level_wins_per_key() -> None:
+    from zdproxy.config.schema import Config
+    from zdproxy.health.checker import settings_for
+
+    config = Config.model_validate(
+        {
+            "listen": "127.0.0.1:8080",
+            "health_check": {"path": "/healthz", "interval": "2s", "rise": 3},
+            "pools": {
+                "blue": {
+                    "weight": 100,
+                    "health_check": {"path": "/ready", "interval": "1s"},
+                    "backends": [
+                        {"id": "b1", "address": "127.0.0.1:1", "health_check": {"interval": "5s"}},
+                        {"id": "b2", "address": "127.0.0.1:2", "health_check": {"enabled": False}},
+                    ],
+                },
+                "green": {"weight": 0, "backends": [{"id": "g1", "address": "127.0.0.1:3"}]},
+            },
+        }
+    )
+    b1 = settings_for(config, "blue", "b1")
+    assert (b1.path, b1.interval, b1.rise, b1.enabled) == ("/ready", 5.0, 3, True)
+    assert not settings_for(config, "blue", "b2").enabled
+    g1 = settings_for(config, "green", "g1")
+    assert (g1.path, g1.interval) == ("/healthz", 2.0)
+    # a backend added at runtime: the pool's settings
+    assert settings_for(config, "blue", "blue-9").interval == 1.0

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from zdproxy.balancing.model import Admin, Backend
+from zdproxy.balancing.model import Admin, Backend, BackendState
 from zdproxy.balancing.outlier import OutlierPolicy
 from zdproxy.config.schema import OutlierConfig
 from zdproxy.control.runtime import Runtime
@@ -45,8 +45,8 @@ class OutlierDetector:
 
     def failure(self, backend: Backend, kind: str, now: float) -> None:
         backend.failures += 1
-        if backend.admin is not Admin.ENABLED or backend.ejected:
-            return
+        if backend.state is not BackendState.UP or backend.ejected:
+            return  # out of rotation already (down, draining, ...): nothing to decide
         members = sum(
             1
             for b in self.runtime.backends.values()
