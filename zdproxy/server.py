@@ -82,11 +82,14 @@ class ProxyServer:
         for address in self.config.listen:
             self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
-        await self._serve_sockets()
         ctx.accept_control = self._accept_control
         self._sweeper = loop.create_task(self._sweep())
+        # hooks first (health checks' first results, admin API, restored state):
+        # connections made meanwhile wait in the listen backlog instead of
+        # meeting backends that are not known to be up yet
         for hook in self.start_hooks:
             await hook(self)
+        await self._serve_sockets()
 
     async def _serve_sockets(self) -> None:
         """Accept on every listening socket. The server gets a duplicate of the
