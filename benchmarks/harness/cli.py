@@ -30,6 +30,9 @@ from .scenarios import (
     warm_up,
 )
 from .servers import (
+    LARGE_BODY_BYTES,
+    ONE_KIB_BODY,
+    UPLOAD_BYTES,
     Backend,
     Direct,
     HaproxyProxy,
@@ -40,6 +43,7 @@ from .servers import (
     Topology,
     ZdproxyProxy,
     free_port,
+    http_request,
     verify_upload_consumed,
 )
 from .system import (
@@ -297,8 +301,6 @@ def _start_targets(
 
 def preflight(target: Target) -> list[str]:
     """Each path answers as expected through ``target`` (errors would show in the runs)."""
-    from .servers import LARGE_BODY_BYTES, ONE_KIB_BODY, UPLOAD_BYTES, http_request
-
     problems = []
     checks: list[tuple[str, str, bytes | None, Any]] = [
         ("GET", "/", None, lambda b: b == ONE_KIB_BODY.encode()),
