@@ -98,13 +98,6 @@ class AdminProxy(ZdproxyProcess):
             wait_for(lambda: port_open(self.admin_port), 15, "the admin port")
         return self
 
-    def rewrite(self, config: dict[str, Any]) -> None:
-        """A new config for the next start."""
-        import yaml
-
-        self.config = config
-        self.path.write_text(yaml.safe_dump(config, sort_keys=False))
-
 
 class Answer:
     def __init__(self, status: int, body: bytes, headers: Any) -> None:

@@ -81,10 +81,16 @@ async def test_a_drain_in_progress_resumes_after_a_restart(tmp_path: Path) -> No
                 return (await admin.backend("green-2") or {}).get("state") == "drained"
 
             await async_wait_for(drained, 5, "green-2 drained")
-        saved = json.loads((tmp_path / "state.json").read_text())
-        assert saved["admin"]["green-2"] == "drained"
-        saved["admin"]["green-2"] = "draining"  # as if it had stopped mid-drain
-        (tmp_path / "state.json").write_text(json.dumps(saved))
+
+        def saved() -> dict[str, Any]:
+            state: dict[str, Any] = json.loads((tmp_path / "state.json").read_text())
+            return state
+
+        # zdproxy's own changes are written in the background, soon after
+        await async_wait_for(lambda: saved()["admin"] == {"green-2": "drained"}, 5, "saved")
+        state = saved()
+        state["admin"]["green-2"] = "draining"  # as if it had stopped mid-drain
+        (tmp_path / "state.json").write_text(json.dumps(state))
         process = await restart(process)
         async with AdminClient(process.admin_url) as admin:
             await async_wait_for(drained, 5, "green-2 drained after the restart")
@@ -125,8 +131,11 @@ async def test_a_backend_deleted_from_the_config_stays_gone(tmp_path: Path) -> N
             assert set(by_id(state)) == {"blue-1", "green-1", "green-2"}
             # the pools and their config weights did not change: the saved split stays
             assert state["pools"]["blue"]["weight"] == 60
-        saved = json.loads((tmp_path / "state.json").read_text())
-        assert saved["admin"] == {}  # rewritten after the merge: blue-2 is forgotten
+
+            def forgotten() -> bool:  # rewritten after the merge, in the background
+                return json.loads((tmp_path / "state.json").read_text())["admin"] == {}
+
+            await async_wait_for(forgotten, 5, "blue-2 forgotten in the state file")
     finally:
         process.stop()
 
