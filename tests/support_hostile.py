@@ -250,7 +250,9 @@ class RecordingBackend:
     raw bytes and whether it ended mid-request.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, faults: bool = True) -> None:
+        #: False: every request gets the plain 200, whatever its target (for fuzzing)
+        self.faults = faults
         self.port = 0
         self.requests: list[Request] = []
         self.malformed: list[tuple[str, bytes]] = []
@@ -413,7 +415,7 @@ class RecordingBackend:
         with self._cond:
             self.heads.append((conn.conn_id, target))
             self._cond.notify_all()
-        if target.startswith(b"/fault/early-response"):
+        if self.faults and target.startswith(b"/fault/early-response"):
             # answer before reading the body (as a backend refusing an upload does)
             writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nearly")
             await writer.drain()
@@ -451,7 +453,7 @@ class RecordingBackend:
     ) -> bool:
         """Answer ``request``; False when the connection is to end."""
         fault = ""
-        if request.target.startswith(b"/fault/"):
+        if self.faults and request.target.startswith(b"/fault/"):
             fault = request.target[7:].split(b"?")[0].split(b"/")[0].decode("latin-1")
         ident = b"X-Backend-Conn: %d\r\nX-Backend-Req: %d\r\n" % (conn.conn_id, request.index)
         if fault == "":

@@ -273,6 +273,15 @@ CASES = [
         True,
         BAD,
     ),
+    Case("connect-method", req(b"CONNECT hostile.test:443 HTTP/1.1"), 400, True, BAD),
+    Case(
+        "upgrade-with-body",
+        req(b"POST /up HTTP/1.1", b"Upgrade: foo\r\nConnection: Upgrade\r\nContent-Length: 3\r\n")
+        + b"abc",
+        400,
+        True,
+        BAD,
+    ),
     # ---- accepted: the framing is sound ----------------------------------------------------
     Case("plain-get", req(b"GET /plain HTTP/1.1"), 200, False, None, 1),
     Case("post-content-length", post(b"Content-Length: 5\r\n", b"hello"), 200, False, None, 1),
@@ -292,6 +301,7 @@ CASES = [
         None,
         1,
     ),
+    Case("double-space-after-method", req(b"GET  /double HTTP/1.1"), 200, False, None, 1),
     Case(
         "te-gzip-chunked",
         post(b"Transfer-Encoding: gzip, chunked\r\n", b"0\r\n\r\n"),

@@ -188,6 +188,8 @@ def test_101_without_accept_is_502(setup: Setup) -> None:
         response = client.read_response()
         assert response.status == 502
         assert response.header(b"x-zdproxy-error") == b"bad-upstream-response"
+        # what the client sent after its upgrade request was never parsed: close
+        assert client.closed_by_peer()
     conn_id = setup.raw.wait_head(b"/fault/ws-no-accept")
     wait_for(lambda: setup.raw.conn(conn_id).closed, 5, "the upstream connection to close")
 

@@ -278,6 +278,13 @@ class Exchange:
             self.idempotent = True
         if self.upgrade is not None and not parser.should_upgrade():
             self.upgrade = None
+        if method == b"CONNECT":
+            # a reverse proxy opens no tunnels to where the client says
+            raise _reject(400, "bad-request", "CONNECT is not supported")
+        if self.upgrade is not None and self.expects_body:
+            # llhttp switches the stream right after the head: the body's bytes
+            # would be taken for tunnel data and the request never complete
+            raise _reject(400, "bad-request", "upgrade request with a body")
         self.request_head = self._build_request_head()
 
     def _build_request_head(self) -> bytes:
@@ -717,6 +724,9 @@ class Exchange:
         conn = self.conn
         # a request whose body was not fully read leaves the framing in doubt
         keep_alive = self.client_keep_alive and self.request_done and not conn.closing
+        if self.upgrade is not None:
+            # the client's bytes after an upgrade request were not parsed as HTTP
+            keep_alive = False
         transport = conn.transport
         if transport is not None and not transport.is_closing():
             response = error_response(error.status, error.cause, str(error), close=not keep_alive)
