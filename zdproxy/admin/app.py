@@ -158,9 +158,7 @@ class AdminApi:
             return error_response(413, f"request body too large (at most {self.max_body} bytes)")
         try:
             return await handler(request)
-        except ApiError as exc:
-            return error_response(exc.status, str(exc))
-        except ControlError as exc:
+        except (ApiError, ControlError) as exc:
             return error_response(exc.status, str(exc))
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -168,8 +166,6 @@ class AdminApi:
             headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             message = _http_error_message(exc, request, self.max_body)
             return error_response(exc.status, message, headers)
-        except asyncio.CancelledError:
-            raise
         except Exception:
             log.exception("admin API: %s %s failed", request.method, path)
             return error_response(500, "internal error (see the zdproxy log)")
