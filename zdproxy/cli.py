@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        # the admin client parses its own options, including leading ones (--json)
+        from zdproxy.ctl import main as ctl_main
+
+        code: int = ctl_main(argv[1:])
+        return code
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
@@ -125,8 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    code: int = args.func(args)
-    return code
+    result: int = args.func(args)
+    return result
 
 
 if __name__ == "__main__":  # pragma: no cover
