@@ -32,7 +32,7 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -342,10 +342,6 @@ class RecordingBackend:
     def conn(self, conn_id: int) -> BackendConn:
         with self._cond:
             return self.conns[conn_id - 1]
-
-    def open_connections(self) -> int:
-        with self._cond:
-            return sum(1 for c in self.conns if not c.closed)
 
     # -- serving
 
@@ -705,17 +701,6 @@ class ProxyProcess:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(10)
         return proc.returncode
-
-
-@contextlib.contextmanager
-def running_proxy(
-    workdir: Path, backends: list[int], overrides: dict[str, Any] | None = None
-) -> Iterator[ProxyProcess]:
-    proxy = ProxyProcess(workdir, backends, overrides).start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
 
 
 # --------------------------------------------------------------------------------------

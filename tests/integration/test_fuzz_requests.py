@@ -14,7 +14,7 @@ each result on a fresh raw connection and half-closes it. For every example:
   wrote (which would mean the proxy and backend disagreed about framing);
 * there are never more proxied answers than requests the backend saw.
 
-The run is derandomized and bounded (``ZDPROXY_FUZZ_EXAMPLES``, 2500 by default)
+The run is derandomized and bounded (``ZDPROXY_FUZZ_EXAMPLES``, 4000 by default)
 so CI can afford it; for a long local run set it higher, and set
 ``ZDPROXY_FUZZ_RANDOM=1`` to explore new inputs instead of the same ones.
 """
@@ -49,7 +49,7 @@ with warnings.catch_warnings():
     except ImportError:
         pass
 
-EXAMPLES = int(os.environ.get("ZDPROXY_FUZZ_EXAMPLES", "2500"))
+EXAMPLES = int(os.environ.get("ZDPROXY_FUZZ_EXAMPLES", "4000"))
 
 H = b"Host: fuzz.test\r\n"
 SEEDS = [

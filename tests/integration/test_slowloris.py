@@ -61,7 +61,7 @@ def test_header_timeout_is_408_and_close(proxy: ProxyProcess) -> None:
         assert response.status == 408
         assert response.header(b"x-zdproxy-error") == b"request-header-timeout"
         assert client.closed_by_peer()
-    assert HEADER_TIMEOUT * 0.9 <= elapsed < HEADER_TIMEOUT + 1.5
+    assert HEADER_TIMEOUT * 0.7 <= elapsed < HEADER_TIMEOUT + 1.5
 
 
 def test_dribbling_bytes_does_not_extend_the_header_deadline(proxy: ProxyProcess) -> None:
@@ -113,7 +113,8 @@ def test_idle_keep_alive_timeout_closes(proxy: ProxyProcess) -> None:
         assert client.read_response().status == 200
         started = time.monotonic()
         assert client.closed_by_peer(timeout=IDLE_TIMEOUT + 2)
-    assert time.monotonic() - started >= IDLE_TIMEOUT * 0.9
+    # the proxy's clock is coarse (a quarter of the shortest timeout)
+    assert time.monotonic() - started >= IDLE_TIMEOUT * 0.7
 
 
 def _open_slowloris(port: int, count: int) -> list[socket.socket]:
