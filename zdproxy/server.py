@@ -149,12 +149,16 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         tick = self._tick()
         upstream_idle = self.config.timeouts.upstream_idle
+        reported = ctx.requests
         while True:
             await asyncio.sleep(tick)
             now = ctx.now = loop.time()
             for conn in list(ctx.connections):
                 conn.check_deadline(now)
             self.upstreams.sweep(now, upstream_idle)
+            if ctx.requests != reported:
+                ctx.retry_policy.record_requests(now, ctx.requests - reported)
+                reported = ctx.requests
 
     def request_stop(self) -> None:
         if not self._stopping:

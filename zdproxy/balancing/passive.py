@@ -30,11 +30,18 @@ class NullObserver:
 class RetryPolicy(Protocol):
     def record_request(self, now: float) -> None: ...
 
+    def record_requests(self, now: float, count: int) -> None:
+        """``count`` requests since the last call (the data path batches them)."""
+        ...
+
     def allow_retry(self, now: float) -> bool: ...
 
 
 class UnboundedRetries:
     def record_request(self, now: float) -> None:
+        pass
+
+    def record_requests(self, now: float, count: int) -> None:
         pass
 
     def allow_retry(self, now: float) -> bool:

@@ -9,8 +9,9 @@ requests a second) can still retry the odd failure.
 The window is a ring of one-second buckets with running totals, so both calls
 are O(1) amortised and allocate nothing. Implements
 ``zdproxy.balancing.passive.RetryPolicy``; the data path calls
-``record_request`` once per request and ``allow_retry`` right before each
-retry (a granted retry is counted against the budget).
+``record_requests`` once per sweeper tick with the requests started since
+(a counter increment per request is all the data path pays), and
+``allow_retry`` right before each retry (a granted retry is counted against the budget).
 """
 
 from __future__ import annotations
@@ -77,8 +78,11 @@ class RetryBudget:
                 seconds[i] = -1
 
     def record_request(self, now: float) -> None:
-        self._bucket(now)[0] += 1
-        self._requests += 1
+        self.record_requests(now, 1)
+
+    def record_requests(self, now: float, count: int) -> None:
+        self._bucket(now)[0] += count
+        self._requests += count
 
     def allow_retry(self, now: float) -> bool:
         bucket = self._bucket(now)

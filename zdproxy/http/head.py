@@ -120,9 +120,18 @@ def rewrite_response_head(raw: bytes) -> tuple[bytes, int]:
             flags |= RESPONSE_BOTH_FRAMINGS
         else:
             flags = RESPONSE_HAS_LENGTH
-    for name in _connection_named(lower):
-        raw, lower = _cut(raw, lower, name)
+    if b"\r\nconnection:" in lower and not _plain_connection(lower):
+        for name in _connection_named(lower):
+            raw, lower = _cut(raw, lower, name)
     return _RESPONSE_HOP_LINES.sub(b"", raw)[:-2], flags
+
+
+def _plain_connection(lower: bytes) -> bool:
+    """One ``Connection: keep-alive`` or ``close`` (nearly every response): names
+    no other header, so the token walk can be skipped."""
+    return lower.count(b"\r\nconnection:") == 1 and (
+        b"\r\nconnection: keep-alive\r\n" in lower or b"\r\nconnection: close\r\n" in lower
+    )
 
 
 def _codings(lower: bytes) -> list[bytes]:

@@ -68,6 +68,7 @@ class ProxyContext:
         "override_cookie",
         "override_header",
         "pool_header",
+        "requests",
         "retry_attempts",
         "retry_buffer",
         "retry_policy",
@@ -106,6 +107,8 @@ class ProxyContext:
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()
+        #: requests started, in total; the sweeper reports the growth to the retry budget
+        self.requests = 0
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
         self.now = loop.time()
         self.apply(config)

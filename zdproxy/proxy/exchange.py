@@ -335,7 +335,7 @@ class Exchange:
         conn = self.conn
         ctx = conn.ctx
         self.started_at = ctx.loop.time()
-        ctx.retry_policy.record_request(ctx.now)
+        ctx.requests += 1
         if ctx.hash_on is not None:
             self.hash_key = self._hash_key(ctx.hash_on)
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
@@ -779,7 +779,8 @@ class Exchange:
         backend = self.backend
         if backend is None:
             return
-        _count(backend.codes, status)
+        codes = backend.codes
+        codes[status] = codes.get(status, 0) + 1
         ctx = self.conn.ctx
         now = ctx.loop.time()
         if status >= 500:
