@@ -550,7 +550,12 @@ class Exchange:
             self.out = None
             transport = self.conn.transport
             if transport is not None:
-                transport.writelines(out)
+                if len(out) < 4 and len(out[-1]) <= 16384:
+                    # one small buffer is cheaper to hand over than a writev of pieces;
+                    # large bodies go as they are (no copy)
+                    transport.write(b"".join(out))
+                else:
+                    transport.writelines(out)
 
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
         if self.status == 0 or self.status == 101:
