@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/run.py",
         description="Benchmark zdproxy against nginx and HAProxy on this machine "
-        "(loopback only). See docs/benchmarks.md.",
+        "(loopback only). See the README, section Benchmarks.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 round, 2 s per case, fewer connections"

@@ -330,7 +330,7 @@ def test_lenient(vector: Vector, lenient: ProxyProcess, backend: RecordingBacken
 
 @needs_vectors
 def test_tally() -> None:
-    """Runs last: the counts per tier that docs/hostile-http.md gives."""
+    """Runs last: the counts per tier that the README (Hostile and broken HTTP) gives."""
     if sum(sum(t.values()) for t in TALLY.values()) < len(VECTOR_LIST):
         pytest.skip("needs the whole module run before it")
     assert TALLY == {
