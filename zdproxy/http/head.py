@@ -10,24 +10,6 @@ import re
 from collections.abc import Iterable
 from http import HTTPStatus
 
-#: hop-by-hop headers (RFC 9110 7.6.1) plus the ones a proxy always rewrites
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-    }
-)
-
-#: request headers the proxy replaces with its own values
-REQUEST_REPLACED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"expect"})
-
 
 def _status_line(code: int) -> bytes:
     try:
@@ -39,13 +21,6 @@ def _status_line(code: int) -> bytes:
 
 #: precomputed status lines for every code a response may carry
 STATUS_LINES: dict[int, bytes] = {code: _status_line(code) for code in range(100, 600)}
-
-
-def status_line(code: int, reason: bytes | None = None) -> bytes:
-    if reason:
-        return b"HTTP/1.1 %d %s\r\n" % (code, reason)
-    line = STATUS_LINES.get(code)
-    return line if line is not None else b"HTTP/1.1 %d \r\n" % code
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -73,10 +48,6 @@ def error_response(status: int, cause: str, message: str, *, close: bool = True)
             body,
         )
     )
-
-
-def encode_chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
 
 
 LAST_CHUNK = b"0\r\n\r\n"

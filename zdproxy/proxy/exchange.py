@@ -823,19 +823,6 @@ def _frame(chunk: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(chunk), chunk)
 
 
-def _drop_named(parts: list[bytes], names: frozenset[bytes]) -> list[bytes]:
-    """Drop ``name: value\\r\\n`` quadruples whose name is in ``names``; parts[0] is the
-    status line."""
-    out = [parts[0]]
-    for i in range(1, len(parts) - 3, 4):
-        if parts[i].lower() not in names:
-            out += parts[i : i + 4]
-    tail = (len(parts) - 1) % 4
-    if tail:
-        out += parts[len(parts) - tail :]
-    return out
-
-
 def _count(counter: dict[Any, int], key: object) -> None:
     counter[key] = counter.get(key, 0) + 1
 
