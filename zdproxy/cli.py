@@ -120,7 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the admin client parses its own options, including leading ones (--json)
         from zdproxy.ctl import main as ctl_main
 
-        code: int = ctl_main(argv[1:])
+        try:
+            code: int = ctl_main(argv[1:])
+        except BrokenPipeError:
+            # output piped into `head` and cut short: not an error worth a traceback
+            sys.stderr.close()
+            return 0
         return code
     parser = build_parser()
     args = parser.parse_args(argv)
