@@ -21,13 +21,7 @@ from typing import Any
 
 import yaml
 from aiohttp import web
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from ports import free_port
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -183,7 +177,13 @@ class ZdproxyProcess:
             env=self.env,
         )
         if wait:
-            wait_for(self._ready, 15, f"zdproxy on port {self.port}")
+            try:
+                wait_for(self._ready, 15, f"zdproxy on port {self.port}")
+            except BaseException:
+                # a failed start must not leak the process or its log file (an
+                # unclosed file warns, and warnings are errors in an unrelated test)
+                self.stop()
+                raise
         return self
 
     def _ready(self) -> bool:

@@ -30,16 +30,10 @@ from typing import Any
 
 import httptools
 import yaml
+from ports import free_port
 
 TOKEN = "health-test-token"
 HERE = Path(__file__).resolve()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def port_open(port: int) -> bool:
@@ -344,7 +338,11 @@ class ProxyProc:
             stderr=subprocess.STDOUT,
             env=env,
         )
-        await wait_until(self._ready, 20, f"zdproxy on port {self.port}")
+        try:
+            await wait_until(self._ready, 20, f"zdproxy on port {self.port}")
+        except BaseException:
+            self.stop()  # never leak the process or its log file
+            raise
         return self
 
     def _ready(self) -> bool:

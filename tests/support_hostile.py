@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from ports import free_port
 
 HOST = "127.0.0.1"
 
@@ -57,12 +58,6 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, what: str = "co
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(delay)
         delay = min(delay * 2, 0.05)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 # --------------------------------------------------------------------------------------

@@ -144,7 +144,11 @@ async def test_pinned_clients_reach_a_draining_backend_until_the_timeout(tmp_pat
 async def test_flip_lets_the_old_pool_finish(tmp_path: Path) -> None:
     async with running(tmp_path, {"blue": 2, "green": 2}) as (proxy, _):
         slow = [asyncio.create_task(_slow(proxy.port, 1.5)) for _ in range(6)]
-        await asyncio.sleep(0.3)
+
+        async def all_in_flight() -> bool:
+            return sum(b["in_flight"] for b in (await proxy.backends()).values()) == 6
+
+        await wait_until(all_in_flight, 10, "the 6 slow requests in flight")
         status, body = await proxy.api("POST", "/api/v1/flip", {"to": "green"})
         assert status == 200, body
         client = Client(proxy.port)

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 from support_health import BackendProc, Client, Load, ProxyProc, figure, running, wait_until
 
@@ -20,7 +21,7 @@ SLACK = 1.0
 async def test_sigkill_one_of_three_under_keepalive_load(tmp_path: Path) -> None:
     async with running(tmp_path, {"blue": 3}) as (proxy, backends):
         load = Load(proxy.port, clients=30).start()
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: load.result.requests >= 300, 10, "the load running")
         victim = backends["blue-2"]
         killed_at = time.monotonic()
         victim.kill()
@@ -29,7 +30,9 @@ async def test_sigkill_one_of_three_under_keepalive_load(tmp_path: Path) -> None
         await proxy.wait_state("blue-2", "down", 10)
         down_at = time.monotonic()
         to_down = down_at - killed_at
-        await asyncio.sleep(1.0)
+        await wait_until(
+            lambda: sum(load.served_since(down_at + 0.05).values()) >= 300, 10, "load after down"
+        )
         after_down = load.served_since(down_at + 0.05)
         # it comes back: started again on the same port, it rises and takes traffic
         restarted_at = time.monotonic()
@@ -193,9 +196,16 @@ async def test_restarted_proxy_serves_at_once_new_backends_need_rise(tmp_path: P
                 "POST", "/api/v1/backends", {"pool": "blue", "address": extra.address}
             )
             assert status in (200, 201)
-            await asyncio.sleep(1.0)
-            added = [b for b in (await proxy.backends()).values() if b["address"] == extra.address]
-            assert added[0]["state"] == "starting"
+            seen: list[dict[str, Any]] = []
+
+            async def passed_once() -> bool:
+                backends = (await proxy.backends()).values()
+                seen.append(next(b for b in backends if b["address"] == extra.address))
+                return bool(seen[-1]["health_checks"]["consecutive_passes"] >= 1)
+
+            await wait_until(passed_once, 10, "the added backend's first passing check")
+            # one pass of three: still starting (rise), unlike the config's backends
+            assert seen[-1]["state"] == "starting", seen[-1]
         finally:
             extra.stop()
         client.close()
@@ -212,7 +222,7 @@ async def test_backend_frozen_under_load_costs_no_request(tmp_path: Path) -> Non
         timeouts={"upstream_response": "1s"},
     ) as (proxy, backends):
         load = Load(proxy.port, clients=30).start()
-        await asyncio.sleep(1.0)
+        await wait_until(lambda: load.result.requests >= 300, 10, "the load running")
         victim = backends["blue-3"]
         frozen_at = time.monotonic()
         victim.freeze()
