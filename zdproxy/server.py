@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
+from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
@@ -54,6 +55,9 @@ class ProxyServer:
         self.runtime.subscribe(self.selector.update)
         self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
         self.runtime.subscribe(self._close_idle_to_unroutable)
+        #: rolling updates of one pool; built before the state is restored (it keeps a
+        #: section of it), ticked by a task of its own once serving
+        self.rolling = RollingUpdates(self.runtime)
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -227,12 +231,26 @@ def _install_optional_parts(server: ProxyServer) -> None:
                 server.runtime.set_backend_state(backend_id, BackendState.UP)
     else:
         install_health(server)
+        health = getattr(server, "health", None)
+        if health is not None:
+            # a rolling update waits for a re-enabled backend's ramp to end
+            server.rolling.slow_start_percent = health.slow_start.weight_percent
+    server.start_hooks.append(_start_rolling)
+    server.stop_hooks.append(_stop_rolling)
     try:
         from zdproxy.admin.app import install as install_admin
     except ImportError:
         pass
     else:
         install_admin(server)
+
+
+async def _start_rolling(server: ProxyServer) -> None:
+    server.rolling.start_task()
+
+
+async def _stop_rolling(server: ProxyServer) -> None:
+    server.rolling.stop_task()
 
 
 def _version() -> str:
