@@ -295,6 +295,53 @@ def cmd_rolling(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     return result
 
 
+def print_shadow(view: dict[str, Any], out: TextIO) -> None:
+    settings = view["settings"]
+    if view["active"]:
+        out.write(
+            f"shadow: {settings['percent']:g}% of requests copied to pool {settings['pool']} "
+            f"(bodies up to {settings['max_body_bytes']} bytes"
+            + (", body hash compared" if settings["compare_body"] else "")
+            + ")\n"
+        )
+    else:
+        out.write("shadow: off\n")
+    figures = view.get("figures") or {}
+    if figures.get("sent") or any(figures.get("results", {}).values()):
+        results = " ".join(f"{k}={v}" for k, v in figures["results"].items() if v)
+        out.write(f"  sent {figures['sent']}, in flight {figures['in_flight']}: {results}\n")
+        ratio = figures.get("latency_ratio")
+        if ratio is not None:
+            out.write(
+                f"  latency: live {figures['live_latency_avg_ms']} ms, shadow "
+                f"{figures['shadow_latency_avg_ms']} ms (ratio {ratio})\n"
+            )
+
+
+def cmd_shadow(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    action = args.shadow_action
+    if action == "set":
+        try:
+            percent = float(args.percent.rstrip("%"))
+        except ValueError:
+            raise CtlError(f"expected a percent, got {args.percent!r}") from None
+        body: dict[str, Any] = {"pool": args.pool, "percent": percent}
+        if args.max_body_bytes is not None:
+            body["max_body_bytes"] = args.max_body_bytes
+        if args.compare_body is not None:
+            body["compare_body"] = args.compare_body
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        result = client.call("PUT", "/api/v1/shadow", body)
+    elif action == "clear":
+        result = client.call("DELETE", "/api/v1/shadow")
+    else:
+        result = client.call("GET", "/api/v1/shadow")
+    if not args.json:
+        print_shadow(result, out)
+    return result
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -389,6 +436,21 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         r = rolling.add_parser(verb, help=text, parents=[common])
         r.add_argument("pool", metavar="POOL", nargs="?", help="default: the running update")
+    p = add("shadow", cmd_shadow, "copy a share of live requests to a pool (shadow traffic)")
+    shadow = p.add_subparsers(dest="shadow_action", metavar="ACTION")
+    shadow.required = True
+    r = shadow.add_parser("set", help="copy PCT %% of live requests to POOL", parents=[common])
+    r.add_argument("pool", metavar="POOL")
+    r.add_argument("percent", metavar="PCT")
+    r.add_argument("--max-body-bytes", dest="max_body_bytes", type=int)
+    compare = r.add_mutually_exclusive_group()
+    compare.add_argument("--compare-body", dest="compare_body", action="store_const", const=True)
+    compare.add_argument(
+        "--no-compare-body", dest="compare_body", action="store_const", const=False
+    )
+    r.add_argument("--timeout", help="a copy's own timeout (e.g. 5s)")
+    shadow.add_parser("clear", help="stop shadow traffic", parents=[common])
+    shadow.add_parser("status", help="settings and divergence figures", parents=[common])
     p = add("rollout", cmd_rollout, "progressive rollouts (not available yet)")
     p.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "abort"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -20,8 +20,10 @@ from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
+from zdproxy.control.shadow import ShadowControl
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
+from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 
 log = logging.getLogger("zdproxy.error")
@@ -58,6 +60,9 @@ class ProxyServer:
         #: rolling updates of one pool; built before the state is restored (it keeps a
         #: section of it), ticked by a task of its own once serving
         self.rolling = RollingUpdates(self.runtime)
+        #: shadow traffic settings (control side); the data path's sender subscribes
+        self.shadow = ShadowControl(self.runtime, config.shadow)
+        self.shadow_sender: ShadowSender | None = None
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -87,6 +92,10 @@ class ProxyServer:
             self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
         ctx.accept_control = self._accept_control
+        self.shadow_sender = sender = ShadowSender(ctx)
+        ctx.shadow = sender
+        self.shadow.figures = sender.figures
+        self.shadow.subscribe(sender.configure)
         self._sweeper = loop.create_task(self._sweep())
         # hooks first (health checks' first results, admin API, restored state):
         # connections made meanwhile wait in the listen backlog instead of
@@ -196,6 +205,8 @@ class ProxyServer:
                 log.exception("error while stopping")
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.shadow_sender is not None:
+            self.shadow_sender.stop()
         self.upstreams.close_all()
         self._stopped.set()
 

@@ -38,9 +38,16 @@ from zdproxy.balancing.model import Backend
 from zdproxy.control.events import Event, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
+from zdproxy.control.shadow import ShadowControl
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
-from zdproxy.metrics import CONTENT_TYPE_LATEST, DataPathCounts, build_registry, render
+from zdproxy.metrics import (
+    CONTENT_TYPE_LATEST,
+    DataPathCounts,
+    ShadowCollector,
+    build_registry,
+    render,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -106,14 +113,19 @@ class AdminApi:
         data_path: Callable[[], DataPathCounts],
         closing: Callable[[], bool],
         rolling: RollingUpdates | None = None,
+        shadow: ShadowControl | None = None,
     ) -> None:
         self.runtime = runtime
         self.rolling = rolling
+        self.shadow = shadow
         self.persistence = persistence
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
         self.registry = build_registry(runtime, data_path)
+        if shadow is not None:
+            # late-bound: the data path's sender is installed when the server starts
+            self.registry.register(ShadowCollector(lambda: shadow.figures()))
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
         #: the dashboard's assets, read once: name -> (body, content type)
@@ -145,6 +157,9 @@ class AdminApi:
         for verb in ("next", "abort"):
             r.add_post(f"/api/v1/pools/{{pool}}/rolling/{verb}", self._rolling_action(verb))
             r.add_post(f"/api/v1/rolling/{verb}", self._rolling_action(verb))
+        r.add_get("/api/v1/shadow", self.shadow_status)
+        r.add_put("/api/v1/shadow", self.shadow_set)
+        r.add_delete("/api/v1/shadow", self.shadow_clear)
         r.add_route("*", "/api/v1/rollouts", self.rollouts)
         r.add_route("*", "/api/v1/rollouts/{tail:.*}", self.rollouts)
         return app
@@ -231,7 +246,7 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(state_view(self.runtime, self.persistence, self.rolling))
+        return json_response(state_view(self.runtime, self.persistence, self.rolling, self.shadow))
 
     async def events(self, request: web.Request) -> web.Response:
         unknown = sorted(set(request.query) - {"since", "limit"})
@@ -288,6 +303,36 @@ class AdminApi:
             return await self._done({"rolling": update.to_json(self.runtime, self.runtime.clock())})
 
         return handle
+
+    # ---- shadow traffic -------------------------------------------------------
+
+    def _shadow(self) -> ShadowControl:
+        if self.shadow is None:
+            raise ApiError(501, "shadow traffic is not available")
+        return self.shadow
+
+    async def shadow_status(self, request: web.Request) -> web.Response:
+        return json_response(self._shadow().view())
+
+    async def shadow_set(self, request: web.Request) -> web.Response:
+        shadow = self._shadow()
+        body = await self._body(request, None)
+        event = shadow.set(body, request[_TOKEN].name)
+        return await self._done(self._shadow_result(shadow, event))
+
+    async def shadow_clear(self, request: web.Request) -> web.Response:
+        shadow = self._shadow()
+        await self._body(request, frozenset())
+        event = shadow.clear(request[_TOKEN].name)
+        return await self._done(self._shadow_result(shadow, event))
+
+    @staticmethod
+    def _shadow_result(shadow: ShadowControl, event: Event | None) -> dict[str, Any]:
+        return {
+            **shadow.view(),
+            "changed": event is not None,
+            "event": event.to_json() if event is not None else None,
+        }
 
     # ---- mutations ----------------------------------------------------------
 
@@ -424,6 +469,7 @@ def state_view(
     runtime: Runtime,
     persistence: Persistence | None = None,
     rolling: RollingUpdates | None = None,
+    shadow: ShadowControl | None = None,
 ) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
@@ -439,6 +485,7 @@ def state_view(
         "pools": pools,
         "rollout": None,
         "rolling": rolling.view()["updates"] if rolling is not None else [],
+        "shadow": shadow.view() if shadow is not None else None,
         "persistence": {
             "path": store.path if isinstance(store, FileStore) else None,
             "last_error": persistence.last_error if persistence is not None else None,
@@ -473,6 +520,7 @@ class ControlPlane:
             data_path=self._data_path_counts,
             closing=self._closing,
             rolling=server.rolling,
+            shadow=server.shadow,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
