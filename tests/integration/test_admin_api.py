@@ -38,7 +38,7 @@ MUTATIONS: list[tuple[str, str, Any]] = [
 
 READS = ["/api/v1/state", "/api/v1/events", "/api/v1/openapi.json", "/metrics"]
 
-#: endpoints of the rolling updates (tested in test_rolling.py), for the OpenAPI check
+#: endpoints of rolling updates and shadow traffic, for the OpenAPI check
 ROLLING = [
     ("POST", "/api/v1/pools/{pool}/rolling"),
     ("GET", "/api/v1/pools/{pool}/rolling"),
@@ -47,6 +47,10 @@ ROLLING = [
     ("GET", "/api/v1/rolling"),
     ("POST", "/api/v1/rolling/next"),
     ("POST", "/api/v1/rolling/abort"),
+    # shadow traffic (tested in test_shadow.py)
+    ("GET", "/api/v1/shadow"),
+    ("PUT", "/api/v1/shadow"),
+    ("DELETE", "/api/v1/shadow"),
 ]
 
 

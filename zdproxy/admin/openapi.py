@@ -311,6 +311,88 @@ def _rolling_paths() -> dict[str, Any]:
     }
 
 
+_SHADOW_PROPERTIES: dict[str, Any] = {
+    "pool": {"type": "string", "nullable": True},
+    "percent": {"type": "number", "minimum": 0, "maximum": 100},
+    "max_body_bytes": {"type": "integer", "minimum": 0},
+    "compare_body": {"type": "boolean"},
+    "header": {"type": "string"},
+    "timeout": {"type": "number", "description": "seconds"},
+    "max_concurrent": {"type": "integer", "minimum": 1},
+}
+_SHADOW_SETTINGS = {"type": "object", "properties": _SHADOW_PROPERTIES}
+_SCHEMAS["Shadow"] = {
+    "type": "object",
+    "required": ["active", "settings", "figures"],
+    "properties": {
+        "active": {"type": "boolean"},
+        "settings": _SHADOW_SETTINGS,
+        "figures": {
+            "type": "object",
+            "description": (
+                "sent, in_flight, results by kind (match, status_mismatch, body_mismatch, "
+                "error, timeout, dropped, too_large, no_backend, skipped), compared, "
+                "mismatch_rate, error_rate, live/shadow average latency and their ratio"
+            ),
+        },
+    },
+}
+_SCHEMAS["ShadowResult"] = {
+    "allOf": [_ref("Shadow")],
+    "type": "object",
+    "required": ["changed", "event"],
+    "properties": {
+        "changed": {"type": "boolean"},
+        "event": {"allOf": [_ref("Event")], "nullable": True},
+    },
+}
+_SCHEMAS["State"]["properties"]["shadow"] = {"allOf": [_ref("Shadow")], "nullable": True}
+
+
+def _shadow_paths() -> dict[str, Any]:
+    return {
+        "/api/v1/shadow": {
+            "get": {
+                "operationId": "getShadow",
+                "summary": "Shadow traffic settings and divergence figures",
+                "responses": {"200": _json(_ref("Shadow"), "Settings and figures"), **_AUTH_ERRORS},
+            },
+            "put": {
+                "operationId": "setShadow",
+                "summary": "Copy a share of live requests to a pool (fire and forget)",
+                "description": (
+                    "pool and percent are required; the other keys default to the config "
+                    "file's shadow section."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["pool", "percent"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    **_SHADOW_PROPERTIES,
+                                    "pool": {"type": "string"},
+                                    "timeout": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+                                },
+                            },
+                            "example": {"pool": "green", "percent": 20},
+                        }
+                    },
+                },
+                "responses": {"200": _json(_ref("ShadowResult"), "Applied"), **_MUTATION_ERRORS},
+            },
+            "delete": {
+                "operationId": "clearShadow",
+                "summary": "Stop shadow traffic",
+                "responses": {"200": _json(_ref("ShadowResult"), "Stopped"), **_MUTATION_ERRORS},
+            },
+        }
+    }
+
+
 def _backend_action(verb: str, summary: str) -> dict[str, Any]:
     return {
         "post": {
@@ -480,6 +562,7 @@ def build_spec(version: str) -> dict[str, Any]:
                 "enable", "Back into rotation, after health checks pass"
             ),
             **_rolling_paths(),
+            **_shadow_paths(),
             "/api/v1/events": {
                 "get": {
                     "operationId": "getEvents",
