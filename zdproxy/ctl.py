@@ -242,6 +242,106 @@ def cmd_rollout(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     raise CtlError("rollouts are not available yet")
 
 
+def _pool_path(pool: str | None, tail: str) -> str:
+    if pool is None:
+        return f"/api/v1/rolling{tail}"
+    return f"/api/v1/pools/{urllib.parse.quote(pool, safe='')}/rolling{tail}"
+
+
+def print_rolling(update: dict[str, Any], out: TextIO) -> None:
+    plan = update["plan"]
+    line = (
+        f"rolling update {update['id']} of pool {update['pool']}: {update['phase']}, "
+        f"{update['done']}/{update['total']} done (batch {plan['batch']}, at least "
+        f"{plan['min_in_rotation']} in rotation)"
+    )
+    out.write(line + "\n")
+    if update.get("reason"):
+        out.write(f"  reason: {update['reason']}\n")
+    if update.get("waiting_for"):
+        out.write(f"  waiting: {update['waiting_for']}\n")
+    for b in update["current"]:
+        hint = " (replace it, then: zdproxy ctl rolling next)" if b["step"] == "replace" else ""
+        detail = f" {b['address']} {b['state']}, {b['in_flight']} in flight" if "state" in b else ""
+        out.write(f"  {b['id']}: {b['step']}{detail}{hint}\n")
+
+
+def cmd_rolling(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    action = args.rolling_action
+    if action == "start":
+        body: dict[str, Any] = {}
+        for key in ("batch", "min_in_rotation", "healthy_timeout", "replace_timeout"):
+            value = getattr(args, key)
+            if value is not None:
+                body[key] = value
+        if args.wait_replaced is not None:
+            body["wait_replaced"] = args.wait_replaced
+        result = client.call("POST", _pool_path(args.pool, ""), body)
+        if not args.json:
+            print_rolling(result["rolling"], out)
+        return result
+    if action == "status":
+        result = client.call("GET", _pool_path(args.pool, ""))
+        if not args.json:
+            if not result["updates"]:
+                out.write("no rolling update\n")
+            for update in result["updates"]:
+                print_rolling(update, out)
+        return result
+    body_pool = None if args.pool is None else {"pool": args.pool}
+    result = client.call("POST", f"/api/v1/rolling/{action}", body_pool)
+    if not args.json:
+        print_rolling(result["rolling"], out)
+    return result
+
+
+def print_shadow(view: dict[str, Any], out: TextIO) -> None:
+    settings = view["settings"]
+    if view["active"]:
+        out.write(
+            f"shadow: {settings['percent']:g}% of requests copied to pool {settings['pool']} "
+            f"(bodies up to {settings['max_body_bytes']} bytes"
+            + (", body hash compared" if settings["compare_body"] else "")
+            + ")\n"
+        )
+    else:
+        out.write("shadow: off\n")
+    figures = view.get("figures") or {}
+    if figures.get("sent") or any(figures.get("results", {}).values()):
+        results = " ".join(f"{k}={v}" for k, v in figures["results"].items() if v)
+        out.write(f"  sent {figures['sent']}, in flight {figures['in_flight']}: {results}\n")
+        ratio = figures.get("latency_ratio")
+        if ratio is not None:
+            out.write(
+                f"  latency: live {figures['live_latency_avg_ms']} ms, shadow "
+                f"{figures['shadow_latency_avg_ms']} ms (ratio {ratio})\n"
+            )
+
+
+def cmd_shadow(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    action = args.shadow_action
+    if action == "set":
+        try:
+            percent = float(args.percent.rstrip("%"))
+        except ValueError:
+            raise CtlError(f"expected a percent, got {args.percent!r}") from None
+        body: dict[str, Any] = {"pool": args.pool, "percent": percent}
+        if args.max_body_bytes is not None:
+            body["max_body_bytes"] = args.max_body_bytes
+        if args.compare_body is not None:
+            body["compare_body"] = args.compare_body
+        if args.timeout is not None:
+            body["timeout"] = args.timeout
+        result = client.call("PUT", "/api/v1/shadow", body)
+    elif action == "clear":
+        result = client.call("DELETE", "/api/v1/shadow")
+    else:
+        result = client.call("GET", "/api/v1/shadow")
+    if not args.json:
+        print_shadow(result, out)
+    return result
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -290,6 +390,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("id", metavar="BACKEND_ID")
     p = add("events", cmd_events, "the audit log of changes")
     p.add_argument("--limit", type=int, default=50, help="the newest N (default 50)")
+    p = add("rolling", cmd_rolling, "rolling update of one pool, backend by backend")
+    rolling = p.add_subparsers(dest="rolling_action", metavar="ACTION")
+    rolling.required = True
+    r = rolling.add_parser(
+        "start", help="drain, replace, re-enable each backend of POOL in turn", parents=[common]
+    )
+    r.add_argument("pool", metavar="POOL")
+    r.add_argument("--batch", type=int, help="backends at once (default 1)")
+    r.add_argument(
+        "--min-in-rotation",
+        dest="min_in_rotation",
+        type=int,
+        help="backends of the pool that always stay in rotation (default 1)",
+    )
+    wait = r.add_mutually_exclusive_group()
+    wait.add_argument(
+        "--wait-replaced",
+        dest="wait_replaced",
+        action="store_const",
+        const=True,
+        help="wait for 'rolling next' after each drain (the default)",
+    )
+    wait.add_argument(
+        "--no-wait",
+        dest="wait_replaced",
+        action="store_const",
+        const=False,
+        help="re-enable each backend as soon as it is drained",
+    )
+    r.add_argument(
+        "--healthy-timeout",
+        dest="healthy_timeout",
+        help="time a backend has to pass its health checks again (default 60s)",
+    )
+    r.add_argument(
+        "--replace-timeout",
+        dest="replace_timeout",
+        help="time the deploy tool has to call next (default: no limit)",
+    )
+    for verb, text in (
+        ("status", "the rolling updates, their current backends and steps"),
+        ("next", "the current backend(s) were replaced: bring them back"),
+        ("abort", "stop the update; the backends stay as they are"),
+    ):
+        r = rolling.add_parser(verb, help=text, parents=[common])
+        r.add_argument("pool", metavar="POOL", nargs="?", help="default: the running update")
+    p = add("shadow", cmd_shadow, "copy a share of live requests to a pool (shadow traffic)")
+    shadow = p.add_subparsers(dest="shadow_action", metavar="ACTION")
+    shadow.required = True
+    r = shadow.add_parser("set", help="copy PCT %% of live requests to POOL", parents=[common])
+    r.add_argument("pool", metavar="POOL")
+    r.add_argument("percent", metavar="PCT")
+    r.add_argument("--max-body-bytes", dest="max_body_bytes", type=int)
+    compare = r.add_mutually_exclusive_group()
+    compare.add_argument("--compare-body", dest="compare_body", action="store_const", const=True)
+    compare.add_argument(
+        "--no-compare-body", dest="compare_body", action="store_const", const=False
+    )
+    r.add_argument("--timeout", help="a copy's own timeout (e.g. 5s)")
+    shadow.add_parser("clear", help="stop shadow traffic", parents=[common])
+    shadow.add_parser("status", help="settings and divergence figures", parents=[common])
     p = add("rollout", cmd_rollout, "progressive rollouts (not available yet)")
     p.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "abort"])
     p.add_argument("rest", nargs=argparse.REMAINDER)

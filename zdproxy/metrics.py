@@ -11,7 +11,7 @@ and nothing per label lookup or lock.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import (
@@ -160,6 +160,44 @@ class ZdproxyCollector(Collector):
         for result, count in runtime.config_reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+
+
+class ShadowCollector(Collector):
+    """Shadow traffic figures (``proxy.shadow.ShadowSender.figures``) at scrape time."""
+
+    def __init__(self, figures: Callable[[], dict[str, Any]]) -> None:
+        self.figures = figures
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self.figures()
+        if not figures:
+            return
+        requests = CounterMetricFamily(
+            "zdproxy_shadow_requests",
+            "Shadow copies of live requests, by result (match, status_mismatch, "
+            "body_mismatch, error, timeout, dropped, too_large, no_backend, skipped).",
+            labels=["result"],
+        )
+        for result, count in figures["results"].items():
+            requests.add_metric([result], count)
+        yield requests
+        yield CounterMetricFamily(
+            "zdproxy_shadow_sent", "Shadow copies sent.", value=figures["sent"]
+        )
+        yield GaugeMetricFamily(
+            "zdproxy_shadow_in_flight", "Shadow copies in flight.", value=figures["in_flight"]
+        )
+        latency = CounterMetricFamily(
+            "zdproxy_shadow_latency_seconds",
+            "Summed latency of the compared shadow copies and of their live requests.",
+            labels=["side"],
+        )
+        latency.add_metric(["live"], figures["live_latency_seconds_sum"])
+        latency.add_metric(["shadow"], figures["shadow_latency_seconds_sum"])
+        yield latency
 
 
 def build_registry(runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> CollectorRegistry:

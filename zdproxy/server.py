@@ -18,9 +18,12 @@ from collections.abc import Awaitable, Callable
 from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
+from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
+from zdproxy.control.shadow import ShadowControl
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
+from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 
 log = logging.getLogger("zdproxy.error")
@@ -54,6 +57,12 @@ class ProxyServer:
         self.runtime.subscribe(self.selector.update)
         self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
         self.runtime.subscribe(self._close_idle_to_unroutable)
+        #: rolling updates of one pool; built before the state is restored (it keeps a
+        #: section of it), ticked by a task of its own once serving
+        self.rolling = RollingUpdates(self.runtime)
+        #: shadow traffic settings (control side); the data path's sender subscribes
+        self.shadow = ShadowControl(self.runtime, config.shadow)
+        self.shadow_sender: ShadowSender | None = None
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -83,6 +92,10 @@ class ProxyServer:
             self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
         ctx.accept_control = self._accept_control
+        self.shadow_sender = sender = ShadowSender(ctx)
+        ctx.shadow = sender
+        self.shadow.figures = sender.figures
+        self.shadow.subscribe(sender.configure)
         self._sweeper = loop.create_task(self._sweep())
         # hooks first (health checks' first results, admin API, restored state):
         # connections made meanwhile wait in the listen backlog instead of
@@ -192,6 +205,8 @@ class ProxyServer:
                 log.exception("error while stopping")
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self.shadow_sender is not None:
+            self.shadow_sender.stop()
         self.upstreams.close_all()
         self._stopped.set()
 
@@ -227,12 +242,26 @@ def _install_optional_parts(server: ProxyServer) -> None:
                 server.runtime.set_backend_state(backend_id, BackendState.UP)
     else:
         install_health(server)
+        health = getattr(server, "health", None)
+        if health is not None:
+            # a rolling update waits for a re-enabled backend's ramp to end
+            server.rolling.slow_start_percent = health.slow_start.weight_percent
+    server.start_hooks.append(_start_rolling)
+    server.stop_hooks.append(_stop_rolling)
     try:
         from zdproxy.admin.app import install as install_admin
     except ImportError:
         pass
     else:
         install_admin(server)
+
+
+async def _start_rolling(server: ProxyServer) -> None:
+    server.rolling.start_task()
+
+
+async def _stop_rolling(server: ProxyServer) -> None:
+    server.rolling.stop_task()
 
 
 def _version() -> str:

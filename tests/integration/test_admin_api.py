@@ -39,6 +39,21 @@ MUTATIONS: list[tuple[str, str, Any]] = [
 
 READS = ["/api/v1/state", "/api/v1/events", "/api/v1/openapi.json", "/metrics"]
 
+#: endpoints of rolling updates and shadow traffic, for the OpenAPI check
+ROLLING = [
+    ("POST", "/api/v1/pools/{pool}/rolling"),
+    ("GET", "/api/v1/pools/{pool}/rolling"),
+    ("POST", "/api/v1/pools/{pool}/rolling/next"),
+    ("POST", "/api/v1/pools/{pool}/rolling/abort"),
+    ("GET", "/api/v1/rolling"),
+    ("POST", "/api/v1/rolling/next"),
+    ("POST", "/api/v1/rolling/abort"),
+    # shadow traffic (tested in test_shadow.py)
+    ("GET", "/api/v1/shadow"),
+    ("PUT", "/api/v1/shadow"),
+    ("DELETE", "/api/v1/shadow"),
+]
+
 
 @pytest.fixture
 def proxy(tmp_path: Path) -> Iterator[AdminProxy]:
@@ -136,6 +151,7 @@ async def test_openapi_documents_every_endpoint(admin: AdminClient) -> None:
     expected = {(m, p) for m, p, _ in MUTATIONS}
     expected = {(m, re.sub(r"blue-\d", "{id}", p)) for m, p in expected}
     expected |= {("GET", p) for p in READS} | {("GET", "/healthz"), ("GET", "/")}
+    expected |= set(ROLLING)
     assert operations == expected
 
 

@@ -36,10 +36,18 @@ from zdproxy.admin.auth import (
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
 from zdproxy.control.events import Event, events_path, iso_time
+from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
+from zdproxy.control.shadow import ShadowControl
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
-from zdproxy.metrics import CONTENT_TYPE_LATEST, DataPathCounts, build_registry, render
+from zdproxy.metrics import (
+    CONTENT_TYPE_LATEST,
+    DataPathCounts,
+    ShadowCollector,
+    build_registry,
+    render,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -104,13 +112,20 @@ class AdminApi:
         max_body: int,
         data_path: Callable[[], DataPathCounts],
         closing: Callable[[], bool],
+        rolling: RollingUpdates | None = None,
+        shadow: ShadowControl | None = None,
     ) -> None:
         self.runtime = runtime
+        self.rolling = rolling
+        self.shadow = shadow
         self.persistence = persistence
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
         self.registry = build_registry(runtime, data_path)
+        if shadow is not None:
+            # late-bound: the data path's sender is installed when the server starts
+            self.registry.register(ShadowCollector(lambda: shadow.figures()))
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
         #: the dashboard's assets, read once: name -> (body, content type)
@@ -136,6 +151,15 @@ class AdminApi:
         r.add_delete("/api/v1/backends/{id}", self.remove_backend)
         for action in ("drain", "disable", "enable"):
             r.add_post(f"/api/v1/backends/{{id}}/{action}", self._backend_action(action))
+        r.add_post("/api/v1/pools/{pool}/rolling", self.rolling_start)
+        r.add_get("/api/v1/pools/{pool}/rolling", self.rolling_status)
+        r.add_get("/api/v1/rolling", self.rolling_status)
+        for verb in ("next", "abort"):
+            r.add_post(f"/api/v1/pools/{{pool}}/rolling/{verb}", self._rolling_action(verb))
+            r.add_post(f"/api/v1/rolling/{verb}", self._rolling_action(verb))
+        r.add_get("/api/v1/shadow", self.shadow_status)
+        r.add_put("/api/v1/shadow", self.shadow_set)
+        r.add_delete("/api/v1/shadow", self.shadow_clear)
         r.add_route("*", "/api/v1/rollouts", self.rollouts)
         r.add_route("*", "/api/v1/rollouts/{tail:.*}", self.rollouts)
         return app
@@ -222,7 +246,7 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(state_view(self.runtime, self.persistence))
+        return json_response(state_view(self.runtime, self.persistence, self.rolling, self.shadow))
 
     async def events(self, request: web.Request) -> web.Response:
         unknown = sorted(set(request.query) - {"since", "limit"})
@@ -234,6 +258,81 @@ class AdminApi:
 
     async def rollouts(self, request: web.Request) -> web.Response:
         return error_response(501, "rollouts are not available yet")
+
+    # ---- rolling updates ------------------------------------------------------
+
+    def _rolling(self) -> RollingUpdates:
+        if self.rolling is None:
+            raise ApiError(501, "rolling updates are not available")
+        return self.rolling
+
+    async def _optional_body(self, request: web.Request) -> dict[str, Any]:
+        """A JSON object body, or {} when there is none."""
+        if not (await request.read()).strip():
+            return {}
+        return await self._body(request, None)
+
+    async def rolling_start(self, request: web.Request) -> web.Response:
+        rolling = self._rolling()
+        body = await self._optional_body(request)
+        update = rolling.start(request.match_info["pool"], body, request[_TOKEN].name)
+        result = {"rolling": update.to_json(self.runtime, self.runtime.clock())}
+        return await self._done(result, 201)
+
+    async def rolling_status(self, request: web.Request) -> web.Response:
+        rolling = self._rolling()
+        pool = request.match_info.get("pool")
+        if pool is not None:
+            rolling.find(pool)  # 404 for an unknown pool or one never updated
+        return json_response(rolling.view(pool))
+
+    def _rolling_action(self, verb: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            rolling = self._rolling()
+            pool = request.match_info.get("pool")
+            if pool is None:
+                body = await self._optional_body(request)
+                unknown = sorted(set(body) - {"pool"})
+                if unknown:
+                    raise ApiError(400, f"unknown key {unknown[0]!r} (expected: pool)")
+                pool = body.get("pool")
+            else:
+                await self._body(request, frozenset())
+            actor = request[_TOKEN].name
+            update = rolling.next(pool, actor) if verb == "next" else rolling.abort(pool, actor)
+            return await self._done({"rolling": update.to_json(self.runtime, self.runtime.clock())})
+
+        return handle
+
+    # ---- shadow traffic -------------------------------------------------------
+
+    def _shadow(self) -> ShadowControl:
+        if self.shadow is None:
+            raise ApiError(501, "shadow traffic is not available")
+        return self.shadow
+
+    async def shadow_status(self, request: web.Request) -> web.Response:
+        return json_response(self._shadow().view())
+
+    async def shadow_set(self, request: web.Request) -> web.Response:
+        shadow = self._shadow()
+        body = await self._body(request, None)
+        event = shadow.set(body, request[_TOKEN].name)
+        return await self._done(self._shadow_result(shadow, event))
+
+    async def shadow_clear(self, request: web.Request) -> web.Response:
+        shadow = self._shadow()
+        await self._body(request, frozenset())
+        event = shadow.clear(request[_TOKEN].name)
+        return await self._done(self._shadow_result(shadow, event))
+
+    @staticmethod
+    def _shadow_result(shadow: ShadowControl, event: Event | None) -> dict[str, Any]:
+        return {
+            **shadow.view(),
+            "changed": event is not None,
+            "event": event.to_json() if event is not None else None,
+        }
 
     # ---- mutations ----------------------------------------------------------
 
@@ -366,7 +465,12 @@ def backend_view(runtime: Runtime, backend: Backend) -> dict[str, Any]:
     }
 
 
-def state_view(runtime: Runtime, persistence: Persistence | None = None) -> dict[str, Any]:
+def state_view(
+    runtime: Runtime,
+    persistence: Persistence | None = None,
+    rolling: RollingUpdates | None = None,
+    shadow: ShadowControl | None = None,
+) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
         for name, weight in runtime.pool_weights.items()
@@ -380,6 +484,8 @@ def state_view(runtime: Runtime, persistence: Persistence | None = None) -> dict
         "generation": runtime.version,
         "pools": pools,
         "rollout": None,
+        "rolling": rolling.view()["updates"] if rolling is not None else [],
+        "shadow": shadow.view() if shadow is not None else None,
         "persistence": {
             "path": store.path if isinstance(store, FileStore) else None,
             "last_error": persistence.last_error if persistence is not None else None,
@@ -413,6 +519,8 @@ class ControlPlane:
             max_body=config.admin.max_body_bytes,
             data_path=self._data_path_counts,
             closing=self._closing,
+            rolling=server.rolling,
+            shadow=server.shadow,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None

@@ -160,6 +160,239 @@ _SCHEMAS: dict[str, Any] = {
 }
 
 
+_SCHEMAS["RollingUpdate"] = {
+    "type": "object",
+    "required": ["id", "pool", "phase", "reason", "plan", "current", "backends", "done", "total"],
+    "properties": {
+        "id": {"type": "integer"},
+        "pool": {"type": "string"},
+        "phase": {"type": "string", "enum": ["running", "succeeded", "failed", "aborted"]},
+        "reason": {"type": "string", "nullable": True, "description": "why it failed or stopped"},
+        "actor": {"type": "string"},
+        "plan": {"type": "object"},
+        "started_at": {"type": "string"},
+        "finished_at": {"type": "string", "nullable": True},
+        "current": {
+            "type": "array",
+            "description": "the backends of the current batch, their step and figures",
+            "items": {"type": "object"},
+        },
+        "waiting_for": {"type": "string", "nullable": True},
+        "seconds_in_step": {"type": "number", "nullable": True},
+        "batches": {"type": "integer"},
+        "backends": {"type": "array", "items": {"type": "object"}},
+        "done": {"type": "integer"},
+        "total": {"type": "integer"},
+        "counts": {"type": "object"},
+    },
+}
+_SCHEMAS["RollingList"] = {
+    "type": "object",
+    "required": ["updates", "running"],
+    "properties": {
+        "updates": {"type": "array", "items": _ref("RollingUpdate")},
+        "running": {"type": "integer"},
+    },
+}
+_SCHEMAS["RollingResult"] = {
+    "type": "object",
+    "required": ["rolling"],
+    "properties": {"rolling": _ref("RollingUpdate")},
+}
+_SCHEMAS["State"]["properties"]["rolling"] = {
+    "type": "array",
+    "items": _ref("RollingUpdate"),
+    "description": "the latest rolling update of each pool",
+}
+
+_POOL_PARAM = {
+    "name": "pool",
+    "in": "path",
+    "required": True,
+    "description": "Pool name",
+    "schema": {"type": "string"},
+}
+
+_ROLLING_PLAN = {
+    "required": False,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "batch": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "min_in_rotation": {"type": "integer", "minimum": 0, "maximum": 1000},
+                    "wait_replaced": {"type": "boolean"},
+                    "healthy_timeout": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+                    "replace_timeout": {
+                        "oneOf": [{"type": "string"}, {"type": "number"}],
+                        "nullable": True,
+                    },
+                },
+            },
+            "example": {"batch": 1, "min_in_rotation": 1, "healthy_timeout": "60s"},
+        }
+    },
+}
+
+
+def _rolling_action(verb: str, summary: str, pool: bool) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": f"{verb}Rolling" + ("OfPool" if pool else ""),
+        "summary": summary,
+        "responses": {
+            "200": _json(_ref("RollingResult"), "The update now"),
+            **_MUTATION_ERRORS,
+        },
+    }
+    if pool:
+        operation["parameters"] = [_POOL_PARAM]
+        operation["requestBody"] = _EMPTY_BODY
+    else:
+        operation["requestBody"] = {
+            "required": False,
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {"pool": {"type": "string"}},
+                    }
+                }
+            },
+        }
+    return {"post": operation}
+
+
+def _rolling_paths() -> dict[str, Any]:
+    next_text = "The current backend(s) were replaced (deploy tool): re-enable, wait healthy"
+    abort_text = "Stop the update; backends stay as they are"
+    return {
+        "/api/v1/pools/{pool}/rolling": {
+            "post": {
+                "operationId": "startRolling",
+                "summary": "Rolling update of one pool, backend by backend (or in batches)",
+                "description": (
+                    "Each backend in turn: drain, wait drained, wait for next (the deploy "
+                    "tool replaced it), enable, wait for rise passing health checks and the "
+                    "slow start. Never more than batch at once, never fewer than "
+                    "min_in_rotation in rotation. One update per pool at a time (409)."
+                ),
+                "parameters": [_POOL_PARAM],
+                "requestBody": _ROLLING_PLAN,
+                "responses": {
+                    "201": _json(_ref("RollingResult"), "Started"),
+                    **_MUTATION_ERRORS,
+                },
+            },
+            "get": {
+                "operationId": "getRollingOfPool",
+                "summary": "The pool's latest rolling update",
+                "parameters": [_POOL_PARAM],
+                "responses": {
+                    "200": _json(_ref("RollingList"), "Its status"),
+                    "404": _error("No such pool, or no update of it yet"),
+                    **_AUTH_ERRORS,
+                },
+            },
+        },
+        "/api/v1/pools/{pool}/rolling/next": _rolling_action("next", next_text, True),
+        "/api/v1/pools/{pool}/rolling/abort": _rolling_action("abort", abort_text, True),
+        "/api/v1/rolling": {
+            "get": {
+                "operationId": "getRolling",
+                "summary": "The latest rolling update of each pool",
+                "responses": {"200": _json(_ref("RollingList"), "Their status"), **_AUTH_ERRORS},
+            }
+        },
+        "/api/v1/rolling/next": _rolling_action("next", next_text, False),
+        "/api/v1/rolling/abort": _rolling_action("abort", abort_text, False),
+    }
+
+
+_SHADOW_PROPERTIES: dict[str, Any] = {
+    "pool": {"type": "string", "nullable": True},
+    "percent": {"type": "number", "minimum": 0, "maximum": 100},
+    "max_body_bytes": {"type": "integer", "minimum": 0},
+    "compare_body": {"type": "boolean"},
+    "header": {"type": "string"},
+    "timeout": {"type": "number", "description": "seconds"},
+    "max_concurrent": {"type": "integer", "minimum": 1},
+}
+_SHADOW_SETTINGS = {"type": "object", "properties": _SHADOW_PROPERTIES}
+_SCHEMAS["Shadow"] = {
+    "type": "object",
+    "required": ["active", "settings", "figures"],
+    "properties": {
+        "active": {"type": "boolean"},
+        "settings": _SHADOW_SETTINGS,
+        "figures": {
+            "type": "object",
+            "description": (
+                "sent, in_flight, results by kind (match, status_mismatch, body_mismatch, "
+                "error, timeout, dropped, too_large, no_backend, skipped), compared, "
+                "mismatch_rate, error_rate, live/shadow average latency and their ratio"
+            ),
+        },
+    },
+}
+_SCHEMAS["ShadowResult"] = {
+    "allOf": [_ref("Shadow")],
+    "type": "object",
+    "required": ["changed", "event"],
+    "properties": {
+        "changed": {"type": "boolean"},
+        "event": {"allOf": [_ref("Event")], "nullable": True},
+    },
+}
+_SCHEMAS["State"]["properties"]["shadow"] = {"allOf": [_ref("Shadow")], "nullable": True}
+
+
+def _shadow_paths() -> dict[str, Any]:
+    return {
+        "/api/v1/shadow": {
+            "get": {
+                "operationId": "getShadow",
+                "summary": "Shadow traffic settings and divergence figures",
+                "responses": {"200": _json(_ref("Shadow"), "Settings and figures"), **_AUTH_ERRORS},
+            },
+            "put": {
+                "operationId": "setShadow",
+                "summary": "Copy a share of live requests to a pool (fire and forget)",
+                "description": (
+                    "pool and percent are required; the other keys default to the config "
+                    "file's shadow section."
+                ),
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "required": ["pool", "percent"],
+                                "additionalProperties": False,
+                                "properties": {
+                                    **_SHADOW_PROPERTIES,
+                                    "pool": {"type": "string"},
+                                    "timeout": {"oneOf": [{"type": "string"}, {"type": "number"}]},
+                                },
+                            },
+                            "example": {"pool": "green", "percent": 20},
+                        }
+                    },
+                },
+                "responses": {"200": _json(_ref("ShadowResult"), "Applied"), **_MUTATION_ERRORS},
+            },
+            "delete": {
+                "operationId": "clearShadow",
+                "summary": "Stop shadow traffic",
+                "responses": {"200": _json(_ref("ShadowResult"), "Stopped"), **_MUTATION_ERRORS},
+            },
+        }
+    }
+
+
 def _backend_action(verb: str, summary: str) -> dict[str, Any]:
     return {
         "post": {
@@ -328,6 +561,8 @@ def build_spec(version: str) -> dict[str, Any]:
             "/api/v1/backends/{id}/enable": _backend_action(
                 "enable", "Back into rotation, after health checks pass"
             ),
+            **_rolling_paths(),
+            **_shadow_paths(),
             "/api/v1/events": {
                 "get": {
                     "operationId": "getEvents",

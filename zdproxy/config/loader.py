@@ -40,6 +40,7 @@ from zdproxy.config.schema import (
     check_listeners,
     check_pool_backends,
     check_pool_weights,
+    check_shadow,
 )
 from zdproxy.errors import ZdproxyError
 
@@ -338,6 +339,9 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     raw_pools = data.get("pools")
     if not isinstance(raw_pools, dict) or not raw_pools:
         return problems
+    shadow = data.get("shadow")
+    if isinstance(shadow, dict):
+        problems += check_shadow(shadow.get("pool"), raw_pools)
     weights: dict[str, int] = {}
     pools: dict[str, PoolConfig] = {}
     for name, raw in raw_pools.items():

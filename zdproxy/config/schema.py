@@ -298,6 +298,24 @@ class HttpConfig(_Model):
         return value
 
 
+class ShadowConfig(_Model):
+    """Copies of a share of live requests to a pool that takes no live traffic."""
+
+    #: the pool that gets the copies; None: no shadow traffic
+    pool: str | None = None
+    #: share of live requests copied, in percent (two decimals count)
+    percent: float = Field(default=0.0, ge=0, le=100)
+    #: requests with a larger body are not copied
+    max_body_bytes: int = Field(default=65536, ge=0, le=16 * 1024 * 1024)
+    #: compare a hash of the shadow's response body with the live one's
+    compare_body: bool = False
+    #: the header that marks a copy (value ``1``)
+    header: str = Field(default="X-Zdproxy-Shadow", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    timeout: PositiveDuration = 5.0
+    #: copies in flight at most; more are dropped, never queued
+    max_concurrent: int = Field(default=64, ge=1, le=10000)
+
+
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -357,6 +375,13 @@ def check_pools(pools: Mapping[str, PoolConfig]) -> list[tuple[Loc, str]]:
     """Cross-field problems of the pools: (location, message) pairs, in file order."""
     weights = {name: pool.weight for name, pool in pools.items()}
     return check_pool_weights(weights) + check_pool_backends(pools)
+
+
+def check_shadow(shadow_pool: Any, pools: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    if shadow_pool is None or not isinstance(shadow_pool, str) or shadow_pool in pools:
+        return []
+    known = ", ".join(pools)
+    return [(("shadow", "pool"), f"no pool named {shadow_pool!r} (pools: {known})")]
 
 
 def check_pool_weights(weights: Mapping[str, int]) -> list[tuple[Loc, str]]:
@@ -421,6 +446,7 @@ class Config(_Model):
     limits: LimitsConfig = LimitsConfig()
     http: HttpConfig = HttpConfig()
     log: LogConfig = LogConfig()
+    shadow: ShadowConfig = ShadowConfig()
     shutdown_timeout: Duration = 30.0
 
     def backend_ids(self) -> list[tuple[str, str, BackendConfig]]:
@@ -436,6 +462,7 @@ class Config(_Model):
         # One error for all of them, at the root: the loader runs the same checks on
         # the sections and reports each problem at its own key and line instead.
         problems = check_listeners(self.listen, self.admin) + check_pools(self.pools)
+        problems += check_shadow(self.shadow.pool, self.pools)
         if problems:
             text = "; ".join(f"{_dotted(loc)}: {message}" for loc, message in problems)
             raise PydanticCustomError(CROSS_FIELD_ERROR, "{problems}", {"problems": text})

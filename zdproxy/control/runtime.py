@@ -99,6 +99,8 @@ class Runtime:
         self._listeners: list[SnapshotListener] = []
         self._state_listeners: list[StateListener] = []
         self._snapshot: Snapshot | None = None
+        #: more persisted sections (rolling updates, ...): key -> (export, restore)
+        self._sections: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.load_config(config)
 
     # ---- building ----------------------------------------------------------
@@ -144,6 +146,14 @@ class Runtime:
 
     def subscribe(self, listener: SnapshotListener) -> None:
         self._listeners.append(listener)
+
+    def add_state_section(
+        self, key: str, export: Callable[[], Any], restore: Callable[[Any], None]
+    ) -> None:
+        """A part of the control plane with state of its own to persist: ``export()``
+        goes into the saved state under ``key``; ``restore(saved or None)`` gets it
+        back at start."""
+        self._sections[key] = (export, restore)
 
     def subscribe_state(self, listener: StateListener) -> None:
         """Called with ``export_state()`` after every change of persisted state."""
@@ -499,6 +509,7 @@ class Runtime:
             },
             "added": [dict(spec) for spec in self.added.values()],
             "removed": {k: dict(v) for k, v in self.removed.items()},
+            **{key: export() for key, (export, _) in self._sections.items()},
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -563,6 +574,8 @@ class Runtime:
             len(self.removed),
             sum(1 for b in self.backends.values() if b.admin is not Admin.ENABLED),
         )
+        for key, (_, restore_section) in self._sections.items():
+            restore_section(state.get(key))
         self.publish()
 
     def _restore_added(self, spec: Mapping[str, Any]) -> None:
@@ -631,6 +644,10 @@ class Runtime:
         event = self.events.record(actor, action, target, before, after, note)
         self._state_changed()
         return event
+
+    def state_changed(self) -> None:
+        """Persist now (a state section changed)."""
+        self._state_changed()
 
     def _state_changed(self) -> None:
         if self._state_listeners:

@@ -10,7 +10,7 @@ import asyncio
 import ipaddress
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from zdproxy.balancing.passive import (
     NullObserver,
@@ -23,6 +23,7 @@ from zdproxy.config.schema import Config
 
 if TYPE_CHECKING:
     from zdproxy.proxy.downstream import ClientConnection
+    from zdproxy.proxy.exchange import Exchange
     from zdproxy.proxy.tunnel import Tunnel
     from zdproxy.proxy.upstream import UpstreamPools
 
@@ -33,6 +34,16 @@ _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 def _ignore(accepting: bool) -> None:
     pass
+
+
+class ShadowHook(Protocol):
+    def sample(self, exchange: Exchange) -> None:
+        """The shadow accumulator picked ``exchange``: copy it (``proxy.shadow``)."""
+
+
+class _NoShadow:
+    def sample(self, exchange: Exchange) -> None:
+        pass  # never called: the step is 0 until a real sender is installed
 
 
 class Counters:
@@ -74,6 +85,9 @@ class ProxyContext:
         "retry_policy",
         "selector",
         "selector_wants_affinity",
+        "shadow",
+        "shadow_acc",
+        "shadow_step",
         "strict",
         "t_body",
         "t_connect",
@@ -109,6 +123,11 @@ class ProxyContext:
         self.retry_policy: RetryPolicy = UnboundedRetries()
         #: requests started, in total; the sweeper reports the growth to the retry budget
         self.requests = 0
+        #: shadow traffic: ``shadow_acc`` loses ``shadow_step`` per request and the
+        #: request is copied when it drops below 0 (see ``proxy.shadow``)
+        self.shadow: ShadowHook = _NoShadow()
+        self.shadow_acc = 0
+        self.shadow_step = 0
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
         self.now = loop.time()
         self.apply(config)

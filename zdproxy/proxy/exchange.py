@@ -77,6 +77,9 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"expect": _EXPECT,
     b"idempotency-key": _IDEM_KEY,
     b"sec-websocket-key": _WS_KEY,
+    # the default shadow marker reaches backends only on the proxy's own copies: a
+    # client cannot pass a live request off as a shadow one (see proxy.shadow)
+    b"x-zdproxy-shadow": _DROP,
 }
 
 #: request body chunks held before the upstream is connected, before reading pauses
@@ -121,6 +124,7 @@ class Exchange:
         "response_has_no_body",
         "response_started",
         "set_cookie",
+        "shadow",
         "started_at",
         "status",
         "te_codings",
@@ -134,6 +138,10 @@ class Exchange:
         "xff",
         "xfwd",
     )
+
+    #: a ``proxy.shadow.ShadowCopy``, set only on the requests copied to the shadow
+    #: pool (never initialised on the others: they pay nothing for it)
+    shadow: Any
 
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
@@ -286,6 +294,10 @@ class Exchange:
             # would be taken for tunnel data and the request never complete
             raise _reject(400, "bad-request", "upgrade request with a body")
         self.request_head = self._build_request_head()
+        # shadow traffic: one subtraction and one comparison for a request not copied
+        ctx.shadow_acc -= ctx.shadow_step
+        if ctx.shadow_acc < 0:
+            ctx.shadow.sample(self)
 
     def _build_request_head(self) -> bytes:
         conn = self.conn
