@@ -57,6 +57,7 @@ class ProxyContext:
         "connections",
         "counters",
         "hash_on",
+        "idle",
         "limits",
         "loop",
         "max_body",
@@ -68,6 +69,7 @@ class ProxyContext:
         "override_cookie",
         "override_header",
         "pool_header",
+        "reclaiming",
         "requests",
         "retry_attempts",
         "retry_buffer",
@@ -104,6 +106,11 @@ class ProxyContext:
         #: accepting (new connections wait in the listen backlog) and ``(True)`` to resume
         self.accept_control: Callable[[bool], None] = _ignore
         self.accept_paused = False
+        #: keep-alive connections between requests, oldest first: at the limit,
+        #: the oldest is closed to make room for a new client (as nginx does)
+        self.idle: dict[ClientConnection, None] = {}
+        #: idle connections closed for room whose close has not completed yet
+        self.reclaiming = 0
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()
@@ -154,6 +161,27 @@ class ProxyContext:
         )
         self.retry_attempts = config.retries.attempts
         self.retry_buffer = config.retries.buffer_body_bytes
+
+    def at_connection_limit(self) -> None:
+        """A connection was accepted at limits.max_connections: close the oldest
+        idle keep-alive connections to stay at the limit; with none left to
+        close, stop accepting (new clients wait in the listen backlog)."""
+        idle = self.idle
+        while idle and len(self.connections) - self.reclaiming > self.max_connections:
+            next(iter(idle)).reclaim()
+        if (
+            not idle
+            and not self.accept_paused
+            and len(self.connections) - self.reclaiming >= self.max_connections
+        ):
+            self.accept_paused = True
+            self.accept_control(False)
+
+    def resume_accepting(self) -> None:
+        """At the limit, a connection became idle: it can make room for the next
+        client, so accept again."""
+        self.accept_paused = False
+        self.accept_control(True)
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:

@@ -36,6 +36,7 @@ from zdproxy.http.head import (
     rewrite_response_head,
 )
 from zdproxy.http.rules import HeadChecker, Tier
+from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -78,6 +79,9 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"idempotency-key": _IDEM_KEY,
     b"sec-websocket-key": _WS_KEY,
 }
+
+#: request headers a client's Connection header may not make hop-by-hop
+_NEVER_HOP_BY_HOP = frozenset({b"host"})
 
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
@@ -271,8 +275,14 @@ class Exchange:
         max_body = ctx.max_body
         if max_body and self.content_length is not None and self.content_length > max_body:
             raise _reject(413, "body-too-large", "request body too large")
-        if self.host is None and version == "1.1":
-            raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
+        host = self.host
+        if host is None:
+            if version == "1.1":
+                raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
+        elif not valid_host(host.rstrip(b" \t")):
+            # "a b", empty, control bytes, userinfo: a backend or a log would read
+            # another host than the one the proxy routed and checked
+            raise _reject(400, "bad-host", "invalid Host header")
         self.client_keep_alive = parser.should_keep_alive()
         if method in IDEMPOTENT:
             self.idempotent = True
@@ -285,14 +295,40 @@ class Exchange:
             # llhttp switches the stream right after the head: the body's bytes
             # would be taken for tunnel data and the request never complete
             raise _reject(400, "bad-request", "upgrade request with a body")
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            self._to_origin_form()
         self.request_head = self._build_request_head()
+
+    def _to_origin_form(self) -> None:
+        """An absolute-form target (``GET http://host/p``) goes on as ``/p`` with
+        ``Host: host``: the target's authority replaces the Host header (RFC 9112
+        3.2.2), so the backend never sees a host other than the one checked here."""
+        try:
+            target = split_absolute(self.url)
+        except TargetError as exc:
+            raise _reject(400, "bad-target", str(exc)) from None
+        self.url = target.origin_form
+        authority = target.authority
+        self.host = authority
+        forwarded = self.forwarded
+        replaced = False
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() == b"host":
+                forwarded[i + 2] = authority
+                replaced = True
+        if not replaced:
+            forwarded += (b"Host", b": ", authority, b"\r\n")
 
     def _build_request_head(self) -> bytes:
         conn = self.conn
         tokens = self.connection_tokens
         forwarded = self.forwarded
         if tokens is not None:
-            forwarded = self._drop_connection_named(forwarded, connection_tokens(tokens))
+            # Host is never hop-by-hop, whatever Connection names (the
+            # X-Forwarded-* the proxy writes are added below, after this)
+            names = connection_tokens(tokens) - _NEVER_HOP_BY_HOP
+            forwarded = self._drop_connection_named(forwarded, names)
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", *forwarded]
         xff = self.xff if conn.trusted else None
         parts += (
