@@ -56,6 +56,8 @@ class ProxyContext:
         "closing",
         "connections",
         "counters",
+        "fd_cap",
+        "fd_logged_at",
         "hash_on",
         "idle",
         "limits",
@@ -118,6 +120,9 @@ class ProxyContext:
         self.requests = 0
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
         self.now = loop.time()
+        #: client connections the open-file limit allows (set by the server at start)
+        self.fd_cap: int | None = None
+        self.fd_logged_at = -1.0
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -135,6 +140,8 @@ class ProxyContext:
         self.max_headers = limits.max_headers
         self.max_body = limits.max_body_bytes
         self.max_connections = limits.max_connections
+        if self.fd_cap is not None:
+            self.max_connections = min(self.max_connections, self.fd_cap)
         routing = config.routing
         self.override_header = (
             routing.header.name.lower().encode("ascii") if routing.header.enabled else None
@@ -182,6 +189,19 @@ class ProxyContext:
         client, so accept again."""
         self.accept_paused = False
         self.accept_control(True)
+
+    def out_of_fds(self, where: str, exc: OSError) -> None:
+        """This process ran out of file descriptors: say so, at most once a second
+        (an exhausted process meets it on every attempt)."""
+        now = self.loop.time()
+        if now - self.fd_logged_at >= 1.0:
+            self.fd_logged_at = now
+            log.error(
+                "out of file descriptors while %s (%s): raise the open-file limit or "
+                "lower limits.max_connections",
+                where,
+                exc.strerror or exc,
+            )
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:

@@ -369,6 +369,9 @@ class ClientConnection(asyncio.Protocol):
         transport.pause_reading()
         self.reading_paused = True
         self.input_done = True
+        # nothing more is parsed: let go of what the parser holds (up to a
+        # head's worth of an unfinished line) now, not when the close completes
+        self.parser = httptools.HttpRequestParser(self)
         if broken is not None and self.queue and self.queue[-1] is broken:
             # its head was accepted but its body is malformed: it never completes
             if len(self.queue) == 1:

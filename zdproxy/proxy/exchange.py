@@ -37,6 +37,7 @@ from zdproxy.http.head import (
 )
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
+from zdproxy.proxy.fdlimit import OUT_OF_FDS
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -421,6 +422,9 @@ class Exchange:
         self._attach(upstream)
 
     def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_FDS:
+            self._out_of_fds(exc)
+            return
         kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
         _count(backend.upstream_errors, kind)
         ctx = self.conn.ctx
@@ -433,6 +437,17 @@ class Exchange:
             self._dispatch(backend)
             return
         self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        """No descriptor for an upstream connection: this process's limit, not the
+        backend's fault (no ejection, no retry elsewhere: it would fail the same)."""
+        ctx = self.conn.ctx
+        ctx.out_of_fds("connecting to a backend", exc)
+        ctx.upstreams.close_all()  # idle ones only: descriptors back for the next requests
+        self._release_backend()
+        self.fail(
+            ProxyError("proxy out of file descriptors", status=503, cause="local-resource-limit")
+        )
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self.upstream = upstream
