@@ -123,8 +123,6 @@ class ClientConnection(asyncio.Protocol):
         if self.idle:
             self.idle = False
             del ctx.idle[self]
-            if len(ctx.connections) - ctx.reclaiming >= ctx.max_connections:
-                ctx.at_connection_limit()  # the last idle one to make room for is gone
         elif self.reclaimed:
             ctx.reclaiming -= 1
         if ctx.accept_paused and len(ctx.connections) - ctx.reclaiming < ctx.max_connections:
