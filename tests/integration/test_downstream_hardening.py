@@ -90,6 +90,49 @@ def _answered(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
+def test_one_endless_trailer_line_gets_431_and_close(
+    proxy: ProxyProcess, backend: RecordingBackend
+) -> None:
+    """Trailer lines after the last chunk are held by the parser like header
+    lines: one that never ends is refused too, not kept until the body timeout."""
+    with connect(proxy.port) as sock:
+        sock.sendall(
+            b"POST /trailer HTTP/1.1\r\nHost: h.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\nX-Trailer: "
+        )
+        sent = 0
+        try:
+            while sent < 4 * 1024 * 1024:
+                sock.sendall(b"t" * 1024)
+                sent += 1024
+                if _answered(sock):
+                    break
+        except (BrokenPipeError, ConnectionResetError):
+            pytest.fail("the proxy reset the connection instead of answering 431")
+        sock.settimeout(30)
+        _refused_431(sock)
+
+
+def test_large_chunks_without_line_ends_are_not_trailers(
+    proxy: ProxyProcess, backend: RecordingBackend
+) -> None:
+    """Chunk data is not a head line: 300 KB chunks of bytes without LF, in
+    separate writes after their chunk headers, stream through."""
+    chunk = b"\x00" * 300_000
+    with RawClient(proxy.port, timeout=20) as client:
+        client.send(
+            b"POST /big-chunks HTTP/1.1\r\nHost: h.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        for _ in range(3):
+            client.send(b"%x\r\n" % len(chunk))
+            time.sleep(0.02)  # not synchronisation: makes a read end after the size line
+            client.send(chunk + b"\r\n")
+        client.send(b"0\r\n\r\n")
+        response = client.read_response()
+        assert response.status == 200
+        assert response.body == b"ok %d" % (3 * len(chunk))
+
+
 @pytest.mark.parametrize(
     "start",
     [

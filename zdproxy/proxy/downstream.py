@@ -62,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "reading_paused",
         "reclaimed",
+        "trailer",
         "transport",
         "trusted",
         "tunnel",
@@ -90,6 +91,9 @@ class ClientConnection(asyncio.Protocol):
         #: a request was refused: nothing more is parsed, queued ones are answered
         self.input_done = False
         self.lingering = False
+        #: a chunk header was parsed and no chunk data followed yet: maybe the last
+        #: chunk, whose trailer lines the parser holds like header lines
+        self.trailer = False
         #: closed to make room at limits.max_connections (counted in ctx.reclaiming)
         self.reclaimed = False
         self.client_ip = ""
@@ -143,8 +147,10 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.ctx.now + self.ctx.t_tunnel
             tunnel.write(data)
             return
-        if self.lingering:
-            return  # closing: input is read only so that the close sends no reset
+        if self.input_done:
+            # a request was refused (reading is paused), or closing: input is read
+            # only so that the close sends no reset, and never parsed again
+            return
         parsing = self.parsing
         if (
             (parsing is None or parsing.in_head)
@@ -167,7 +173,7 @@ class ClientConnection(asyncio.Protocol):
             self._parse_error(exc)
             return
         parsing = self.parsing
-        if parsing is not None and parsing.in_head:
+        if parsing is not None and (parsing.in_head or self.trailer):
             self._hold_partial_line(data)
         elif self.line_bytes:
             self.line_bytes = 0
@@ -276,7 +282,15 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
+        self.trailer = False
         exchange.on_request_body(body)
+
+    def on_chunk_header(self) -> None:
+        # httptools calls the chunk callbacks only for chunked bodies
+        self.trailer = True
+
+    def on_chunk_complete(self) -> None:
+        self.trailer = False
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
@@ -404,6 +418,7 @@ class ClientConnection(asyncio.Protocol):
             return
         if linger and not self.client_eof and transport.can_write_eof():
             self.lingering = True
+            self.input_done = True
             transport.write_eof()
             self.set_deadline(LINGER, LINGER_SECONDS)
             self.reading_paused = False
