@@ -23,6 +23,7 @@ from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
+from zdproxy.proxy.fdlimit import fd_budget
 from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 
@@ -88,6 +89,7 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
+        self._apply_fd_budget(ctx)
         for address in self.config.listen:
             self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
@@ -103,6 +105,17 @@ class ProxyServer:
         for hook in self.start_hooks:
             await hook(self)
         await self._serve_sockets()
+
+    def _apply_fd_budget(self, ctx: ProxyContext) -> None:
+        """Keep client connections within the open-file limit, with descriptors
+        left for upstream connections and the admin API."""
+        configured = self.config.limits.max_connections
+        budget = fd_budget(configured)
+        warning = budget.warning(configured)
+        if warning is not None:
+            log.warning("%s", warning)
+            ctx.fd_cap = budget.max_connections
+            ctx.apply(self.config)
 
     async def _serve_sockets(self) -> None:
         """Accept on every listening socket. The server gets a duplicate of the
@@ -126,9 +139,10 @@ class ProxyServer:
             now = time.monotonic()
             if self._limit_logged_at is None or now - self._limit_logged_at >= 60:
                 self._limit_logged_at = now
+                assert self.ctx is not None
                 log.warning(
                     "limits.max_connections (%d) reached: new connections wait in the backlog",
-                    self.config.limits.max_connections,
+                    self.ctx.max_connections,
                 )
             self._stop_accepting()
         elif not self.servers:

@@ -175,11 +175,14 @@ def test_max_connections_extra_ones_wait_in_the_backlog(
     held: list[RawClient] = []
     waiting: list[RawClient] = []
     try:
-        # five kept-alive connections fill the limit (the readiness probe's one is gone)
+        # five connections busy with a request fill the limit (the readiness probe's
+        # one is gone); idle keep-alive ones would be closed to make room instead
+        # (test_downstream_hardening.py)
         for i in range(5):
             client = RawClient(limited.port)
             client.send(get(f"/held-{i}"))
             assert client.read_response().status == 200
+            client.send(b"GET /held-again-%d HTTP/1.1\r\nHost: slow.test\r\n" % i)
             held.append(client)
         # more connect (the kernel completes the handshake into the backlog) ...
         for i in range(10):

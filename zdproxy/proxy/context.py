@@ -67,7 +67,10 @@ class ProxyContext:
         "closing",
         "connections",
         "counters",
+        "fd_cap",
+        "fd_logged_at",
         "hash_on",
+        "idle",
         "limits",
         "loop",
         "max_body",
@@ -79,6 +82,7 @@ class ProxyContext:
         "override_cookie",
         "override_header",
         "pool_header",
+        "reclaiming",
         "requests",
         "retry_attempts",
         "retry_buffer",
@@ -118,6 +122,11 @@ class ProxyContext:
         #: accepting (new connections wait in the listen backlog) and ``(True)`` to resume
         self.accept_control: Callable[[bool], None] = _ignore
         self.accept_paused = False
+        #: keep-alive connections between requests, oldest first: at the limit,
+        #: the oldest is closed to make room for a new client (as nginx does)
+        self.idle: dict[ClientConnection, None] = {}
+        #: idle connections closed for room whose close has not completed yet
+        self.reclaiming = 0
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()
@@ -130,6 +139,9 @@ class ProxyContext:
         self.shadow_step = 0
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
         self.now = loop.time()
+        #: client connections the open-file limit allows (set by the server at start)
+        self.fd_cap: int | None = None
+        self.fd_logged_at = -1.0
         self.apply(config)
 
     def apply(self, config: Config) -> None:
@@ -147,6 +159,8 @@ class ProxyContext:
         self.max_headers = limits.max_headers
         self.max_body = limits.max_body_bytes
         self.max_connections = limits.max_connections
+        if self.fd_cap is not None:
+            self.max_connections = min(self.max_connections, self.fd_cap)
         routing = config.routing
         self.override_header = (
             routing.header.name.lower().encode("ascii") if routing.header.enabled else None
@@ -173,6 +187,40 @@ class ProxyContext:
         )
         self.retry_attempts = config.retries.attempts
         self.retry_buffer = config.retries.buffer_body_bytes
+
+    def at_connection_limit(self) -> None:
+        """A connection was accepted at limits.max_connections: close the oldest
+        idle keep-alive connections to stay at the limit; with none left to
+        close, stop accepting (new clients wait in the listen backlog)."""
+        idle = self.idle
+        while idle and len(self.connections) - self.reclaiming > self.max_connections:
+            next(iter(idle)).reclaim()
+        if (
+            not idle
+            and not self.accept_paused
+            and len(self.connections) - self.reclaiming >= self.max_connections
+        ):
+            self.accept_paused = True
+            self.accept_control(False)
+
+    def resume_accepting(self) -> None:
+        """At the limit, a connection became idle: it can make room for the next
+        client, so accept again."""
+        self.accept_paused = False
+        self.accept_control(True)
+
+    def out_of_fds(self, where: str, exc: OSError) -> None:
+        """This process ran out of file descriptors: say so, at most once a second
+        (an exhausted process meets it on every attempt)."""
+        now = self.loop.time()
+        if now - self.fd_logged_at >= 1.0:
+            self.fd_logged_at = now
+            log.error(
+                "out of file descriptors while %s (%s): raise the open-file limit or "
+                "lower limits.max_connections",
+                where,
+                exc.strerror or exc,
+            )
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:

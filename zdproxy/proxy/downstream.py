@@ -29,9 +29,18 @@ IDLE = 2
 BODY = 3
 UPSTREAM = 4
 TUNNEL = 5
+#: closing after an error: our side is shut, the client's input is read and dropped
+LINGER = 6
+#: an idle connection closed to make room at limits.max_connections
+RECLAIMED = 7
 
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_PIPELINE = 8
+
+#: how long a closing connection reads and drops what the client still sends, so
+#: that a close with unread input (a TCP reset on Linux) does not destroy
+#: responses already written (nginx's lingering_timeout is 5 s too)
+LINGER_SECONDS = 5.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -44,10 +53,16 @@ class ClientConnection(asyncio.Protocol):
         "deadline_kind",
         "head_bytes",
         "header_count",
+        "idle",
+        "input_done",
+        "line_bytes",
+        "lingering",
         "parser",
         "parsing",
         "queue",
         "reading_paused",
+        "reclaimed",
+        "trailer",
         "transport",
         "trusted",
         "tunnel",
@@ -69,6 +84,18 @@ class ClientConnection(asyncio.Protocol):
         self.deadline_kind = NO_DEADLINE
         self.head_bytes = 0
         self.header_count = 0
+        #: bytes of the unfinished header line the parser holds (across reads)
+        self.line_bytes = 0
+        #: between requests of a keep-alive connection (in ctx.idle)
+        self.idle = False
+        #: a request was refused: nothing more is parsed, queued ones are answered
+        self.input_done = False
+        self.lingering = False
+        #: a chunk header was parsed and no chunk data followed yet: maybe the last
+        #: chunk, whose trailer lines the parser holds like header lines
+        self.trailer = False
+        #: closed to make room at limits.max_connections (counted in ctx.reclaiming)
+        self.reclaimed = False
         self.client_ip = ""
         self.xff_ip = b""
         self.trusted = False
@@ -84,9 +111,8 @@ class ClientConnection(asyncio.Protocol):
         ctx = self.ctx
         ctx.connections.add(self)
         ctx.counters.connections_accepted += 1
-        if len(ctx.connections) >= ctx.max_connections and not ctx.accept_paused:
-            ctx.accept_paused = True
-            ctx.accept_control(False)
+        if len(ctx.connections) - ctx.reclaiming >= ctx.max_connections:
+            ctx.at_connection_limit()
         peer = transport.get_extra_info("peername")
         self.client_ip = peer[0] if peer else ""
         self.xff_ip = self.client_ip.encode("ascii")
@@ -98,7 +124,12 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         ctx = self.ctx
         ctx.connections.discard(self)
-        if ctx.accept_paused and len(ctx.connections) < ctx.max_connections:
+        if self.idle:
+            self.idle = False
+            del ctx.idle[self]
+        elif self.reclaimed:
+            ctx.reclaiming -= 1
+        if ctx.accept_paused and len(ctx.connections) - ctx.reclaiming < ctx.max_connections:
             ctx.accept_paused = False
             ctx.accept_control(True)
         self.deadline_kind = NO_DEADLINE
@@ -116,12 +147,17 @@ class ClientConnection(asyncio.Protocol):
             self.deadline = self.ctx.now + self.ctx.t_tunnel
             tunnel.write(data)
             return
-        if self.parsing is not None and self.parsing.in_head:
-            # bounds a head that never completes (one endless header line)
-            self.head_bytes += len(data)
-            if self.head_bytes > 2 * self.ctx.max_header_bytes:
-                self.reject(431, "headers-too-large", "request header too large")
-                return
+        if self.input_done:
+            # a request was refused (reading is paused), or closing: input is read
+            # only so that the close sends no reset, and never parsed again
+            return
+        parsing = self.parsing
+        if (
+            (parsing is None or parsing.in_head)
+            and len(data) + self.line_bytes > self.ctx.max_header_bytes
+            and self._line_over_limit(data)
+        ):
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -135,8 +171,39 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(500, "internal", "internal error")
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
+            return
+        parsing = self.parsing
+        if parsing is not None and (parsing.in_head or self.trailer):
+            self._hold_partial_line(data)
+        elif self.line_bytes:
+            self.line_bytes = 0
+
+    def _line_over_limit(self, data: bytes) -> bool:
+        """Before parsing a large read in a head: a header line (or request line)
+        that cannot end within limits.max_header_bytes is refused now, without
+        handing it to the parser, which would keep it whole until its end."""
+        room = self.ctx.max_header_bytes - self.line_bytes
+        if data.find(b"\n", 0, max(room, 0)) >= 0:
+            return False  # the line ends in time: the head's total is checked per header
+        self.reject(431, "headers-too-large", "request header too large")
+        return True
+
+    def _hold_partial_line(self, data: bytes) -> None:
+        """After a read that ended inside a head: the parser keeps the unfinished
+        line (httptools reports a header only once it is complete), so the bytes
+        held are bounded here, read by read. (The tail after the last LF may also
+        count body bytes of an earlier pipelined request: an overestimate.)"""
+        last = data.rfind(b"\n")
+        if last < 0:
+            self.line_bytes += len(data)
+        else:
+            self.line_bytes = len(data) - last - 1
+        if self.line_bytes > self.ctx.max_header_bytes:
+            self.reject(431, "headers-too-large", "request header too large")
 
     def eof_received(self) -> bool | None:
+        if self.lingering:
+            return False  # the client read everything and closed: close now
         tunnel = self.tunnel
         if tunnel is not None:
             if tunnel.can_write_eof():
@@ -170,6 +237,11 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = Exchange(self)
         self.head_bytes = 0
         self.header_count = 0
+        if self.idle:
+            self.idle = False
+            del ctx.idle[self]
+            if len(ctx.connections) - ctx.reclaiming >= ctx.max_connections:
+                ctx.at_connection_limit()  # the last idle one to make room for is gone
         if not self.queue:
             self.set_deadline(HEADER, ctx.t_header)
 
@@ -178,6 +250,8 @@ class ClientConnection(asyncio.Protocol):
         assert exchange is not None
         exchange.url += url
         self.head_bytes += len(url)
+        if self.head_bytes > self.ctx.max_header_bytes:
+            raise ProxyError("request target too large", status=431, cause="headers-too-large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         exchange = self.parsing
@@ -208,7 +282,15 @@ class ClientConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
+        self.trailer = False
         exchange.on_request_body(body)
+
+    def on_chunk_header(self) -> None:
+        # httptools calls the chunk callbacks only for chunked bodies
+        self.trailer = True
+
+    def on_chunk_complete(self) -> None:
+        self.trailer = False
 
     def on_message_complete(self) -> None:
         exchange = self.parsing
@@ -233,16 +315,49 @@ class ClientConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return
         if not keep_alive or self.closing:
-            self._close_after_flush()
+            # input may be left unread (pipelined requests, a body cut short)
+            self._close_after_flush(
+                linger=self.input_done
+                or self.reading_paused
+                or self.parsing is not None
+                or not exchange.request_done
+            )
             return
         if queue:
             queue[0].start()
         elif self.client_eof:
             self._close_after_flush()
+        elif self.input_done:
+            self._close_after_flush(linger=True)
         elif self.parsing is None:
             self.set_deadline(IDLE, self.ctx.t_idle)
+            self._enter_idle()
         if self.reading_paused and len(queue) < MAX_PIPELINE:
             self.resume_reading()
+
+    def _enter_idle(self) -> None:
+        ctx = self.ctx
+        self.idle = True
+        ctx.idle[self] = None
+        if ctx.accept_paused:
+            # at the limit: accept again, the next client takes this one's place
+            ctx.resume_accepting()
+
+    def _leave_idle(self) -> None:
+        self.idle = False
+        del self.ctx.idle[self]
+
+    def reclaim(self) -> None:
+        """Closed to make room at limits.max_connections: idle, between requests,
+        so the close is clean (after anything still buffered, then FIN)."""
+        self._leave_idle()
+        self.reclaimed = True
+        self.ctx.reclaiming += 1
+        transport = self.transport
+        # a client that does not read its last response holds the close: abort then
+        self.set_deadline(RECLAIMED, LINGER_SECONDS)
+        if transport is not None:
+            transport.close()
 
     def pause_reading(self) -> None:
         if not self.reading_paused and self.transport is not None:
@@ -250,7 +365,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
-        if self.reading_paused and self.transport is not None:
+        # after a refused request nothing more is read (until the lingering close)
+        if self.reading_paused and not self.input_done and self.transport is not None:
             self.reading_paused = False
             self.transport.resume_reading()
 
@@ -264,6 +380,10 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.pause_reading()
         self.reading_paused = True
+        self.input_done = True
+        # nothing more is parsed: let go of what the parser holds (up to a
+        # head's worth of an unfinished line) now, not when the close completes
+        self.parser = httptools.HttpRequestParser(self)
         if broken is not None and self.queue and self.queue[-1] is broken:
             # its head was accepted but its body is malformed: it never completes
             if len(self.queue) == 1:
@@ -274,20 +394,36 @@ class ClientConnection(asyncio.Protocol):
         if broken is not None and broken.method == b"HEAD":
             response = without_body(response)
         if self.queue:
-            # an earlier pipelined response is still due: answer it, then close
-            self.closing = True
+            # earlier pipelined requests are still due: every one is answered in
+            # order, then this error, then the connection closes
             last = self.queue[-1]
             if last.client_keep_alive:
                 last.after_reject = response
             # else that request closes the connection: bytes after it get no answer
             return
         transport.write(response)
-        self._close_after_flush()
+        self._close_after_flush(linger=True)
 
-    def _close_after_flush(self) -> None:
+    def _close_after_flush(self, linger: bool = False) -> None:
+        """Close once written. ``linger``: the client may still be sending (we
+        stopped reading mid-stream): closing a socket with unread input makes
+        Linux send a reset, and the client's TCP then drops responses it had not
+        read yet. So shut down our side (FIN after the last byte), read and
+        drop the client's input until it closes, for LINGER_SECONDS at most."""
         transport = self.transport
         self.deadline_kind = NO_DEADLINE
-        if transport is not None:
+        if self.idle:
+            self._leave_idle()
+        if transport is None:
+            return
+        if linger and not self.client_eof and transport.can_write_eof():
+            self.lingering = True
+            self.input_done = True
+            transport.write_eof()
+            self.set_deadline(LINGER, LINGER_SECONDS)
+            self.reading_paused = False
+            transport.resume_reading()
+        else:
             transport.close()
 
     def _parse_error(self, exc: Exception) -> None:
@@ -337,6 +473,8 @@ class ClientConnection(asyncio.Protocol):
                 self.queue[0].on_upstream_timeout()
         elif kind == TUNNEL:
             self._close_after_flush()
+        elif kind in (LINGER, RECLAIMED) and self.transport is not None:
+            self.transport.abort()
 
     def shutdown(self) -> None:
         """Graceful stop: idle connections close now, busy ones after their response."""

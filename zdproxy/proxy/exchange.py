@@ -36,6 +36,8 @@ from zdproxy.http.head import (
     rewrite_response_head,
 )
 from zdproxy.http.rules import HeadChecker, Tier
+from zdproxy.http.target import TargetError, split_absolute, valid_host
+from zdproxy.proxy.fdlimit import OUT_OF_FDS
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -81,6 +83,9 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
     # client cannot pass a live request off as a shadow one (see proxy.shadow)
     b"x-zdproxy-shadow": _DROP,
 }
+
+#: request headers a client's Connection header may not make hop-by-hop
+_NEVER_HOP_BY_HOP = frozenset({b"host"})
 
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
@@ -279,8 +284,14 @@ class Exchange:
         max_body = ctx.max_body
         if max_body and self.content_length is not None and self.content_length > max_body:
             raise _reject(413, "body-too-large", "request body too large")
-        if self.host is None and version == "1.1":
-            raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
+        host = self.host
+        if host is None:
+            if version == "1.1":
+                raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
+        elif not valid_host(host.rstrip(b" \t")):
+            # "a b", empty, control bytes, userinfo: a backend or a log would read
+            # another host than the one the proxy routed and checked
+            raise _reject(400, "bad-host", "invalid Host header")
         self.client_keep_alive = parser.should_keep_alive()
         if method in IDEMPOTENT:
             self.idempotent = True
@@ -293,18 +304,44 @@ class Exchange:
             # llhttp switches the stream right after the head: the body's bytes
             # would be taken for tunnel data and the request never complete
             raise _reject(400, "bad-request", "upgrade request with a body")
+        url = self.url
+        if url[:1] != b"/" and url != b"*":
+            self._to_origin_form()
         self.request_head = self._build_request_head()
         # shadow traffic: one subtraction and one comparison for a request not copied
         ctx.shadow_acc -= ctx.shadow_step
         if ctx.shadow_acc < 0:
             ctx.shadow.sample(self)
 
+    def _to_origin_form(self) -> None:
+        """An absolute-form target (``GET http://host/p``) goes on as ``/p`` with
+        ``Host: host``: the target's authority replaces the Host header (RFC 9112
+        3.2.2), so the backend never sees a host other than the one checked here."""
+        try:
+            target = split_absolute(self.url)
+        except TargetError as exc:
+            raise _reject(400, "bad-target", str(exc)) from None
+        self.url = target.origin_form
+        authority = target.authority
+        self.host = authority
+        forwarded = self.forwarded
+        replaced = False
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() == b"host":
+                forwarded[i + 2] = authority
+                replaced = True
+        if not replaced:
+            forwarded += (b"Host", b": ", authority, b"\r\n")
+
     def _build_request_head(self) -> bytes:
         conn = self.conn
         tokens = self.connection_tokens
         forwarded = self.forwarded
         if tokens is not None:
-            forwarded = self._drop_connection_named(forwarded, connection_tokens(tokens))
+            # Host is never hop-by-hop, whatever Connection names (the
+            # X-Forwarded-* the proxy writes are added below, after this)
+            names = connection_tokens(tokens) - _NEVER_HOP_BY_HOP
+            forwarded = self._drop_connection_named(forwarded, names)
         parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", *forwarded]
         xff = self.xff if conn.trusted else None
         parts += (
@@ -397,6 +434,9 @@ class Exchange:
         self._attach(upstream)
 
     def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
+        if isinstance(exc, OSError) and exc.errno in OUT_OF_FDS:
+            self._out_of_fds(exc)
+            return
         kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
         _count(backend.upstream_errors, kind)
         ctx = self.conn.ctx
@@ -409,6 +449,17 @@ class Exchange:
             self._dispatch(backend)
             return
         self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
+
+    def _out_of_fds(self, exc: OSError) -> None:
+        """No descriptor for an upstream connection: this process's limit, not the
+        backend's fault (no ejection, no retry elsewhere: it would fail the same)."""
+        ctx = self.conn.ctx
+        ctx.out_of_fds("connecting to a backend", exc)
+        ctx.upstreams.close_all()  # idle ones only: descriptors back for the next requests
+        self._release_backend()
+        self.fail(
+            ProxyError("proxy out of file descriptors", status=503, cause="local-resource-limit")
+        )
 
     def _attach(self, upstream: UpstreamConnection) -> None:
         self.upstream = upstream
