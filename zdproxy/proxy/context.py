@@ -128,6 +128,7 @@ class ProxyContext:
         self.max_headers = limits.max_headers
         self.max_body = limits.max_body_bytes
         self.max_connections = limits.max_connections
+        self.upstreams.max_head_bytes = limits.max_response_header_bytes
         routing = config.routing
         self.override_header = (
             routing.header.name.lower().encode("ascii") if routing.header.enabled else None
