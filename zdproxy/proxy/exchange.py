@@ -507,9 +507,10 @@ class Exchange:
             # both framings: the body is chunked; the Content-Length is a lie (RFC 9112
             # 6.3); forwarded without it, and the upstream connection is not reused
             self.framing_doubtful = True
-        if status == 204 and (chunked or has_length) and announces_body(raw):
-            # a 204 never has a body (RFC 9110 15.3.5); one that announces a body
-            # may well send it: the connection is not trusted with another request
+        if no_body and (chunked or has_length) and status != 101 and announces_body(raw):
+            # an answer without a body (HEAD, 204, 304) whose head announces one:
+            # a broken backend may send that body late, where the next request's
+            # answer is expected; the connection is not trusted with another one
             self.framing_doubtful = True
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
