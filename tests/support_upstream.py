@@ -59,9 +59,12 @@ class Link:
         await self.writer.drain()
 
     async def wait(self, event: threading.Event, timeout: float = 10.0) -> None:
-        """Wait until the test sets ``event``."""
+        """Wait until the test sets ``event``; a close by the proxy meanwhile is
+        recorded at once (the test may be waiting for it before it signals)."""
         deadline = time.monotonic() + timeout
         while not event.is_set():
+            if self.reader.at_eof():
+                self.backend.mark_closed(self.conn_id)
             if time.monotonic() > deadline:
                 raise TimeoutError("the test never gave the signal")
             await asyncio.sleep(0.005)
@@ -146,6 +149,10 @@ class ScriptedBackend:
         with self._lock:
             return [s for s in self.seen if target is None or s.target == target]
 
+    def mark_closed(self, conn_id: int) -> None:
+        with self._lock:
+            self.closed.add(conn_id)
+
     def wait_closed(self, conn_id: int, timeout: float = 5.0) -> None:
         def closed() -> bool:
             with self._lock:
@@ -184,8 +191,7 @@ class ScriptedBackend:
         except (ConnectionError, OSError, asyncio.IncompleteReadError):
             pass
         finally:
-            with self._lock:
-                self.closed.add(conn_id)
+            self.mark_closed(conn_id)
             self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
