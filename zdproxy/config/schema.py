@@ -275,6 +275,8 @@ class TimeoutsConfig(_Model):
 class LimitsConfig(_Model):
     max_header_bytes: int = Field(default=65536, ge=1024)
     max_headers: int = Field(default=100, ge=1)
+    #: a backend's response head (its 1xx heads included); over it: 502
+    max_response_header_bytes: int = Field(default=65536, ge=1024)
     max_body_bytes: int = Field(default=0, ge=0)
     max_connections: int = Field(default=10000, ge=1)
     max_idle_upstream_per_backend: int = Field(default=64, ge=0)

@@ -116,6 +116,12 @@ def _codings(lower: bytes) -> list[bytes]:
     return codings
 
 
+#: names a ``Connection`` header may list that are never cut on its word: its own
+#: options, and Content-Length, which frames the body the proxy relays (cut, the
+#: client would be left with no framing at all and read up to the close)
+_NOT_CUT = frozenset({b"keep-alive", b"close", b"content-length"})
+
+
 def _connection_named(lower: bytes) -> list[bytes]:
     """Header names listed in ``Connection`` besides keep-alive and close (rare)."""
     names: list[bytes] = []
@@ -124,7 +130,7 @@ def _connection_named(lower: bytes) -> list[bytes]:
         end = lower.find(b"\r\n", start + 2)
         for token in lower[start + 13 : end].split(b","):
             token = token.strip()
-            if token and token not in (b"keep-alive", b"close"):
+            if token and token not in _NOT_CUT:
                 names.append(b"\r\n" + token + b":")
         start = lower.find(b"\r\nconnection:", end)
     return names
@@ -139,3 +145,15 @@ def _cut(raw: bytes, lower: bytes, prefix: bytes) -> tuple[bytes, bytes]:
         lower = lower[:start] + lower[end:]
         start = lower.find(prefix, start)
     return raw, lower
+
+
+_ZERO_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*0*[ \t]*\r\n", re.IGNORECASE)
+
+
+def announces_body(raw: bytes) -> bool:
+    """Whether a head that has framing headers announces a body: chunked, or a
+    ``Content-Length`` other than 0. For the rare 204 that has framing at all."""
+    lower = raw.lower()
+    if b"\r\ntransfer-encoding:" in lower:
+        return True
+    return _ZERO_LENGTH.search(raw) is None

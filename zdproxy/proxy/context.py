@@ -161,6 +161,7 @@ class ProxyContext:
         self.max_connections = limits.max_connections
         if self.fd_cap is not None:
             self.max_connections = min(self.max_connections, self.fd_cap)
+        self.upstreams.max_head_bytes = limits.max_response_header_bytes
         routing = config.routing
         self.override_header = (
             routing.header.name.lower().encode("ascii") if routing.header.enabled else None

@@ -31,6 +31,7 @@ from zdproxy.http.head import (
     RESPONSE_BOTH_FRAMINGS,
     RESPONSE_CHUNKED,
     RESPONSE_HAS_LENGTH,
+    announces_body,
     connection_tokens,
     error_response,
     rewrite_response_head,
@@ -127,6 +128,7 @@ class Exchange:
         "request_head",
         "response_close_delimited",
         "response_has_no_body",
+        "response_sent",
         "response_started",
         "set_cookie",
         "shadow",
@@ -191,6 +193,9 @@ class Exchange:
         self.started_at = 0.0
         self.status = 0
         self.response_started = False
+        #: response bytes were written to the client (before that, an error can
+        #: still be answered in their place)
+        self.response_sent = False
         self.response_has_no_body = False
         self.response_close_delimited = False
         #: a response with CL and chunked, or an Ambiguous request let through (lenient):
@@ -537,9 +542,10 @@ class Exchange:
 
     # ---- response ----------------------------------------------------------
 
-    def on_response_head(self, upstream: UpstreamConnection, status: int, raw: bytes) -> None:
+    def on_response_head(self, upstream: UpstreamConnection, status: int, raw: bytes) -> bool:
+        """Build the head to relay; True when the body to read is chunked."""
         if 100 <= status < 200 and status != 101:
-            return  # interim responses are not relayed; 100 was answered by the proxy
+            return False  # interim responses are not relayed; 100 was answered by the proxy
         self.status = status
         conn = self.conn
         ctx = conn.ctx
@@ -564,6 +570,11 @@ class Exchange:
             # both framings: the body is chunked; the Content-Length is a lie (RFC 9112
             # 6.3); forwarded without it, and the upstream connection is not reused
             self.framing_doubtful = True
+        if no_body and (chunked or has_length) and status != 101 and announces_body(raw):
+            # an answer without a body (HEAD, 204, 304) whose head announces one:
+            # a broken backend may send that body late, where the next request's
+            # answer is expected; the connection is not trusted with another one
+            self.framing_doubtful = True
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
@@ -572,7 +583,9 @@ class Exchange:
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
             self.client_keep_alive = False
-        keep_alive = self.client_keep_alive and not conn.closing
+        # an answer that comes before the request body ended: the rest of that body
+        # will not be read, so the client connection closes after the answer
+        keep_alive = self.client_keep_alive and not conn.closing and self.request_done
         if status == 101:
             parts.append(b"Connection: upgrade\r\nUpgrade: ")
             parts += (self.upgrade or b"websocket", b"\r\n")
@@ -594,6 +607,7 @@ class Exchange:
         # held until the end of this read, so head and body leave in one syscall
         self.out = [b"".join(parts)]
         conn.set_deadline(4, ctx.t_upstream)
+        return chunked and not no_body
 
     def on_response_body(self, data: bytes) -> None:
         out = self.out
@@ -611,6 +625,7 @@ class Exchange:
         out = self.out
         if out:
             self.out = None
+            self.response_sent = True
             transport = self.conn.transport
             if transport is not None:
                 if len(out) < 4 and len(out[-1]) <= 16384:
@@ -653,7 +668,7 @@ class Exchange:
                 self.upstream_keep_alive = False
                 self._finish(clean=True)
             else:
-                self._truncated("upstream closed mid-response")
+                self._truncated("upstream closed mid-response", backend_fault=True)
             return
         backend = self.backend
         if backend is not None:
@@ -666,16 +681,23 @@ class Exchange:
         self.fail(ProxyError("upstream closed the connection", cause="upstream-reset"))
 
     def on_bad_response(self, upstream: UpstreamConnection, exc: Exception) -> None:
+        """The backend's response broke the protocol or a limit. Never retried: the
+        backend received the request (see ``_may_retry``). Counted against the
+        backend: the 502 goes to passive health like any 5xx."""
         if self.finished:
             return
         backend = self.backend
         if backend is not None:
             _count(backend.upstream_errors, "bad_response")
-        if self.response_started:
-            self._truncated("invalid upstream response body")
-        else:
-            self.upstream = None
-            self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
+        if self.response_sent:
+            self._truncated(f"invalid upstream response: {exc}", backend_fault=True)
+            return
+        # nothing reached the client yet (a head built in this read is dropped)
+        self.upstream = None
+        self.out = None
+        self.chunk_out = False
+        log.info("invalid response from backend: %s", exc)
+        self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
 
     def on_upstream_timeout(self) -> None:
         if self.finished:
@@ -686,7 +708,7 @@ class Exchange:
             ctx = self.conn.ctx
             ctx.observer.failure(backend, "timeout", ctx.now)
         if self.response_started:
-            self._truncated("upstream timed out mid-response")
+            self._truncated("upstream timed out mid-response", backend_fault=True)
         elif self._may_retry_after_timeout():
             # a hung backend: the request goes to another one (nginx's
             # proxy_next_upstream timeout), the silent connection is dropped
@@ -700,9 +722,11 @@ class Exchange:
 
     def _may_retry_after_timeout(self) -> bool:
         ctx = self.conn.ctx
+        upstream = self.upstream
         return (
             self.idempotent
             and self.request_done
+            and not (upstream is not None and upstream.got_bytes)
             and not self.request_body_started_and_lost()
             and self.attempts <= ctx.retry_attempts
             and ctx.retry_policy.allow_retry(ctx.now)
@@ -742,6 +766,16 @@ class Exchange:
         self._release_backend()
 
     def _may_retry(self, upstream: UpstreamConnection) -> bool:
+        """Retry rule for a connection lost before the client got anything.
+
+        A backend that sent any byte of a response (an interim 1xx, part of a
+        head) received the request and worked on it: the request is not sent
+        again (nginx's ``proxy_next_upstream`` would; a broken backend that
+        answers garbage would then see every request several times). Bad
+        responses are never retried either (``on_bad_response``).
+        """
+        if upstream.got_bytes:
+            return False
         ctx = self.conn.ctx
         if self.attempts > ctx.retry_attempts or not ctx.retry_policy.allow_retry(ctx.now):
             return False
@@ -761,11 +795,13 @@ class Exchange:
         self._release_backend()
         self._dispatch(failed)
 
-    def _truncated(self, why: str) -> None:
-        """After response bytes went out: close the client so it sees the cut."""
+    def _truncated(self, why: str, backend_fault: bool = False) -> None:
+        """After response bytes went out: close the client so it sees the cut.
+        ``backend_fault``: the backend broke off its own answer, which counts
+        against it as a 502 (the client's status was a lie)."""
         log.info("closing client connection: %s", why)
         self.finished = True
-        self._record(502 if self.status == 0 else self.status)
+        self._record(502 if self.status == 0 or backend_fault else self.status)
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -825,7 +861,7 @@ class Exchange:
                 and backend is not None
                 and backend.state is BackendState.UP
             ):
-                ctx.upstreams.release(upstream, ctx.now)
+                upstream.keep(ctx.now)
             else:
                 upstream.exchange = None
                 upstream.close()

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, cast
 import httptools
 
 from zdproxy.balancing.model import Backend
+from zdproxy.errors import BadUpstreamResponse
+from zdproxy.http.chunks import ChunkSizeGuard
 
 if TYPE_CHECKING:
     from zdproxy.proxy.exchange import Exchange
@@ -37,17 +39,32 @@ class _HeadResponseDone(Exception):
     """Raised from a parser callback to stop parsing after a HEAD response's head."""
 
 
+class _StrayBytes(Exception):
+    """Raised from a parser callback: bytes followed a complete response."""
+
+
+#: bytes llhttp skips before a status line (blank lines)
+_CR = 13
+_LF = 10
+
+
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "backend",
+        "chunks",
         "closed",
         "exchange",
         "got_bytes",
-        "head_raw",
+        "head_buf",
+        "head_end",
+        "head_held",
+        "head_pos",
+        "head_used",
         "idle_since",
         "in_head",
         "parser",
         "pools",
+        "reusable",
         "reused",
         "transport",
         "tunnel_peer",
@@ -60,13 +77,29 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = _response_parser(self)
         self.exchange: Exchange | None = None
-        #: raw bytes of the response head being received (status line to blank line)
-        self.head_raw = b""
-        #: a request was sent and its response head has not been parsed yet
+        # The response head is read raw. Usually it arrives whole in one read and
+        # is sliced out of that read (``head_buf`` is the read itself, no copy); a
+        # head split across reads is kept in ``head_held``, a bytearray extended in
+        # place, so the work per read stays linear in the bytes read.
+        #: a request was sent and its final response head has not been parsed yet
         self.in_head = False
+        #: the bytes the parser is reading: this read, or ``head_held`` with it
+        self.head_buf: bytes | bytearray | None = None
+        #: the unfinished head from earlier reads (None: nothing held)
+        self.head_held: bytearray | None = None
+        #: where the current head starts in ``head_buf`` (after 1xx heads)
+        self.head_pos = 0
+        #: bytes of this response's heads before ``head_pos`` (1xx heads count too)
+        self.head_used = 0
+        #: where the final head ended in ``head_buf``
+        self.head_end = 0
+        #: follows the sizes of a chunked response body (None: not chunked)
+        self.chunks: ChunkSizeGuard | None = None
         self.got_bytes = False
         self.reused = False
         self.closed = False
+        #: the response ended cleanly: back to the pool once the read is parsed
+        self.reusable = False
         self.idle_since = 0.0
         #: set when the connection became a tunnel: raw bytes go to this transport
         self.tunnel_peer: asyncio.Transport | None = None
@@ -98,27 +131,43 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.exchange is None:
             # bytes on an idle connection: the backend is confused; never reuse it
-            self.close()
+            self._stray("bytes on an idle connection")
             return
         self.got_bytes = True
+        chunks = self.chunks
+        if chunks is not None and not chunks.feed(data):
+            self._bad_response(BadUpstreamResponse("chunk size too large"))
+            return
         if self.in_head:
-            self.head_raw = self.head_raw + data if self.head_raw else data
+            held = self.head_held
+            if held is None:
+                self.head_buf = data
+            else:
+                held += data
+                self.head_buf = held
         try:
             self.parser.feed_data(data)
-            exchange = self.exchange
-            if exchange is not None and exchange.out:
-                exchange.flush_response()
         except httptools.HttpParserUpgrade as upgrade:
             exchange = self.exchange
             if exchange is not None:
                 exchange.on_upstream_upgraded(self, data[upgrade.args[0] :])
+            return
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _HeadResponseDone):
-                self.parser = _response_parser(self)
-            else:
-                self._bad_response(exc)
+            self._callback_error(exc)
         except httptools.HttpParserError as exc:
             self._bad_response(exc)
+        else:
+            if self.in_head and not self._hold_head():
+                return
+            exchange = self.exchange
+            if exchange is not None and exchange.out:
+                exchange.flush_response()
+        if self.reusable:
+            # released only now: had bytes followed the response in this read,
+            # the parser would have reported them (on_message_begin) first
+            self.reusable = False
+            if not self.closed:
+                self.pools.release(self, self.idle_since)
 
     def eof_received(self) -> bool | None:
         peer = self.tunnel_peer
@@ -148,30 +197,82 @@ class UpstreamConnection(asyncio.Protocol):
     def expect_response(self) -> None:
         """A request was written: collect the raw head of its response."""
         self.in_head = True
-        self.head_raw = b""
+        self.head_buf = None
+        self.head_held = None
+        self.head_pos = 0
+        self.head_used = 0
+        self.chunks = None
 
     def take_head(self, interim: bool) -> bytes:
-        """The raw head just parsed (through its blank line)."""
-        raw = self.head_raw
-        end = raw.find(b"\r\n\r\n") + 4
+        """The raw head just parsed (through its blank line).
+
+        The heads of one response, its 1xx heads included, share the budget
+        ``limits.max_response_header_bytes``: an endless run of ``102
+        Processing`` is refused like one endless header.
+        """
+        buf = self.head_buf
+        assert buf is not None
+        pos = start = self.head_pos
+        while buf[start] == _CR or buf[start] == _LF:
+            start += 1  # blank lines before a status line, which llhttp skips
+        # llhttp just found the end of this head: the first blank line after its
+        # start is that end (searched once per head, never per read)
+        end = buf.find(b"\r\n\r\n", start) + 4
+        used = self.head_used + end - pos
+        if used > self.pools.max_head_bytes:
+            raise BadUpstreamResponse("response head too large")
+        head = buf[start:end]
         if interim:
-            self.head_raw = raw[end:]  # the final response head follows
+            self.head_used = used
+            self.head_pos = end
         else:
             self.in_head = False
-            self.head_raw = b""
-        return raw[:end]
+            self.head_end = end
+            self.head_held = None
+        return head if type(head) is bytes else bytes(head)
+
+    def _hold_head(self) -> bool:
+        """Keep an unfinished head for the next read; False when it broke the limit."""
+        buf = self.head_buf
+        assert buf is not None
+        pos = self.head_pos
+        if self.head_used + len(buf) - pos > self.pools.max_head_bytes:
+            self._bad_response(BadUpstreamResponse("response head too large"))
+            return False
+        if self.head_held is None:
+            self.head_held = bytearray(memoryview(buf)[pos:])
+            self.head_pos = 0
+        self.head_buf = None
+        return True
+
+    def on_message_begin(self) -> None:
+        if self.exchange is None:
+            # the response ended and more bytes follow in the same read
+            raise _StrayBytes
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
         if exchange is None:
             return
         status = self.parser.get_status_code()
-        exchange.on_response_head(
-            self, status, self.take_head(100 <= status < 200 and status != 101)
-        )
+        interim = 100 <= status < 200 and status != 101
+        chunked = exchange.on_response_head(self, status, self.take_head(interim))
+        if interim:
+            return
+        buf = self.head_buf
+        assert buf is not None
+        end = self.head_end
+        self.head_buf = None
+        if chunked:
+            guard = ChunkSizeGuard()
+            if not guard.feed(buf, end):
+                raise BadUpstreamResponse("chunk size too large")
+            self.chunks = guard
         if exchange.response_has_no_body and exchange.method == b"HEAD" and status >= 200:
             # llhttp cannot be told a response answers HEAD: finish here and reset
             exchange.on_response_complete(self, self.parser.should_keep_alive())
+            if len(buf) > end:
+                self._stray("a body after the head of a response to HEAD")
             raise _HeadResponseDone
 
     def on_body(self, body: bytes) -> None:
@@ -184,9 +285,41 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is not None:
             exchange.on_response_complete(self, self.parser.should_keep_alive())
 
+    # called by the exchange
+
+    def keep(self, now: float) -> None:
+        """The response ended cleanly on a keep-alive connection: it goes back to
+        the pool at the end of the read being parsed (always inside one: a
+        response only completes while its bytes are parsed)."""
+        self.exchange = None
+        self.idle_since = now
+        self.reusable = True
+
     # helpers
 
+    def _callback_error(self, exc: httptools.HttpParserCallbackError) -> None:
+        cause = exc.__context__
+        if isinstance(cause, _HeadResponseDone):
+            self.parser = _response_parser(self)
+        elif isinstance(cause, _StrayBytes):
+            self._stray("bytes after a complete response")
+        else:
+            self._bad_response(cause if isinstance(cause, Exception) else exc)
+
+    def _stray(self, why: str) -> None:
+        """The backend sent bytes no request asked for: the connection is out of
+        step with it, so it is closed and never handed out again."""
+        self.reusable = False
+        if self.closed:
+            return
+        backend = self.backend
+        backend.upstream_errors["stray_bytes"] = backend.upstream_errors.get("stray_bytes", 0) + 1
+        log.info("backend %s sent %s: connection closed", backend.id, why)
+        self.pools.forget(self)
+        self.close()
+
     def _bad_response(self, exc: Exception) -> None:
+        self.reusable = False
         exchange = self.exchange
         self.exchange = None
         self.close()
@@ -207,10 +340,12 @@ class UpstreamConnection(asyncio.Protocol):
 class UpstreamPools:
     """Idle keep-alive connections, per backend."""
 
-    __slots__ = ("_idle", "max_idle", "open_count")
+    __slots__ = ("_idle", "max_head_bytes", "max_idle", "open_count")
 
-    def __init__(self, max_idle_per_backend: int) -> None:
+    def __init__(self, max_idle_per_backend: int, max_head_bytes: int = 65536) -> None:
         self.max_idle = max_idle_per_backend
+        #: limits.max_response_header_bytes: every head of one response, 1xx included
+        self.max_head_bytes = max_head_bytes
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.open_count = 0
 
