@@ -20,8 +20,11 @@ from zdproxy.balancing.passive import (
 )
 from zdproxy.balancing.selector import Selector
 from zdproxy.config.schema import Config
+from zdproxy.http.requestid import RequestIds
+from zdproxy.proxy.exchange import header_kinds
 
 if TYPE_CHECKING:
+    from zdproxy.proxy.accesslog import AccessLog
     from zdproxy.proxy.downstream import ClientConnection
     from zdproxy.proxy.tunnel import Tunnel
     from zdproxy.proxy.upstream import UpstreamPools
@@ -52,11 +55,13 @@ class ProxyContext:
     __slots__ = (
         "accept_control",
         "accept_paused",
+        "access_log",
         "affinity_cookie",
         "closing",
         "connections",
         "counters",
         "hash_on",
+        "header_kinds",
         "limits",
         "loop",
         "max_body",
@@ -68,6 +73,7 @@ class ProxyContext:
         "override_cookie",
         "override_header",
         "pool_header",
+        "request_ids",
         "requests",
         "retry_attempts",
         "retry_buffer",
@@ -107,6 +113,8 @@ class ProxyContext:
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()
+        #: the server installs one when log.access_log is not off
+        self.access_log: AccessLog | None = None
         #: requests started, in total; the sweeper reports the growth to the retry budget
         self.requests = 0
         #: coarse clock, refreshed by the sweeper; good enough for deadlines
@@ -151,6 +159,14 @@ class ProxyContext:
         self.strict = http.strictness == "strict"
         self.trusted: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in http.trusted_proxies
+        )
+        request_id = http.request_id
+        self.request_ids: RequestIds | None = (
+            RequestIds(request_id.header, request_id.trust_incoming) if request_id.enabled else None
+        )
+        #: what the exchange does with a request header, by lower-case name
+        self.header_kinds = header_kinds(
+            None if self.request_ids is None else self.request_ids.header_lower
         )
         self.retry_attempts = config.retries.attempts
         self.retry_buffer = config.retries.buffer_body_bytes
