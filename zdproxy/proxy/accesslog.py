@@ -108,8 +108,7 @@ def request_headers(forwarded: Sequence[bytes]) -> tuple[bytes | None, bytes | N
 
 def rfc3339(wall: float) -> str:
     """UTC with milliseconds: ``2026-11-30T23:50:07.123Z``."""
-    seconds = int(wall)
-    millis = int((wall - seconds) * 1000)
+    seconds, millis = divmod(round(wall * 1000), 1000)
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
 
 
