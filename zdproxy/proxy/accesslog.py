@@ -22,6 +22,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from zdproxy.errors import ZdproxyError
@@ -109,12 +110,23 @@ def request_headers(forwarded: Sequence[bytes]) -> tuple[bytes | None, bytes | N
 def rfc3339(wall: float) -> str:
     """UTC with milliseconds: ``2026-11-30T23:50:07.123Z``."""
     seconds, millis = divmod(round(wall * 1000), 1000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{millis:03d}Z"
+    return f"{_rfc3339_second(seconds)}.{millis:03d}Z"
+
+
+# the lines of a batch share a few seconds: each is formatted once (gmtime is slow)
+@lru_cache(maxsize=8)
+def _rfc3339_second(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def clf_time(wall: float) -> str:
     """Common log format time, in UTC: ``30/Nov/2026:23:50:07 +0000``."""
-    t = time.gmtime(wall)
+    return _clf_second(int(wall))
+
+
+@lru_cache(maxsize=8)
+def _clf_second(seconds: int) -> str:
+    t = time.gmtime(seconds)
     return (
         f"{t.tm_mday:02d}/{_MONTHS[t.tm_mon - 1]}/{t.tm_year:04d}"
         f":{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} +0000"
@@ -195,8 +207,9 @@ def format_json(record: Record, offset: float) -> str:
 
 
 def _opt(value: str | None) -> str:
-    # pool names, backend ids and causes are the proxy's own (config-checked) strings
-    return "null" if value is None else json.dumps(value)
+    # pool names, backend ids (config-checked: [A-Za-z0-9_.:-]) and error causes are
+    # the proxy's own strings: nothing in them needs escaping
+    return "null" if value is None else '"' + value + '"'
 
 
 FORMATTERS: dict[str, Formatter] = {"combined": format_combined, "json": format_json}
