@@ -206,6 +206,8 @@ def test_resolve_keeps_a_valid_trusted_id_only() -> None:
     assert distrusting.resolve(b"client-1") == b"q-1"
     assert distrusting.line(b"q-1") == b"X-Trace: q-1\r\n"
     assert distrusting.header_lower == b"x-trace"
+    assert distrusting.in_head(b"HTTP/1.1 200 OK\r\nx-TRACE : 1\r\n")
+    assert not distrusting.in_head(b"HTTP/1.1 200 OK\r\nX-Trace-Id: 1\r\nA: X-Trace:\r\n")
 
 
 # ---- config -----------------------------------------------------------------------

@@ -23,13 +23,17 @@ def valid_request_id(value: bytes) -> bool:
 class RequestIds:
     """The request-ID policy of one process: header name, trust, generator."""
 
-    __slots__ = ("_next", "_prefix", "header", "header_lower", "trust_incoming")
+    __slots__ = ("_next", "_prefix", "header", "header_lower", "in_head", "trust_incoming")
 
     def __init__(self, header: str, trust_incoming: bool, prefix: bytes | None = None) -> None:
         #: ``b"X-Request-Id: "``: the start of the header line the proxy writes
         self.header = header.encode("ascii") + b": "
         self.header_lower = header.lower().encode("ascii")
         self.trust_incoming = trust_incoming
+        #: ``in_head(raw_head)``: a match when a message head already has the header
+        self.in_head = re.compile(
+            rb"\r\n" + re.escape(self.header_lower) + rb"[ \t]*:", re.IGNORECASE
+        ).search
         self._prefix = (os.urandom(6).hex().encode("ascii") if prefix is None else prefix) + b"-"
         self._next = itertools.count(1).__next__
 

@@ -99,10 +99,11 @@ def request_headers(forwarded: Sequence[bytes]) -> tuple[bytes | None, bytes | N
     """(User-Agent, Referer) from the request's header list, when present."""
     agent = referer = None
     for i in range(0, len(forwarded) - 2, 4):
-        name = forwarded[i].lower()
-        if name == b"user-agent":
+        name = forwarded[i]
+        size = len(name)  # compare lengths first: most names are neither
+        if size == 10 and name.lower() == b"user-agent":
             agent = forwarded[i + 2]
-        elif name == b"referer":
+        elif size == 7 and name.lower() == b"referer":
             referer = forwarded[i + 2]
     return agent, referer
 
@@ -202,7 +203,8 @@ def format_json(record: Record, offset: float) -> str:
         f'"upstream_time":{"null" if upstream_time is None else f"{upstream_time:.3f}"},'
         f'"pool":{_opt(pool)},"backend":{_opt(backend)},"retries":{retries},'
         f'"error":{_opt(cause)},'
-        f'"request_id":{"null" if request_id is None else json_string(request_id)}}}'
+        # a request ID is validated or generated: [A-Za-z0-9._:+/=-] only
+        f'"request_id":{"null" if request_id is None else _opt(request_id.decode("ascii"))}}}'
     )
 
 

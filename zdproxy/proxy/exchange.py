@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -540,7 +539,7 @@ class Exchange:
         request_id = self.request_id
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
-        if request_id is not None and ids is not None and not _has_header(head, ids.header_lower):
+        if request_id is not None and ids is not None and not ids.in_head(head):
             parts += (ids.header, request_id, b"\r\n")
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
@@ -876,19 +875,6 @@ class Exchange:
 def without_body(response: bytes) -> bytes:
     """An error response as the answer to HEAD: the head alone (RFC 9110 9.3.2)."""
     return response[: response.index(b"\r\n\r\n") + 4]
-
-
-def _has_header(head: bytes, lower_name: bytes) -> re.Match[bytes] | None:
-    pattern = _HEADER_PATTERNS.get(lower_name)
-    if pattern is None:
-        pattern = _HEADER_PATTERNS[lower_name] = re.compile(
-            rb"\r\n" + re.escape(lower_name) + rb"[ \t]*:", re.IGNORECASE
-        )
-    return pattern.search(head)
-
-
-#: compiled once per header name (there is one: the request-ID header)
-_HEADER_PATTERNS: dict[bytes, re.Pattern[bytes]] = {}
 
 
 def _frame(chunk: bytes) -> bytes:
