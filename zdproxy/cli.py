@@ -51,6 +51,7 @@ def _run_loop(coro: Any) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from zdproxy.config.loader import ConfigError, load_config
+    from zdproxy.proxy.accesslog import AccessLogError
     from zdproxy.server import serve
 
     try:
@@ -61,7 +62,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(args.log_format or config.log.format, config.log.level)
-    return _run_loop(serve(config, args.config))
+    try:
+        return _run_loop(serve(config, args.config))
+    except AccessLogError as exc:
+        print(f"zdproxy: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:

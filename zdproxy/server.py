@@ -21,6 +21,7 @@ from zdproxy.config.schema import Address, Config
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
+from zdproxy.proxy.accesslog import AccessLog
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
 from zdproxy.proxy.fdlimit import fd_budget
@@ -90,6 +91,9 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
         self._apply_fd_budget(ctx)
+        log_config = self.config.log
+        if log_config.access_log != "off":
+            ctx.access_log = AccessLog(log_config.access_log, log_config.access_log_path, loop)
         for address in self.config.listen:
             self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
@@ -222,6 +226,9 @@ class ProxyServer:
         if self.shadow_sender is not None:
             self.shadow_sender.stop()
         self.upstreams.close_all()
+        if ctx is not None and ctx.access_log is not None:
+            # last: the requests finished (or cut) during the stop are in it
+            ctx.access_log.close()
         self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -231,6 +238,12 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1, as nginx: reopen the access log file after log rotation."""
+        if self.ctx is not None and self.ctx.access_log is not None:
+            self.ctx.access_log.reopen()
 
 
 async def serve(config: Config, config_path: str | None = None) -> int:

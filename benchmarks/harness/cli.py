@@ -41,6 +41,7 @@ from .servers import (
     StartError,
     Target,
     Topology,
+    ZdproxyAccessLogProxy,
     ZdproxyProxy,
     free_port,
     http_request,
@@ -57,7 +58,9 @@ from .system import (
 
 HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 REPO = HERE.parent
-ALL_PROXIES = ("direct", "nginx", "haproxy", "zdproxy")
+ALL_PROXIES = ("direct", "nginx", "haproxy", "zdproxy", "zdproxy-log")
+#: run unless --proxies says otherwise; zdproxy-log (access log on) is opt-in
+DEFAULT_PROXIES = ("direct", "nginx", "haproxy", "zdproxy")
 
 
 def _csv(choices: tuple[str, ...]) -> Any:
@@ -91,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--proxies",
         type=_csv(ALL_PROXIES),
-        default=list(ALL_PROXIES),
-        help=f"comma-separated, from {','.join(ALL_PROXIES)} (default: all)",
+        default=list(DEFAULT_PROXIES),
+        help=f"comma-separated, from {','.join(ALL_PROXIES)} "
+        f"(default: {','.join(DEFAULT_PROXIES)})",
     )
     parser.add_argument("--rounds", type=int, help="rounds per case (default 5; quick 1)")
     parser.add_argument("--duration", type=int, help="seconds per wrk run (default 3; quick 2)")
@@ -279,9 +283,8 @@ def _start_targets(
                 continue
             log(f"* zdproxy from {where}")
             env = dict(os.environ, **extra_env, ZDPROXY_ADMIN_TOKEN=secrets.token_hex(16))
-            target = ZdproxyProxy(
-                workdir / "zdproxy", pinning, topology, free_port(), command, env, idle
-            )
+            kind = ZdproxyAccessLogProxy if name == "zdproxy-log" else ZdproxyProxy
+            target = kind(workdir / name, pinning, topology, free_port(), command, env, idle)
         try:
             target.start()
         except (StartError, OSError) as exc:

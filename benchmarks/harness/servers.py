@@ -618,6 +618,7 @@ def zdproxy_yaml(
     state_path: Path,
     extras: bool,
     max_connections: int,
+    access_log: Path | None = None,
 ) -> str:
     """The zdproxy config of the benchmark, in the contract's format, every feature on.
 
@@ -668,11 +669,15 @@ limits:
 """
     if extras:
         text += f"  max_connections: {max_connections + 1000}\n"
+    if access_log is not None:
+        text += f"log:\n  access_log: json\n  access_log_path: {access_log}\n"
     return text + "shutdown_timeout: 5s\n"
 
 
 class ZdproxyProxy(Target):
     name = "zdproxy"
+    #: where the JSON access log goes; None: off (the default config)
+    access_log: Path | None = None
 
     def __init__(
         self,
@@ -707,12 +712,13 @@ class ZdproxyProxy(Target):
                     self.prefix / "zdproxy-state.json",
                     extras,
                     self.max_connections,
+                    self.access_log,
                 )
             )
             with contextlib.suppress(FileNotFoundError):
                 (self.prefix / "zdproxy-state.json").unlink()
             self.proc = ManagedProcess(
-                "zdproxy", self.pinning.proxy() + self.argv(), self.prefix / "zdproxy.log", self.env
+                self.name, self.pinning.proxy() + self.argv(), self.prefix / "zdproxy.log", self.env
             )
             self.proc.start()
             try:
@@ -833,3 +839,14 @@ def verify_upload_consumed(port: int) -> bool:
         sock.settimeout(5.0)
         sock.sendall(b"u" * (UPLOAD_BYTES - half))
         return sock.recv(4096).startswith(b"HTTP/1.1 200")
+
+
+class ZdproxyAccessLogProxy(ZdproxyProxy):
+    """zdproxy with the JSON access log written to a file: the cost of the log is
+    the difference to ``zdproxy`` in the same run (opt-in: ``--proxies``)."""
+
+    name = "zdproxy-log"
+
+    def start(self) -> None:
+        self.access_log = self.prefix / "access.log"
+        super().start()

@@ -144,7 +144,7 @@ def test_bad_durations(value: str) -> None:
 def test_yaml_11_words_are_not_booleans() -> None:
     config = load(VALID + "sticky:\n  mode: off\nlog:\n  access_log: yes\n")
     assert config.sticky.mode == "off"
-    assert config.log.access_log is True
+    assert config.log.access_log == "combined"
 
 
 def test_merge_keys_and_aliases() -> None:

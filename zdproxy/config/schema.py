@@ -282,12 +282,55 @@ class LimitsConfig(_Model):
     max_idle_upstream_per_backend: int = Field(default=64, ge=0)
 
 
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+#: headers the proxy reads or rewrites itself: never a request-ID header
+_OWN_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "content-length",
+        "proxy-authorization",
+        "upgrade",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "cookie",
+        "expect",
+        "idempotency-key",
+        "sec-websocket-key",
+    }
+)
+
+
+def _check_header_name(name: str) -> str:
+    if not _TOKEN.fullmatch(name):
+        raise ValueError(f"invalid header name {name!r}")
+    if name.lower() in _OWN_HEADERS:
+        raise ValueError(f"{name!r} is a header the proxy handles itself")
+    return name
+
+
+class RequestIdConfig(_Model):
+    """``X-Request-Id``: kept when the client sent a valid one (trust_incoming), else
+    generated; sent to the backend, returned to the client, written to the access log."""
+
+    enabled: bool = True
+    header: Annotated[str, AfterValidator(_check_header_name)] = "X-Request-Id"
+    trust_incoming: bool = True
+
+
 class HttpConfig(_Model):
     # strict: Ambiguous requests get 400; lenient: forwarded, then both connections closed
     strictness: Literal["strict", "lenient"] = "strict"
     trusted_proxies: tuple[str, ...] = ()
     pool_response_header: bool = True
     pool_response_header_name: str = "X-Zdproxy-Pool"
+    request_id: RequestIdConfig = RequestIdConfig()
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -318,10 +361,32 @@ class ShadowConfig(_Model):
     max_concurrent: int = Field(default=64, ge=1, le=10000)
 
 
+_TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
+_FALSE_WORDS = frozenset({"false", "no", "0"})
+
+
+def _access_log_format(value: Any) -> Any:
+    """A boolean (as other switches accept it) means combined (true) or off."""
+    if isinstance(value, bool):
+        return "combined" if value else "off"
+    if isinstance(value, str):
+        word = value.lower()
+        if word in _TRUE_WORDS:
+            return "combined"
+        if word in _FALSE_WORDS:
+            return "off"
+    return value
+
+
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
-    access_log: bool = False
+    #: off | combined | json; true means combined, false off
+    access_log: Annotated[
+        Literal["off", "combined", "json"], BeforeValidator(_access_log_format)
+    ] = "off"
+    #: a file, opened for append; None: stderr
+    access_log_path: str | None = Field(default=None, min_length=1)
 
 
 def _one_or_many(value: Any) -> Any:

@@ -34,8 +34,10 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(tokens)
 
 
-def error_response(status: int, cause: str, message: str, *, close: bool = True) -> bytes:
-    """A complete response the proxy generates itself."""
+def error_response(
+    status: int, cause: str, message: str, *, close: bool = True, extra: bytes = b""
+) -> bytes:
+    """A complete response the proxy generates itself; ``extra``: more header lines."""
     body = f"{status} {HTTPStatus(status).phrase}: {message}\n".encode()
     return b"".join(
         (
@@ -43,6 +45,7 @@ def error_response(status: int, cause: str, message: str, *, close: bool = True)
             b"Content-Type: text/plain; charset=utf-8\r\n",
             b"Content-Length: %d\r\n" % len(body),
             b"X-Zdproxy-Error: %s\r\n" % cause.encode("ascii"),
+            extra,
             b"Connection: close\r\n" if close else b"",
             b"\r\n",
             body,

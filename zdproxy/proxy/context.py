@@ -20,8 +20,11 @@ from zdproxy.balancing.passive import (
 )
 from zdproxy.balancing.selector import Selector
 from zdproxy.config.schema import Config
+from zdproxy.http.requestid import RequestIds
+from zdproxy.proxy.exchange import header_kinds
 
 if TYPE_CHECKING:
+    from zdproxy.proxy.accesslog import AccessLog
     from zdproxy.proxy.downstream import ClientConnection
     from zdproxy.proxy.exchange import Exchange
     from zdproxy.proxy.tunnel import Tunnel
@@ -63,6 +66,7 @@ class ProxyContext:
     __slots__ = (
         "accept_control",
         "accept_paused",
+        "access_log",
         "affinity_cookie",
         "closing",
         "connections",
@@ -70,6 +74,7 @@ class ProxyContext:
         "fd_cap",
         "fd_logged_at",
         "hash_on",
+        "header_kinds",
         "idle",
         "limits",
         "loop",
@@ -83,6 +88,7 @@ class ProxyContext:
         "override_header",
         "pool_header",
         "reclaiming",
+        "request_ids",
         "requests",
         "retry_attempts",
         "retry_buffer",
@@ -130,6 +136,8 @@ class ProxyContext:
         #: passive health feed and retry budget; the health package installs real ones
         self.observer: PassiveObserver = NullObserver()
         self.retry_policy: RetryPolicy = UnboundedRetries()
+        #: the server installs one when log.access_log is not off
+        self.access_log: AccessLog | None = None
         #: requests started, in total; the sweeper reports the growth to the retry budget
         self.requests = 0
         #: shadow traffic: ``shadow_acc`` loses ``shadow_step`` per request and the
@@ -185,6 +193,14 @@ class ProxyContext:
         self.strict = http.strictness == "strict"
         self.trusted: tuple[_Network, ...] = tuple(
             ipaddress.ip_network(n, strict=False) for n in http.trusted_proxies
+        )
+        request_id = http.request_id
+        self.request_ids: RequestIds | None = (
+            RequestIds(request_id.header, request_id.trust_incoming) if request_id.enabled else None
+        )
+        #: what the exchange does with a request header, by lower-case name
+        self.header_kinds = header_kinds(
+            None if self.request_ids is None else self.request_ids.header_lower
         )
         self.retry_attempts = config.retries.attempts
         self.retry_buffer = config.retries.buffer_body_bytes

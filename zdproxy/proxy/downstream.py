@@ -17,7 +17,7 @@ import httptools
 from zdproxy.errors import ProxyError
 from zdproxy.http.head import error_response
 from zdproxy.proxy.context import ProxyContext
-from zdproxy.proxy.exchange import Exchange, without_body
+from zdproxy.proxy.exchange import Exchange
 from zdproxy.proxy.tunnel import Tunnel
 
 log = logging.getLogger("zdproxy.error")
@@ -390,9 +390,7 @@ class ClientConnection(asyncio.Protocol):
                 broken.on_request_error(ProxyError(message, status=status, cause=cause))
                 return
             self.queue.pop()
-        response = error_response(status, cause, message)
-        if broken is not None and broken.method == b"HEAD":
-            response = without_body(response)
+        response = self._refusal(broken, status, cause, message)
         if self.queue:
             # earlier pipelined requests are still due: every one is answered in
             # order, then this error, then the connection closes
@@ -403,6 +401,35 @@ class ClientConnection(asyncio.Protocol):
             return
         transport.write(response)
         self._close_after_flush(linger=True)
+
+    def _refusal(self, broken: Exchange | None, status: int, cause: str, message: str) -> bytes:
+        """The error response for a request refused by the connection, logged."""
+        ctx = self.ctx
+        extra = b""
+        request_id = None
+        ids = ctx.request_ids
+        if ids is not None:
+            if broken is None:
+                request_id = ids.new()
+            else:
+                request_id = broken.request_id
+                if request_id is None:
+                    request_id = ids.resolve(broken.request_id_in)
+            extra = ids.line(request_id)
+        if broken is not None and not broken.method:
+            # refused before its head was complete: the method may be known already
+            try:
+                broken.method = self.parser.get_method()
+            except httptools.HttpParserError:
+                pass
+        response = error_response(status, cause, message, extra=extra)
+        head_end = response.index(b"\r\n\r\n") + 4
+        if broken is not None and broken.method == b"HEAD":
+            response = response[:head_end]
+        access = ctx.access_log
+        if access is not None:
+            access.add_rejected(self, broken, status, cause, len(response) - head_end, request_id)
+        return response
 
     def _close_after_flush(self, linger: bool = False) -> None:
         """Close once written. ``linger``: the client may still be sending (we

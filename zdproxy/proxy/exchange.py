@@ -61,6 +61,7 @@ _UPGRADE = 8
 _IDEM_KEY = 9
 _WS_KEY = 10
 _TE = 11
+_REQUEST_ID = 12
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -88,6 +89,16 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
 #: request headers a client's Connection header may not make hop-by-hop
 _NEVER_HOP_BY_HOP = frozenset({b"host"})
 
+
+def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
+    """The table ``add_header`` uses, with the request-ID header (lower case) when
+    request IDs are on: the proxy then writes that header itself."""
+    kinds = dict(_REQUEST_HEADER_KIND)
+    if request_id_header is not None:
+        kinds[request_id_header] = _REQUEST_ID
+    return kinds
+
+
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
 
@@ -98,6 +109,7 @@ class Exchange:
         "after_reject",
         "attempts",
         "backend",
+        "body_bytes",
         "checker",
         "chunk_out",
         "client_keep_alive",
@@ -111,6 +123,7 @@ class Exchange:
         "forwarded",
         "framing_doubtful",
         "hash_key",
+        "head_at",
         "holding",
         "host",
         "idempotent",
@@ -126,6 +139,8 @@ class Exchange:
         "request_chunked",
         "request_done",
         "request_head",
+        "request_id",
+        "request_id_in",
         "response_close_delimited",
         "response_has_no_body",
         "response_sent",
@@ -191,6 +206,12 @@ class Exchange:
         self.attempts = 0
         self.holding = False
         self.started_at = 0.0
+        #: loop time of the response head, and response body bytes: for the access log
+        self.head_at = 0.0
+        self.body_bytes = 0
+        #: the request-ID header as the client sent it, and the ID the request goes by
+        self.request_id_in: bytes | None = None
+        self.request_id: bytes | None = None
         self.status = 0
         self.response_started = False
         #: response bytes were written to the client (before that, an error can
@@ -213,9 +234,10 @@ class Exchange:
     def add_header(self, name: bytes, value: bytes) -> None:
         self.checker.header(name, value)
         lname = name.lower()
-        kind = _REQUEST_HEADER_KIND.get(lname, _FORWARD)
+        ctx = self.conn.ctx
+        kind = ctx.header_kinds.get(lname, _FORWARD)
         if kind == _FORWARD:
-            if lname == self.conn.ctx.override_header:
+            if lname == ctx.override_header:
                 self.pool_override = value.decode("latin-1").strip()
             self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
@@ -253,6 +275,9 @@ class Exchange:
                 if coding and coding != b"chunked" and coding != b"identity":
                     codings = self.te_codings
                     self.te_codings = coding if codings is None else codings + b", " + coding
+        elif kind == _REQUEST_ID:
+            # the proxy writes this header itself; sent twice, it is not one valid ID
+            self.request_id_in = value if self.request_id_in is None else b""
         # _DROP: hop-by-hop, or framing the proxy redoes itself
 
     def _parse_cookie(self, value: bytes) -> None:
@@ -368,6 +393,10 @@ class Exchange:
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         if self.upgrade is not None:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
+        ids = conn.ctx.request_ids
+        if ids is not None:
+            request_id = self.request_id = ids.resolve(self.request_id_in)
+            parts += (ids.header, request_id, b"\r\n")
         if self.host is not None:
             parts.append(b"\r\n")
         # else: an HTTP/1.0 request without Host; _attach adds the backend's address
@@ -549,6 +578,7 @@ class Exchange:
         self.status = status
         conn = self.conn
         ctx = conn.ctx
+        self.head_at = ctx.loop.time()
         method = self.method
         no_body = method == b"HEAD" or status in (204, 304) or status == 101
         self.response_has_no_body = no_body
@@ -580,6 +610,11 @@ class Exchange:
             parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
         if self.set_cookie is not None:
             parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
+        request_id = self.request_id
+        # a backend that sets the header itself (often echoing it) is left alone
+        ids = ctx.request_ids
+        if request_id is not None and ids is not None and not ids.in_head(head):
+            parts += (ids.header, request_id, b"\r\n")
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
             self.client_keep_alive = False
@@ -613,6 +648,7 @@ class Exchange:
         out = self.out
         if out is None:
             out = self.out = []
+        self.body_bytes += len(data)
         if self.chunk_out:
             out += (b"%x\r\n" % len(data), data, b"\r\n")
         else:
@@ -758,6 +794,9 @@ class Exchange:
         if self.finished:
             return
         self.finished = True
+        access = self.conn.ctx.access_log
+        if access is not None and self.started_at:
+            access.add(self, 499, "client-closed")  # nginx's code for it
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -801,7 +840,9 @@ class Exchange:
         against it as a 502 (the client's status was a lie)."""
         log.info("closing client connection: %s", why)
         self.finished = True
-        self._record(502 if self.status == 0 or backend_fault else self.status)
+        self._record(
+            502 if self.status == 0 or backend_fault else self.status, "response-truncated"
+        )
         upstream = self.upstream
         self.upstream = None
         if upstream is not None:
@@ -824,18 +865,33 @@ class Exchange:
         self._release_backend()
         self.finished = True
         self.status = error.status
-        self._record(error.status)
         conn = self.conn
         # a request whose body was not fully read leaves the framing in doubt
         keep_alive = self.client_keep_alive and self.request_done and not conn.closing
         if self.upgrade is not None:
             # the client's bytes after an upgrade request were not parsed as HTTP
             keep_alive = False
+        response = error_response(
+            error.status, error.cause, str(error), close=not keep_alive, extra=self._id_line()
+        )
+        head_end = response.index(b"\r\n\r\n") + 4
+        if self.method == b"HEAD":
+            response = response[:head_end]
+        self.body_bytes = len(response) - head_end
+        self._record(error.status, error.cause)
         transport = conn.transport
         if transport is not None and not transport.is_closing():
-            response = error_response(error.status, error.cause, str(error), close=not keep_alive)
-            transport.write(without_body(response) if self.method == b"HEAD" else response)
+            transport.write(response)
         self._after_response(keep_alive)
+
+    def _id_line(self) -> bytes:
+        """The request-ID header line of a response the proxy writes itself."""
+        ids = self.conn.ctx.request_ids
+        if ids is None:
+            return b""
+        if self.request_id is None:  # refused before its head was complete
+            self.request_id = ids.resolve(self.request_id_in)
+        return ids.line(self.request_id)
 
     # ---- finish ------------------------------------------------------------
 
@@ -879,7 +935,11 @@ class Exchange:
             keep_alive = False
         conn.response_finished(self, keep_alive)
 
-    def _record(self, status: int) -> None:
+    def _record(self, status: int, cause: str | None = None) -> None:
+        """The request is over (answered, refused or cut): statistics, access log."""
+        access = self.conn.ctx.access_log
+        if access is not None:
+            access.add(self, status, cause)
         backend = self.backend
         if backend is None:
             return

@@ -137,8 +137,8 @@ class ShadowedExchange(Exchange):
         if copy.sender.compare_body:
             copy.live_crc = zlib.crc32(data, copy.live_crc)
 
-    def _record(self, status: int) -> None:
-        super()._record(status)
+    def _record(self, status: int, cause: str | None = None) -> None:
+        super()._record(status, cause)
         copy: ShadowCopy = self.shadow
         copy.live_status = status
         copy.live_latency = self.conn.ctx.loop.time() - self.started_at

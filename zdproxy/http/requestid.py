@@ -1,0 +1,50 @@
+"""Request IDs: keep a valid incoming one, or make a new one. Pure, no I/O.
+
+A new ID is a per-process random prefix and a counter (``3f9c0a1b2c4d-1f``):
+unique across processes and restarts (48 random bits) without a syscall or a
+``uuid4`` per request, and it only ever contains characters that are valid in
+an incoming ID too.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+
+#: what an incoming ID may look like: 1-200 characters, no spaces, quotes or controls
+_VALID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,200}").fullmatch
+
+
+def valid_request_id(value: bytes) -> bool:
+    return _VALID(value) is not None
+
+
+class RequestIds:
+    """The request-ID policy of one process: header name, trust, generator."""
+
+    __slots__ = ("_next", "_prefix", "header", "header_lower", "in_head", "trust_incoming")
+
+    def __init__(self, header: str, trust_incoming: bool, prefix: bytes | None = None) -> None:
+        #: ``b"X-Request-Id: "``: the start of the header line the proxy writes
+        self.header = header.encode("ascii") + b": "
+        self.header_lower = header.lower().encode("ascii")
+        self.trust_incoming = trust_incoming
+        #: ``in_head(raw_head)``: a match when a message head already has the header
+        self.in_head = re.compile(
+            rb"\r\n" + re.escape(self.header_lower) + rb"[ \t]*:", re.IGNORECASE
+        ).search
+        self._prefix = (os.urandom(6).hex().encode("ascii") if prefix is None else prefix) + b"-"
+        self._next = itertools.count(1).__next__
+
+    def new(self) -> bytes:
+        return b"%s%x" % (self._prefix, self._next())
+
+    def resolve(self, incoming: bytes | None) -> bytes:
+        """The ID of a request: the client's, when trusted and valid, else a new one."""
+        if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
+            return incoming
+        return self.new()
+
+    def line(self, request_id: bytes) -> bytes:
+        return b"%s%s\r\n" % (self.header, request_id)
