@@ -307,7 +307,12 @@ def check_p99(canary: Sample, limit: float, gates: Gates) -> Check:
     n = sum(canary.latency)
     p99 = canary.quantile(0.99)
     p = binomial_sf(surely, n, 0.01)
-    figures = {"value_ms": _ms(p99), "limit_ms": _ms(limit), "slower": surely, "p_value": _p(p)}
+    figures: dict[str, Any] = {
+        "value_ms": _ms(p99),
+        "limit_ms": _ms(limit),
+        "slower": surely,
+        "p_value": _p(p),
+    }
     text = f"p99 {_ms(p99)} ms, limit {_ms(limit)} ms ({surely}/{n} requests slower)"
     if possibly > 0.01 * n >= surely:
         # the limit falls inside a bucket that holds the 99th percentile: the
