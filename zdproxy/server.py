@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
+from zdproxy.control.rollout import RolloutController, RolloutDriver
 from zdproxy.control.runtime import Runtime
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
@@ -54,6 +55,8 @@ class ProxyServer:
         self.runtime.subscribe(self.selector.update)
         self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
         self.runtime.subscribe(self._close_idle_to_unroutable)
+        #: progressive rollouts: plain logic here, ticked by a driver task once serving
+        self.rollouts = RolloutController(self.runtime)
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -233,6 +236,12 @@ def _install_optional_parts(server: ProxyServer) -> None:
         pass
     else:
         install_admin(server)
+    # after the admin part restored the saved state: the rollout in progress resumes
+    # (same step, same weights) before the first request is served
+    server.rollouts.restore()
+    driver = RolloutDriver(server.rollouts)
+    server.start_hooks.append(driver.start)
+    server.stop_hooks.append(driver.stop)
 
 
 def _version() -> str:

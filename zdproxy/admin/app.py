@@ -36,10 +36,17 @@ from zdproxy.admin.auth import (
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
 from zdproxy.control.events import Event, events_path, iso_time
+from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
-from zdproxy.metrics import CONTENT_TYPE_LATEST, DataPathCounts, build_registry, render
+from zdproxy.metrics import (
+    CONTENT_TYPE_LATEST,
+    DataPathCounts,
+    RolloutCollector,
+    build_registry,
+    render,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -104,13 +111,17 @@ class AdminApi:
         max_body: int,
         data_path: Callable[[], DataPathCounts],
         closing: Callable[[], bool],
+        rollouts: RolloutController | None = None,
     ) -> None:
         self.runtime = runtime
+        self.rollout_controller = rollouts
         self.persistence = persistence
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
         self.registry = build_registry(runtime, data_path)
+        if rollouts is not None:
+            self.registry.register(RolloutCollector(rollouts))
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
         #: the dashboard's assets, read once: name -> (body, content type)
@@ -136,8 +147,11 @@ class AdminApi:
         r.add_delete("/api/v1/backends/{id}", self.remove_backend)
         for action in ("drain", "disable", "enable"):
             r.add_post(f"/api/v1/backends/{{id}}/{action}", self._backend_action(action))
-        r.add_route("*", "/api/v1/rollouts", self.rollouts)
-        r.add_route("*", "/api/v1/rollouts/{tail:.*}", self.rollouts)
+        r.add_post("/api/v1/rollouts", self.start_rollout)
+        r.add_get("/api/v1/rollouts", self.rollout_history)
+        r.add_get("/api/v1/rollouts/current", self.current_rollout)
+        for action in ("pause", "resume", "promote", "abort"):
+            r.add_post(f"/api/v1/rollouts/current/{action}", self._rollout_action(action))
         return app
 
     # ---- cross-cutting: auth, body size, errors ----------------------------
@@ -222,7 +236,7 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(state_view(self.runtime, self.persistence))
+        return json_response(state_view(self.runtime, self.persistence, self.rollout_controller))
 
     async def events(self, request: web.Request) -> web.Response:
         unknown = sorted(set(request.query) - {"since", "limit"})
@@ -232,8 +246,46 @@ class AdminApi:
         limit = _int_param(request, "limit", None, 1, 10000)
         return json_response({"events": self.runtime.events.list(since, limit)})
 
-    async def rollouts(self, request: web.Request) -> web.Response:
-        return error_response(501, "rollouts are not available yet")
+    # ---- rollouts -------------------------------------------------------------
+
+    def _controller(self) -> RolloutController:
+        if self.rollout_controller is None:
+            raise ApiError(501, "rollouts are not available in this process")
+        return self.rollout_controller
+
+    async def start_rollout(self, request: web.Request) -> web.Response:
+        controller = self._controller()
+        data = await self._body(request, None)
+        rollout = controller.start(data, request[_TOKEN].name)
+        return await self._done({"rollout": controller.status(rollout)}, 201)
+
+    async def current_rollout(self, request: web.Request) -> web.Response:
+        controller = self._controller()
+        rollout = controller.current
+        if rollout is None:
+            raise ApiError(404, "no rollout yet (start one with POST /api/v1/rollouts)")
+        return json_response({"rollout": controller.status(rollout)})
+
+    async def rollout_history(self, request: web.Request) -> web.Response:
+        return json_response(self._controller().history_view())
+
+    def _rollout_action(self, action: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            controller = self._controller()
+            await self._body(request, frozenset())
+            actor = request[_TOKEN].name
+            act = {
+                "pause": controller.pause,
+                "resume": controller.resume,
+                "promote": controller.promote,
+                "abort": controller.abort,
+            }[action]
+            rollout = act(actor)
+            return await self._done(
+                {"rollout": controller.status(rollout), "event": self.runtime.events.last()}
+            )
+
+        return handle
 
     # ---- mutations ----------------------------------------------------------
 
@@ -366,7 +418,11 @@ def backend_view(runtime: Runtime, backend: Backend) -> dict[str, Any]:
     }
 
 
-def state_view(runtime: Runtime, persistence: Persistence | None = None) -> dict[str, Any]:
+def state_view(
+    runtime: Runtime,
+    persistence: Persistence | None = None,
+    rollouts: RolloutController | None = None,
+) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
         for name, weight in runtime.pool_weights.items()
@@ -379,12 +435,21 @@ def state_view(runtime: Runtime, persistence: Persistence | None = None) -> dict
         "version": __version__,
         "generation": runtime.version,
         "pools": pools,
-        "rollout": None,
+        "rollout": _rollout_brief(rollouts),
         "persistence": {
             "path": store.path if isinstance(store, FileStore) else None,
             "last_error": persistence.last_error if persistence is not None else None,
         },
     }
+
+
+def _rollout_brief(rollouts: RolloutController | None) -> dict[str, Any] | None:
+    """The rollout in progress, in short, for the state view (None: none runs)."""
+    if rollouts is None or rollouts.current is None or not rollouts.current.active:
+        return None
+    status = rollouts.status(rollouts.current)
+    keys = ("id", "to", "from", "phase", "step", "steps", "step_weight", "waiting", "reason")
+    return {key: status[key] for key in keys}
 
 
 # ---- lifecycle --------------------------------------------------------------
@@ -413,6 +478,7 @@ class ControlPlane:
             max_body=config.admin.max_body_bytes,
             data_path=self._data_path_counts,
             closing=self._closing,
+            rollouts=server.rollouts,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
