@@ -48,6 +48,7 @@ TICK_SECONDS = 0.05
 HISTORY = 100
 #: verdicts kept in a rollout's status
 VERDICTS_SHOWN = 20
+_PROMOTE = "waiting for promote (this step has no pause)"
 #: bounds (seconds) of the rollback-time histogram
 ROLLBACK_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -577,7 +578,7 @@ class RolloutController:
             return
         step = plan.steps[rollout.step]
         if step.pause is None:
-            rollout.waiting = "waiting for promote (this step has no pause)"
+            rollout.waiting = _PROMOTE
             return
         left = rollout.step_started + step.pause - now
         if left > 0:
@@ -636,7 +637,7 @@ class RolloutController:
             extra={"step": rollout.step + 1},
         )
         rollout.applied = True
-        rollout.waiting = None
+        rollout.waiting = None if step.pause is not None else _PROMOTE
         self._begin_step(rollout, now)
         self._save()
 
