@@ -25,6 +25,10 @@ class CtlError(Exception):
     pass
 
 
+class UsageError(CtlError):
+    """Bad arguments (exit status 2)."""
+
+
 class Client:
     def __init__(self, url: str, token: str | None, timeout: float = TIMEOUT) -> None:
         self.url = url.rstrip("/")
@@ -238,8 +242,187 @@ def cmd_events(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     return result
 
 
+def parse_steps(text: str) -> list[dict[str, Any]]:
+    """``10:30s,50:60s,100`` -> steps; a step without ``:PAUSE`` waits for promote."""
+    steps: list[dict[str, Any]] = []
+    for item in text.split(","):
+        weight, sep, pause = item.strip().partition(":")
+        weight = weight.strip().rstrip("%")
+        if not weight.isdigit() or (sep and not pause.strip()):
+            raise UsageError(
+                f"--steps: expected WEIGHT[:PAUSE],... e.g. 10:30s,50:60s,100; got {item!r}"
+            )
+        step: dict[str, Any] = {"weight": int(weight)}
+        if sep:
+            step["pause"] = pause.strip()
+        steps.append(step)
+    return steps
+
+
+def rollout_plan(args: argparse.Namespace) -> dict[str, Any]:
+    if args.plan is not None:
+        if args.to is not None or args.steps is not None:
+            raise UsageError("--plan FILE replaces --to and --steps: give one or the other")
+        try:
+            with open(args.plan, encoding="utf-8") as f:
+                plan = json.load(f)
+        except OSError as exc:
+            raise UsageError(f"--plan: cannot read {args.plan}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise UsageError(f"--plan: {args.plan} is not valid JSON: {exc}") from None
+        if not isinstance(plan, dict):
+            raise UsageError(f"--plan: {args.plan} must hold a JSON object")
+        return plan
+    if args.to is None or args.steps is None:
+        raise UsageError("rollout start needs --to POOL and --steps (or --plan FILE)")
+    plan = {"to": args.to, "steps": parse_steps(args.steps)}
+    if args.baseline is not None:
+        plan["from"] = args.baseline
+    analysis: dict[str, Any] = {}
+    for key, value in (
+        ("interval", args.interval),
+        ("min_requests", args.min_requests),
+        ("max_error_rate", args.max_error_rate),
+        ("max_p99_latency", args.max_p99),
+        ("max_error_rate_increase", args.max_error_rate_increase),
+        ("max_latency_ratio", args.max_latency_ratio),
+        ("max_inconclusive", args.max_inconclusive),
+    ):
+        if value is not None:
+            analysis[key] = value
+    if args.no_analysis:
+        analysis["enabled"] = False
+    if analysis:
+        plan["analysis"] = analysis
+    if args.keep_warm:
+        plan["keep_warm"] = True
+    return plan
+
+
+def _pct(rate: Any) -> str:
+    return f"{rate * 100:.2f}%" if isinstance(rate, int | float) else "-"
+
+
+def _figures(name: str, f: dict[str, Any]) -> str:
+    return (
+        f"  {name:<9}requests {f['requests']:>7}  errors {f['errors']:>5} ({_pct(f['error_rate'])})"
+        f"  p50 {f['p50_ms'] if f['p50_ms'] is not None else '-'} ms"
+        f"  p99 {f['p99_ms'] if f['p99_ms'] is not None else '-'} ms\n"
+    )
+
+
+def print_rollout(r: dict[str, Any], out: TextIO) -> None:
+    line = (
+        f"rollout {r['id']}: {r['from']} -> {r['to']}  {r['phase'].upper()}  "
+        f"step {r['step']}/{r['steps']} ({r['step_weight']} %)"
+    )
+    if r.get("step_pause_remaining") is not None:
+        line += f", {r['step_pause_remaining']:.1f}s left in the step"
+    out.write(line + "\n")
+    out.write("weights: " + " ".join(f"{k}={v}" for k, v in r["weights"].items()) + "\n")
+    if r.get("waiting"):
+        out.write(f"waiting: {r['waiting']}\n")
+    if r.get("reason"):
+        out.write(f"reason: {r['reason']}\n")
+    verdict = r.get("last_verdict")
+    if verdict:
+        out.write(
+            f"verdict #{verdict['n']} (step {verdict['step']}, {verdict['window_s']}s window): "
+            f"{verdict['result'].upper()}: {verdict['reason']}\n"
+        )
+        out.write(_figures("canary", verdict["canary"]))
+        out.write(_figures("baseline", verdict["baseline"]))
+        for check in verdict.get("checks", []):
+            out.write(f"  - {check['name']}: {check['result']}: {check['reason']}\n")
+    verdicts = r.get("verdicts") or []
+    if len(verdicts) > 1:
+        out.write("recent verdicts: " + " ".join(v["result"] for v in verdicts) + "\n")
+    kpis = r.get("kpis") or {}
+    if kpis.get("result"):
+        out.write("kpis: " + json.dumps(kpis, sort_keys=True) + "\n")
+
+
+def print_history(history: dict[str, Any], out: TextIO) -> None:
+    items = history.get("rollouts") or []
+    if not items:
+        out.write("no rollouts yet\n")
+        return
+    rows: list[list[object]] = [
+        [
+            "ID",
+            "TO",
+            "FROM",
+            "RESULT",
+            "STARTED",
+            "SECONDS",
+            "CANARY REQ",
+            "CANARY ERR",
+            "ROLLBACK S",
+            "REASON",
+        ]
+    ]
+    for item in items:
+        kpis = item.get("kpis") or {}
+        canary = (kpis.get("pools") or {}).get(item["to"]) or {}
+        rows.append(
+            [
+                item["id"],
+                item["to"],
+                item["from"],
+                item["result"] or item["phase"],
+                item["started_at"],
+                kpis.get("duration_seconds", "-"),
+                canary.get("requests", "-"),
+                _pct(canary.get("error_rate")),
+                kpis.get("rollback_seconds", "-"),
+                (item.get("reason") or "")[:60],
+            ]
+        )
+    table(rows, out)
+    rate = history.get("success_rate")
+    out.write(
+        f"\n{history.get('finished', 0)} finished, success rate "
+        f"{'-' if rate is None else f'{rate:.0%}'}\n"
+    )
+
+
 def cmd_rollout(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
-    raise CtlError("rollouts are not available yet")
+    action = args.rollout_action
+    if action == "start":
+        result = client.call("POST", "/api/v1/rollouts", rollout_plan(args))
+    elif action == "history":
+        result = client.call("GET", "/api/v1/rollouts")
+        if not args.json:
+            print_history(result, out)
+        return result
+    elif action == "status":
+        if getattr(args, "watch", False) and not args.json:
+            return watch_rollout(client, out, args.every)
+        result = client.call("GET", "/api/v1/rollouts/current")
+    else:
+        result = client.call("POST", f"/api/v1/rollouts/current/{action}")
+    if not args.json:
+        print_rollout(result["rollout"], out)
+    return result
+
+
+def watch_rollout(client: Client, out: TextIO, every: float) -> Any:
+    """Redraw the status every ``every`` seconds until the rollout ends; exit
+    status 0 when it succeeded, 1 otherwise (for CI pipelines)."""
+    import time
+
+    clear = "\x1b[H\x1b[2J" if out.isatty() else "\n"
+    while True:
+        result = client.call("GET", "/api/v1/rollouts/current")
+        rollout = result["rollout"]
+        out.write(clear + time.strftime("%H:%M:%S ") + "\n")
+        print_rollout(rollout, out)
+        out.flush()
+        if not rollout["active"]:
+            if rollout["phase"] != "succeeded":
+                raise CtlError(f"rollout {rollout['id']} {rollout['phase']}: {rollout['reason']}")
+            return result
+        time.sleep(every)
 
 
 def _pool_path(pool: str | None, tail: str) -> str:
@@ -451,9 +634,44 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--timeout", help="a copy's own timeout (e.g. 5s)")
     shadow.add_parser("clear", help="stop shadow traffic", parents=[common])
     shadow.add_parser("status", help="settings and divergence figures", parents=[common])
-    p = add("rollout", cmd_rollout, "progressive rollouts (not available yet)")
-    p.add_argument("action", choices=["start", "status", "pause", "resume", "promote", "abort"])
-    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p = add("rollout", cmd_rollout, "progressive rollouts judged by zdproxy's own traffic")
+    actions = p.add_subparsers(dest="rollout_action", metavar="ACTION")
+    actions.required = True
+
+    def rollout_command(name: str, help: str) -> argparse.ArgumentParser:
+        a = actions.add_parser(name, help=help, description=help, parents=[common])
+        a.set_defaults(func=cmd_rollout)
+        return a
+
+    a = rollout_command(
+        "start", "start a rollout: --to POOL --steps 10:30s,50:60s,100, or --plan FILE"
+    )
+    a.add_argument("--to", help="the target pool")
+    a.add_argument("--from", dest="baseline", help="the baseline (default: the busiest other)")
+    a.add_argument("--steps", help="WEIGHT[:PAUSE],...; no PAUSE: the step waits for promote")
+    a.add_argument("--plan", help="a JSON file with the whole rollout body")
+    a.add_argument("--interval", help="analysis window, e.g. 5s")
+    a.add_argument("--min-requests", type=int, help="canary requests a verdict needs")
+    a.add_argument("--max-error-rate", type=float, help="absolute limit, e.g. 0.01")
+    a.add_argument("--max-p99", help="absolute p99 latency limit, e.g. 500ms")
+    a.add_argument("--max-error-rate-increase", type=float, help="over the baseline, e.g. 0.01")
+    a.add_argument("--max-latency-ratio", type=float, help="canary p99 / baseline p99, e.g. 1.5")
+    a.add_argument("--max-inconclusive", type=int, help="inconclusive verdicts before a pause")
+    a.add_argument("--no-analysis", action="store_true", help="steps advance on time alone")
+    a.add_argument("--keep-warm", action="store_true", help="do not drain the old pool")
+    a = rollout_command(
+        "status", "the current (or latest) rollout: step, weights, verdicts, figures"
+    )
+    a.add_argument("--watch", action="store_true", help="redraw every second until it ends")
+    a.add_argument("--every", type=float, default=1.0, help=argparse.SUPPRESS)
+    for name, text in (
+        ("pause", "hold the current step (analysis keeps judging)"),
+        ("resume", "go on after a pause"),
+        ("promote", "next step now (or success after the last one)"),
+        ("abort", "stop; all new traffic back to the baseline"),
+        ("history", "past rollouts with their KPIs and the success rate"),
+    ):
+        rollout_command(name, text)
     return parser
 
 
@@ -471,6 +689,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     client = Client(url, token)
     try:
         result = args.func(client, args, out)
+    except UsageError as exc:
+        print(f"zdproxy ctl: {exc}", file=sys.stderr)
+        return 2
     except CtlError as exc:
         print(f"zdproxy ctl: {exc}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import secrets
 import signal
 import socket
@@ -19,10 +20,26 @@ DEMO_BACKENDS = {"blue": (9101, 9102), "green": (9103, 9104)}
 
 
 def make_app(pool: str, backend_id: str) -> web.Application:
-    """A tiny application server that says which pool and backend answered."""
+    """A tiny application server that says which pool and backend answered.
+    ``POST /_demo/errors?rate=0.3`` (on the backend's own port) makes it answer
+    500 to that share of requests: a bad version, for the rollout walkthrough."""
     colour = {"blue": "#2563eb", "green": "#16a34a"}.get(pool, "#444")
+    failing = {"rate": 0.0}
+    rng = random.Random()
+
+    async def errors(request: web.Request) -> web.StreamResponse:
+        try:
+            rate = float(request.query.get("rate", "0"))
+        except ValueError:
+            rate = -1.0
+        if not 0.0 <= rate <= 1.0:
+            return web.Response(status=400, text="rate must be a number 0-1\n")
+        failing["rate"] = rate
+        return web.Response(text=f"{backend_id}: {rate:.0%} of requests now fail\n")
 
     async def index(request: web.Request) -> web.StreamResponse:
+        if failing["rate"] and rng.random() < failing["rate"]:
+            return web.Response(status=500, text=f"{backend_id}: injected failure\n")
         if "text/html" in request.headers.get("Accept", ""):
             return web.Response(
                 text=(
@@ -46,6 +63,7 @@ def make_app(pool: str, backend_id: str) -> web.Application:
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)
+    app.router.add_post("/_demo/errors", errors)
     app.router.add_route("*", "/{tail:.*}", index)
     return app
 
@@ -137,6 +155,12 @@ Drive a deployment (in another shell):
   zdproxy ctl split blue=90 green=10                 # canary: 10 % to green
   zdproxy ctl flip green                             # blue/green flip
   zdproxy ctl drain blue-1
+
+A progressive rollout that judges green on live traffic (README: Progressive rollouts):
+  while true; do curl -s -o /dev/null {proxy}/; done &          # some traffic
+  zdproxy ctl rollout start --to green --steps 10:20s,50:20s,100:10s --interval 2s --min-requests 20
+  zdproxy ctl rollout status --watch
+  curl -X POST 'http://127.0.0.1:9103/_demo/errors?rate=0.3'    # make green-1 a bad version
 
 Ctrl-C stops everything.
 """

@@ -24,9 +24,17 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from zdproxy.balancing.model import BackendState
 from zdproxy.balancing.stats import LATENCY_BUCKETS
+from zdproxy.control.rollout import ROLLBACK_BUCKETS, RolloutController
 from zdproxy.control.runtime import Runtime
 
-__all__ = ["CONTENT_TYPE_LATEST", "DataPathCounts", "ZdproxyCollector", "build_registry", "render"]
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "DataPathCounts",
+    "RolloutCollector",
+    "ZdproxyCollector",
+    "build_registry",
+    "render",
+]
 
 _BUCKET_LABELS = (*(repr(float(bound)) for bound in LATENCY_BUCKETS), "+Inf")
 
@@ -198,6 +206,54 @@ class ShadowCollector(Collector):
         latency.add_metric(["live"], figures["live_latency_seconds_sum"])
         latency.add_metric(["shadow"], figures["shadow_latency_seconds_sum"])
         yield latency
+
+
+class RolloutCollector(Collector):
+    """The rollout engine's figures: rollback times and the current rollout.
+    (``zdproxy_rollouts_total`` comes from the runtime's counters, above.)"""
+
+    def __init__(self, controller: RolloutController) -> None:
+        self.controller = controller
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        controller = self.controller
+        histogram = HistogramMetricFamily(
+            "zdproxy_rollout_rollback_seconds",
+            "Time from a failing verdict to the canary pool serving nothing (weights back "
+            "and its in-flight requests finished).",
+        )
+        running = 0
+        buckets: list[tuple[str, float]] = []
+        labels = (*(repr(float(b)) for b in ROLLBACK_BUCKETS), "+Inf")
+        for label, count in zip(labels, controller.rollback_counts, strict=True):
+            running += count
+            buckets.append((label, running))
+        histogram.add_metric([], buckets, sum_value=controller.rollback_sum)
+        yield histogram
+        rollout = controller.current
+        active = rollout is not None and rollout.active
+        step = GaugeMetricFamily(
+            "zdproxy_rollout_step", "Current step (1-based) of the rollout in progress; 0: none."
+        )
+        weight = GaugeMetricFamily(
+            "zdproxy_rollout_weight",
+            "Target pool's weight set by the rollout in progress.",
+            labels=["pool"],
+        )
+        phase = GaugeMetricFamily(
+            "zdproxy_rollout_phase", "1 for the latest rollout's phase.", labels=["phase"]
+        )
+        step.add_metric([], rollout.step + 1 if rollout is not None and active else 0)
+        if rollout is not None:
+            if active:
+                weight.add_metric([rollout.plan.to], rollout.target_weight)
+            phase.add_metric([rollout.phase.value], 1)
+        yield step
+        yield weight
+        yield phase
 
 
 def build_registry(runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> CollectorRegistry:

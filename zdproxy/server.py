@@ -19,6 +19,7 @@ from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.rolling import RollingUpdates
+from zdproxy.control.rollout import RolloutController, RolloutDriver
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
 from zdproxy.proxy.accesslog import AccessLog
@@ -65,6 +66,8 @@ class ProxyServer:
         #: shadow traffic settings (control side); the data path's sender subscribes
         self.shadow = ShadowControl(self.runtime, config.shadow)
         self.shadow_sender: ShadowSender | None = None
+        #: progressive rollouts: plain logic here, ticked by a driver task once serving
+        self.rollouts = RolloutController(self.runtime)
         self.ctx: ProxyContext | None = None
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -281,6 +284,12 @@ def _install_optional_parts(server: ProxyServer) -> None:
         pass
     else:
         install_admin(server)
+    # after the admin part restored the saved state: the rollout in progress resumes
+    # (same step, same weights) before the first request is served
+    server.rollouts.restore()
+    driver = RolloutDriver(server.rollouts)
+    server.start_hooks.append(driver.start)
+    server.stop_hooks.append(driver.stop)
 
 
 async def _start_rolling(server: ProxyServer) -> None:

@@ -163,7 +163,7 @@ async def test_json_output_is_the_raw_answer(live: tuple[AdminProxy, list[Backen
         (("status",), None, "401: missing bearer token"),
         (("status",), "wrong-token", "403: invalid token"),
         (("flip", "green"), READ_TOKEN, "403: token 'viewer' is read-only"),
-        (("rollout", "status"), True, "rollouts are not available yet"),
+        (("rollout", "status"), True, "404: no rollout yet"),
     ],
 )
 async def test_errors_exit_1_with_the_api_message(

@@ -372,3 +372,31 @@ def test_hash_affinity_moves_few_keys_when_a_backend_goes_down() -> None:
     moved = [k for k in keys if before[k] != after[k]]
     assert all(before[k] == "blue-3" for k in moved)
     assert "blue-3" not in after.values()
+
+
+def test_a_rolled_back_canary_loses_its_pinned_clients_at_once_even_with_drain_timeout() -> None:
+    """A rollback revokes the canary's pins (``Runtime.apply_rollout_weights(revoke=)``):
+    pinned clients move to the baseline on their next request, not at the drain timeout;
+    an ordinary move to 0 keeps them until the timeout (the test above)."""
+    runtime, selector, _clock = setup(
+        {"blue": 50, "green": 50},
+        sticky={"mode": "pool", "on_pool_zero": "drain_timeout"},
+        draining={"timeout": "30s"},
+    )
+    hints = Hints()
+    while pick(selector, hints).pool != "green":
+        hints = Hints()
+    pin = cookie_value(hints.set_cookie)
+    runtime.apply_rollout_weights(
+        {"blue": 100, "green": 0},
+        "rollout.rollback",
+        "rollout-1",
+        "zdproxy",
+        revoke=frozenset({"green"}),
+    )
+    moved = Hints(affinity=pin)
+    assert pick(selector, moved).pool == "blue"
+    assert moved.set_cookie is not None  # re-pinned to the baseline
+    # the next rollout gives green weight again: no longer revoked
+    runtime.apply_rollout_weights({"blue": 90, "green": 10}, "rollout.step", "rollout-2", "z")
+    assert runtime.snapshot.revoked == frozenset()

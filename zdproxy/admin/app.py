@@ -37,6 +37,7 @@ from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
 from zdproxy.control.events import Event, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
+from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
 from zdproxy.control.store import FileStore, Persistence
@@ -44,6 +45,7 @@ from zdproxy.errors import ControlError
 from zdproxy.metrics import (
     CONTENT_TYPE_LATEST,
     DataPathCounts,
+    RolloutCollector,
     ShadowCollector,
     build_registry,
     render,
@@ -114,10 +116,12 @@ class AdminApi:
         closing: Callable[[], bool],
         rolling: RollingUpdates | None = None,
         shadow: ShadowControl | None = None,
+        rollouts: RolloutController | None = None,
     ) -> None:
         self.runtime = runtime
         self.rolling = rolling
         self.shadow = shadow
+        self.rollout_controller = rollouts
         self.persistence = persistence
         self.auth = auth
         self.max_body = max_body
@@ -126,6 +130,8 @@ class AdminApi:
         if shadow is not None:
             # late-bound: the data path's sender is installed when the server starts
             self.registry.register(ShadowCollector(lambda: shadow.figures()))
+        if rollouts is not None:
+            self.registry.register(RolloutCollector(rollouts))
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
         #: the dashboard's assets, read once: name -> (body, content type)
@@ -160,8 +166,11 @@ class AdminApi:
         r.add_get("/api/v1/shadow", self.shadow_status)
         r.add_put("/api/v1/shadow", self.shadow_set)
         r.add_delete("/api/v1/shadow", self.shadow_clear)
-        r.add_route("*", "/api/v1/rollouts", self.rollouts)
-        r.add_route("*", "/api/v1/rollouts/{tail:.*}", self.rollouts)
+        r.add_post("/api/v1/rollouts", self.start_rollout)
+        r.add_get("/api/v1/rollouts", self.rollout_history)
+        r.add_get("/api/v1/rollouts/current", self.current_rollout)
+        for action in ("pause", "resume", "promote", "abort"):
+            r.add_post(f"/api/v1/rollouts/current/{action}", self._rollout_action(action))
         return app
 
     # ---- cross-cutting: auth, body size, errors ----------------------------
@@ -246,7 +255,11 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(state_view(self.runtime, self.persistence, self.rolling, self.shadow))
+        return json_response(
+            state_view(
+                self.runtime, self.persistence, self.rolling, self.shadow, self.rollout_controller
+            )
+        )
 
     async def events(self, request: web.Request) -> web.Response:
         unknown = sorted(set(request.query) - {"since", "limit"})
@@ -256,8 +269,46 @@ class AdminApi:
         limit = _int_param(request, "limit", None, 1, 10000)
         return json_response({"events": self.runtime.events.list(since, limit)})
 
-    async def rollouts(self, request: web.Request) -> web.Response:
-        return error_response(501, "rollouts are not available yet")
+    # ---- rollouts -------------------------------------------------------------
+
+    def _controller(self) -> RolloutController:
+        if self.rollout_controller is None:
+            raise ApiError(501, "rollouts are not available in this process")
+        return self.rollout_controller
+
+    async def start_rollout(self, request: web.Request) -> web.Response:
+        controller = self._controller()
+        data = await self._body(request, None)
+        rollout = controller.start(data, request[_TOKEN].name)
+        return await self._done({"rollout": controller.status(rollout)}, 201)
+
+    async def current_rollout(self, request: web.Request) -> web.Response:
+        controller = self._controller()
+        rollout = controller.current
+        if rollout is None:
+            raise ApiError(404, "no rollout yet (start one with POST /api/v1/rollouts)")
+        return json_response({"rollout": controller.status(rollout)})
+
+    async def rollout_history(self, request: web.Request) -> web.Response:
+        return json_response(self._controller().history_view())
+
+    def _rollout_action(self, action: str) -> Handler:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            controller = self._controller()
+            await self._body(request, frozenset())
+            actor = request[_TOKEN].name
+            act = {
+                "pause": controller.pause,
+                "resume": controller.resume,
+                "promote": controller.promote,
+                "abort": controller.abort,
+            }[action]
+            rollout = act(actor)
+            return await self._done(
+                {"rollout": controller.status(rollout), "event": self.runtime.events.last()}
+            )
+
+        return handle
 
     # ---- rolling updates ------------------------------------------------------
 
@@ -470,6 +521,7 @@ def state_view(
     persistence: Persistence | None = None,
     rolling: RollingUpdates | None = None,
     shadow: ShadowControl | None = None,
+    rollouts: RolloutController | None = None,
 ) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
@@ -483,14 +535,23 @@ def state_view(
         "version": __version__,
         "generation": runtime.version,
         "pools": pools,
-        "rollout": None,
         "rolling": rolling.view()["updates"] if rolling is not None else [],
         "shadow": shadow.view() if shadow is not None else None,
+        "rollout": _rollout_brief(rollouts),
         "persistence": {
             "path": store.path if isinstance(store, FileStore) else None,
             "last_error": persistence.last_error if persistence is not None else None,
         },
     }
+
+
+def _rollout_brief(rollouts: RolloutController | None) -> dict[str, Any] | None:
+    """The rollout in progress, in short, for the state view (None: none runs)."""
+    if rollouts is None or rollouts.current is None or not rollouts.current.active:
+        return None
+    status = rollouts.status(rollouts.current)
+    keys = ("id", "to", "from", "phase", "step", "steps", "step_weight", "waiting", "reason")
+    return {key: status[key] for key in keys}
 
 
 # ---- lifecycle --------------------------------------------------------------
@@ -521,6 +582,7 @@ class ControlPlane:
             closing=self._closing,
             rolling=server.rolling,
             shadow=server.shadow,
+            rollouts=server.rollouts,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None

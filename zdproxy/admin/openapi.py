@@ -236,6 +236,61 @@ _ROLLING_PLAN = {
     },
 }
 
+_SCHEMAS["Rollout"] = {
+    "type": "object",
+    "required": ["id", "to", "from", "phase", "step", "weights", "plan", "verdicts", "kpis"],
+    "properties": {
+        "id": {"type": "integer"},
+        "to": {"type": "string"},
+        "from": {"type": "string"},
+        "phase": {
+            "type": "string",
+            "enum": ["progressing", "paused", "succeeded", "rolled_back", "aborted"],
+        },
+        "result": {"type": "string", "nullable": True},
+        "reason": {"type": "string", "nullable": True},
+        "active": {"type": "boolean"},
+        "step": {"type": "integer", "description": "current step, 1-based"},
+        "steps": {"type": "integer"},
+        "step_weight": {"type": "integer"},
+        "step_applied": {"type": "boolean"},
+        "step_pause_remaining": {"type": "number", "nullable": True},
+        "weights": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "waiting": {"type": "string", "nullable": True},
+        "last_verdict": {"type": "object", "nullable": True},
+        "verdicts": {"type": "array", "items": {"type": "object"}},
+        "kpis": {"type": "object"},
+        "plan": {"type": "object"},
+    },
+}
+
+_ROLLOUT_BODY = {
+    "type": "object",
+    "required": ["to", "steps"],
+    "properties": {
+        "to": {"type": "string"},
+        "from": {"type": "string"},
+        "steps": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["weight"],
+                "additionalProperties": False,
+                "properties": {
+                    "weight": {"type": "integer", "minimum": 1, "maximum": 100},
+                    "pause": {"description": "a duration: 30s, 500ms, or seconds"},
+                },
+            },
+        },
+        "analysis": {"type": "object"},
+        "min_ready": {"type": "integer", "minimum": 1},
+        "keep_warm": {"type": "boolean"},
+        "enable_target": {"type": "boolean"},
+        "webhooks": {"type": "object"},
+    },
+}
+
 
 def _rolling_action(verb: str, summary: str, pool: bool) -> dict[str, Any]:
     operation: dict[str, Any] = {
@@ -388,6 +443,31 @@ def _shadow_paths() -> dict[str, Any]:
                 "operationId": "clearShadow",
                 "summary": "Stop shadow traffic",
                 "responses": {"200": _json(_ref("ShadowResult"), "Stopped"), **_MUTATION_ERRORS},
+            },
+        }
+    }
+
+
+def _rollout_answer(description: str) -> dict[str, Any]:
+    return _json(
+        {
+            "type": "object",
+            "required": ["rollout"],
+            "properties": {"rollout": _ref("Rollout"), "event": {"nullable": True}},
+        },
+        description,
+    )
+
+
+def _rollout_action(verb: str, summary: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "operationId": f"{verb}Rollout",
+            "summary": summary,
+            "requestBody": _EMPTY_BODY,
+            "responses": {
+                "200": _rollout_answer("The rollout now"),
+                **_MUTATION_ERRORS,
             },
         }
     }
@@ -563,6 +643,71 @@ def build_spec(version: str) -> dict[str, Any]:
             ),
             **_rolling_paths(),
             **_shadow_paths(),
+            "/api/v1/rollouts": {
+                "post": {
+                    "operationId": "startRollout",
+                    "summary": "Start a progressive rollout to a pool (one at a time)",
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": _ROLLOUT_BODY,
+                                "example": {
+                                    "to": "green",
+                                    "steps": [
+                                        {"weight": 10, "pause": "30s"},
+                                        {"weight": 50, "pause": "60s"},
+                                        {"weight": 100},
+                                    ],
+                                    "analysis": {"interval": "5s", "min_requests": 50},
+                                },
+                            }
+                        },
+                    },
+                    "responses": {"201": _rollout_answer("Started"), **_MUTATION_ERRORS},
+                },
+                "get": {
+                    "operationId": "getRollouts",
+                    "summary": "Rollout history (newest first) with KPIs and the success rate",
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["rollouts", "success_rate"],
+                                "properties": {
+                                    "rollouts": {"type": "array", "items": {"type": "object"}},
+                                    "finished": {"type": "integer"},
+                                    "results": {"type": "object"},
+                                    "success_rate": {"type": "number", "nullable": True},
+                                },
+                            },
+                            "History",
+                        ),
+                        **_AUTH_ERRORS,
+                    },
+                },
+            },
+            "/api/v1/rollouts/current": {
+                "get": {
+                    "operationId": "getCurrentRollout",
+                    "summary": "The rollout in progress, or the latest one",
+                    "responses": {
+                        "200": _rollout_answer("Its status, verdicts and figures"),
+                        "404": _error("No rollout yet"),
+                        **_AUTH_ERRORS,
+                    },
+                }
+            },
+            "/api/v1/rollouts/current/pause": _rollout_action(
+                "pause", "Hold the current step (analysis keeps judging)"
+            ),
+            "/api/v1/rollouts/current/resume": _rollout_action("resume", "Go on after a pause"),
+            "/api/v1/rollouts/current/promote": _rollout_action(
+                "promote", "Next step now (or success after the last one)"
+            ),
+            "/api/v1/rollouts/current/abort": _rollout_action(
+                "abort", "Stop; all new traffic back to the baseline pool"
+            ),
             "/api/v1/events": {
                 "get": {
                     "operationId": "getEvents",

@@ -122,6 +122,8 @@ class Snapshot:
     pools: dict[str, PoolView]
     #: backends by id, across pools
     backends: dict[str, Backend] = field(default_factory=dict)
+    #: pools whose affinity pins are void as soon as their weight is 0 (rollback)
+    revoked: frozenset[str] = frozenset()
 
     def pool_weights(self) -> dict[str, int]:
         return {name: pool.weight for name, pool in self.pools.items()}

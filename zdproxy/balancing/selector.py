@@ -12,6 +12,8 @@ Affinity (``sticky.mode``):
   moves at once, or after ``draining.timeout`` (``on_pool_zero``). A pin
   issued before a pool went to zero is not honoured when the pool comes back,
   so a restarted canary starts from its weight, not from its old clients.
+  A pool the runtime marks revoked (a rolled-back canary) loses its clients
+  at once, whatever ``on_pool_zero`` says.
 * ``backend``: the cookie pins a backend too. When that backend is down,
   ejected, draining (unless ``draining.sticky_until_timeout``, then until the
   drain timeout) or just failed this request, another backend of the pool is
@@ -235,6 +237,9 @@ class WeightedSelector:
                 self._zero_since.pop(name, None)
                 if old is not None and (before is None or before.weight == 0):
                     self._activated[name] = int(now)
+            elif name in new.revoked:
+                # a rolled-back canary: its clients move now, not at the drain timeout
+                self._zero_since.pop(name, None)
             elif before is not None and before.weight > 0:
                 self._zero_since[name] = now
         draining = self._drain_started

@@ -1,11 +1,18 @@
 """Per-pool request statistics, cheap enough for every request.
 
-Two views of the same stream of (status, latency) pairs:
+Three views of the same stream of (status, latency) pairs:
 
 * cumulative counters and a fixed-bucket histogram, exported to Prometheus;
+* cumulative counts by status class and a finer log-scale latency histogram
+  (``FINE_BOUNDS``, ten buckets a decade), which rollout analysis reads twice
+  and subtracts (``totals``): any window, exactly, for both pools at the same
+  instant, without any external Prometheus;
 * a ring of one-second buckets (counts by status class and a latency
-  histogram), which rollout analysis reads to compare pools over the same
-  window without any external Prometheus.
+  histogram) for the last minutes.
+
+The fine histogram costs nothing extra per request: one bisect over it gives
+both indexes (every Prometheus bound is also a fine bound, ``_COARSE_OF`` maps
+one index to the other).
 """
 
 from __future__ import annotations
@@ -34,6 +41,25 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 _NBUCKETS = len(LATENCY_BUCKETS) + 1
 
 
+def _fine_bounds() -> tuple[float, ...]:
+    """The R10 series (10 steps a decade, each about 26 % above the last) from
+    0.1 ms to 25 s, then 30 s: every ``LATENCY_BUCKETS`` bound is among them."""
+    mantissas = (1.0, 1.25, 1.6, 2.0, 2.5, 3.15, 4.0, 5.0, 6.3, 8.0)
+    bounds = [round(m * 10.0**e, 12) for e in range(-4, 2) for m in mantissas]
+    return (*(b for b in bounds if b <= 25.0), 30.0)
+
+
+#: upper bounds (seconds) of the analysis histogram; the last bucket is +Inf
+FINE_BOUNDS: tuple[float, ...] = _fine_bounds()
+FINE_BUCKETS = len(FINE_BOUNDS) + 1
+assert set(LATENCY_BUCKETS) <= set(FINE_BOUNDS)
+#: fine bucket index -> Prometheus bucket index
+_COARSE_OF: tuple[int, ...] = (
+    *(bisect_left(LATENCY_BUCKETS, bound) for bound in FINE_BOUNDS),
+    len(LATENCY_BUCKETS),
+)
+
+
 class WindowBucket:
     """One second of traffic for one pool."""
 
@@ -55,7 +81,15 @@ class PoolStats:
     """Counters for one pool. ``record`` is on the hot path: a bisect and a few
     list increments, no allocation except when a new second starts."""
 
-    __slots__ = ("_ring", "count", "histogram", "latency_sum", "window_seconds")
+    __slots__ = (
+        "_ring",
+        "classes",
+        "count",
+        "fine",
+        "histogram",
+        "latency_sum",
+        "window_seconds",
+    )
 
     def __init__(self, window_seconds: int = 300) -> None:
         self.window_seconds = window_seconds
@@ -63,18 +97,31 @@ class PoolStats:
         self.histogram = [0] * _NBUCKETS
         self.latency_sum = 0.0
         self.count = 0
+        #: cumulative counts by status class (as ``WindowBucket.classes``)
+        self.classes = [0] * 6
+        #: cumulative log-scale latency histogram over ``FINE_BOUNDS``
+        self.fine = [0] * FINE_BUCKETS
 
     def record(self, status: int, seconds: float, now: float) -> None:
-        index = bisect_left(LATENCY_BUCKETS, seconds)
+        fine = bisect_left(FINE_BOUNDS, seconds)
+        self.fine[fine] += 1
+        index = _COARSE_OF[fine]
         self.histogram[index] += 1
         self.latency_sum += seconds
         self.count += 1
+        cls = status // 100 if 100 <= status < 600 else 0
+        self.classes[cls] += 1
         second = int(now)
         bucket = self._ring[second % self.window_seconds]
         if bucket.second != second:
             bucket.reset(second)
-        bucket.classes[status // 100 if 100 <= status < 600 else 0] += 1
+        bucket.classes[cls] += 1
         bucket.latency[index] += 1
+
+    def totals(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Copies of the cumulative class counts and fine histogram; the
+        difference of two of them is the traffic between the two reads."""
+        return tuple(self.classes), tuple(self.fine)
 
     def window(self, now: float, seconds: int) -> WindowSummary:
         """Sum of the last ``seconds`` complete-or-current seconds up to ``now``."""

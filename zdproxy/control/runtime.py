@@ -96,6 +96,14 @@ class Runtime:
         #: zdproxy_rollouts_total and zdproxy_config_reloads_total, by result
         self.rollout_results: dict[str, int] = {}
         self.config_reloads: dict[str, int] = {}
+        #: the rollout engine's persisted part (plan, progress, history); opaque here
+        self.rollout_state: dict[str, Any] | None = None
+        #: asked before an operator's split or flip: raises ``Conflict`` to refuse it
+        #: (a rollout runs), may abort the rollout when forced (action, actor, force)
+        self.weights_guard: Callable[[str, str, bool], None] | None = None
+        #: pools whose affinity pins are void at once when their weight is 0 (a
+        #: rolled-back canary), whatever ``sticky.on_pool_zero`` says
+        self.revoked_pins: set[str] = set()
         self._listeners: list[SnapshotListener] = []
         self._state_listeners: list[StateListener] = []
         self._snapshot: Snapshot | None = None
@@ -185,7 +193,12 @@ class Runtime:
                 stats=self.pool_stats[name],
                 name_bytes=name.encode("ascii"),
             )
-        return Snapshot(version=self.version, pools=pools, backends=dict(self.backends))
+        return Snapshot(
+            version=self.version,
+            pools=pools,
+            backends=dict(self.backends),
+            revoked=frozenset(p for p in self.revoked_pins if self.pool_weights.get(p) == 0),
+        )
 
     def publish(self) -> None:
         snapshot = self.build_snapshot()
@@ -291,6 +304,8 @@ class Runtime:
     def _set_weights(
         self, new: dict[str, int], action: str, target: str, actor: str, force: bool
     ) -> Event | None:
+        if self.weights_guard is not None:
+            self.weights_guard(action, actor, force)
         unusable = [name for name, w in new.items() if w > 0 and not self.usable(name)]
         note = None
         if unusable:
@@ -306,6 +321,39 @@ class Runtime:
         self.publish()
         log.info("%s by %s: %s", action, actor, _weights_text(new))
         return self._changed(actor, action, target, before, dict(new), note)
+
+    def apply_rollout_weights(
+        self,
+        new: Mapping[str, int],
+        action: str,
+        target: str,
+        actor: str,
+        note: str | None = None,
+        revoke: frozenset[str] = frozenset(),
+        extra: Mapping[str, Any] | None = None,
+    ) -> Event:
+        """The rollout engine's weight changes: one snapshot swap and one audit
+        event named ``action`` (``rollout.step``, ``rollout.rollback``, ...) whose
+        before/after are the weights (plus ``extra`` in after). Pins to the pools
+        in ``revoke`` stop at once; a pool that gets weight again is no longer
+        revoked."""
+        weights = {name: int(new.get(name, 0)) for name in self.pool_weights}
+        if sum(weights.values()) != 100 or any(w < 0 for w in weights.values()):
+            raise ControlError(f"rollout weights must sum to 100, got {weights}")
+        before = dict(self.pool_weights)
+        self.pool_weights = weights
+        self.revoked_pins = {p for p in self.revoked_pins | revoke if weights.get(p, 0) == 0}
+        self.publish()
+        log.info("%s by %s: %s", action, actor, _weights_text(weights))
+        after: dict[str, Any] = dict(weights)
+        if extra:
+            after.update(extra)
+        return self._changed(actor, action, target, before, after, note)
+
+    def set_rollout_state(self, state: dict[str, Any] | None) -> None:
+        """Store the rollout engine's persisted part and save the state."""
+        self.rollout_state = state
+        self._state_changed()
 
     def usable(self, pool: str) -> bool:
         """Whether a pool has a backend that takes new requests now."""
@@ -510,6 +558,7 @@ class Runtime:
             "added": [dict(spec) for spec in self.added.values()],
             "removed": {k: dict(v) for k, v in self.removed.items()},
             **{key: export() for key, (export, _) in self._sections.items()},
+            **({"rollouts": self.rollout_state} if self.rollout_state is not None else {}),
         }
 
     def restore(self, state: Mapping[str, Any]) -> None:
@@ -525,6 +574,9 @@ class Runtime:
         * saved pool weights win while the config's weights (and pool set) are the
           ones the state was saved under; an edited config's weights win.
         """
+        rollouts = state.get("rollouts")
+        if isinstance(rollouts, dict):
+            self.rollout_state = rollouts
         for backend_id, where in state["removed"].items():
             backend = self.backends.get(backend_id)
             if backend is None:

@@ -108,6 +108,9 @@ def check_state(data: Any) -> dict[str, Any]:
         for k, v in removed.items()
     ):
         raise StoreError("removed: expected an object of backend id -> {pool, address}")
+    rollouts = data.get("rollouts")
+    if rollouts is not None and not isinstance(rollouts, dict):
+        raise StoreError("rollouts: expected an object (the rollout engine's state)")
     return data
 
 
