@@ -381,6 +381,13 @@ class ClientConnection(asyncio.Protocol):
         transport.pause_reading()
         self.reading_paused = True
         self.input_done = True
+        if broken is not None and not broken.method:
+            # refused before its head was complete: the method may be known already
+            # (for the access log); ask before the parser is replaced below
+            try:
+                broken.method = self.parser.get_method()
+            except httptools.HttpParserError:
+                pass
         # nothing more is parsed: let go of what the parser holds (up to a
         # head's worth of an unfinished line) now, not when the close completes
         self.parser = httptools.HttpRequestParser(self)
@@ -416,12 +423,6 @@ class ClientConnection(asyncio.Protocol):
                 if request_id is None:
                     request_id = ids.resolve(broken.request_id_in)
             extra = ids.line(request_id)
-        if broken is not None and not broken.method:
-            # refused before its head was complete: the method may be known already
-            try:
-                broken.method = self.parser.get_method()
-            except httptools.HttpParserError:
-                pass
         response = error_response(status, cause, message, extra=extra)
         head_end = response.index(b"\r\n\r\n") + 4
         if broken is not None and broken.method == b"HEAD":
