@@ -22,7 +22,11 @@ TIMEOUT = 10.0
 
 
 class CtlError(Exception):
-    pass
+    """An API or connection error: exit status 1."""
+
+
+class UsageError(CtlError):
+    """The command line itself is wrong (a value argparse cannot check): exit status 2."""
 
 
 class Client:
@@ -160,9 +164,9 @@ def parse_split(items: Sequence[str]) -> dict[str, int]:
         name, sep, value = item.partition("=")
         value = value.strip().rstrip("%")
         if not sep or not name or not value.isdigit():
-            raise CtlError(f"expected POOL=PERCENT, got {item!r}")
+            raise UsageError(f"expected POOL=PERCENT, got {item!r}")
         if name in weights:
-            raise CtlError(f"pool {name!r} given twice")
+            raise UsageError(f"pool {name!r} given twice")
         weights[name] = int(value)
     return weights
 
@@ -310,6 +314,9 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     client = Client(url, token)
     try:
         result = args.func(client, args, out)
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except CtlError as exc:
         print(f"zdproxy ctl: {exc}", file=sys.stderr)
         return 1
