@@ -61,7 +61,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(args.log_format or config.log.format, config.log.level)
-    return _run_loop(serve(config, args.config))
+    return _serve(serve(config, args.config))
+
+
+def _serve(coro: Any) -> int:
+    """Run the server; a listener that cannot be bound is one line and exit 1."""
+    from zdproxy.errors import ListenError
+
+    try:
+        return _run_loop(coro)
+    except ListenError as exc:
+        print(f"zdproxy: {exc}", file=sys.stderr)
+        return 1
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -78,7 +89,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from zdproxy.demo import run_demo
 
     setup_logging(args.log_format or "text", "warning")
-    return _run_loop(run_demo())
+    # the audit log, one line per change (flip, split, drain, ...): what a demo shows
+    logging.getLogger("zdproxy.admin").setLevel(logging.INFO)
+    return _serve(run_demo())
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.runtime import Runtime
+from zdproxy.errors import ListenError
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
 from zdproxy.proxy.upstream import UpstreamPools
@@ -43,6 +44,18 @@ def bind_socket(address: Address, backlog: int = BACKLOG) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def bind_listener(address: Address, backlog: int = BACKLOG) -> socket.socket:
+    """``bind_socket``, with a failure turned into ``ListenError``: one line that
+    names the address and the reason (``address already in use``), no traceback."""
+    try:
+        return bind_socket(address, backlog)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve {address.host} ({reason})"
+        raise ListenError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}") from None
 
 
 class ProxyServer:
@@ -80,7 +93,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
         for address in self.config.listen:
-            self.sockets.append(bind_socket(address))
+            self.sockets.append(bind_listener(address))
             log.info("listening on %s", address)
         ctx.accept_control = self._accept_control
         self._sweeper = loop.create_task(self._sweep())
