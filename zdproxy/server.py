@@ -89,11 +89,19 @@ class ProxyServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
+    def bind(self) -> None:
+        """Bind the data listeners (once): before anything else starts, so that a
+        port in use ends the start with one line and nothing changed on disk."""
+        if self.sockets:
+            return
+        for address in self.config.listen:
+            self.sockets.append(bind_listener(address))
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
+        self.bind()
         for address in self.config.listen:
-            self.sockets.append(bind_listener(address))
             log.info("listening on %s", address)
         ctx.accept_control = self._accept_control
         self._sweeper = loop.create_task(self._sweep())
@@ -219,6 +227,7 @@ class ProxyServer:
 
 async def serve(config: Config, config_path: str | None = None) -> int:
     server = ProxyServer(config, config_path)
+    server.bind()
     _install_optional_parts(server)
     await server.start()
     server.install_signal_handlers()

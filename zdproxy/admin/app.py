@@ -564,9 +564,9 @@ def install(server: ProxyServer) -> None:
             "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
         )
     plane = ControlPlane(server, tokens)
+    if admin.enabled:  # first: a failed start leaves the saved state untouched
+        plane.socket = bind_listener(admin.listen, backlog=128)
     plane.persistence.restore()
     plane.persistence.attach()
-    if admin.enabled:
-        plane.socket = bind_listener(admin.listen, backlog=128)
     server.start_hooks.append(plane.start)
     server.stop_hooks.append(plane.stop)
