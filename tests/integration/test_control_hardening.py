@@ -97,7 +97,7 @@ async def test_a_change_that_cannot_be_saved_is_refused_and_undone(tmp_path: Pat
                 answer = await admin.call(method, path, body)
                 assert answer.status == 503, (method, path, answer)
                 assert answer.error.startswith("the change was not applied: cannot save state:")
-                assert "Not a directory" in answer.error or "File exists" in answer.error
+                assert answer.error.endswith(f"{state_dir} is not a directory")
             after = await admin.state()
             assert after["pools"] == before["pools"]  # served = saved: every change undone
             assert after["persistence"]["last_error"].startswith("cannot save state:")
@@ -359,19 +359,25 @@ async def test_every_change_is_recorded_under_the_named_token(
         "backend.remove",
     ]
     events = await admin.events()
-    assert [(e["actor"], e["action"]) for e in events] == [("deploy", a) for a in done]
+    # a drain of an idle backend completes on its own (actor zdproxy) at any moment
+    ours = [(e["actor"], e["action"]) for e in events if e["actor"] != "zdproxy"]
+    assert ours == [("deploy", a) for a in done]
+    assert {e["action"] for e in events if e["actor"] == "zdproxy"} <= {"backend.drained"}
     assert proxy.stop() == 0
     lines = [line for line in proxy.log().splitlines() if " zdproxy.admin: " in line]
-    audit = [line.split(" zdproxy.admin: ", 1)[1] for line in lines]
-    assert [line for line in audit if " by " in line] == [
-        "split blue,green by deploy: blue=100 green=0 -> blue=50 green=50",
-        "flip green by deploy: blue=50 green=50 -> blue=0 green=100",
-        "backend.add g3 by deploy: - -> up",
-        "backend.drain blue-1 by deploy: up -> draining",
-        "backend.disable blue-1 by deploy: draining -> disabled",
-        "backend.enable blue-1 by deploy: disabled -> up",
-        "backend.remove blue-2 by deploy: up -> -",
+    audit = [line.split(" zdproxy.admin: ", 1)[1] for line in lines if " by deploy: " in line]
+    expected = [
+        r"split blue,green by deploy: blue=100 green=0 -> blue=50 green=50",
+        r"flip green by deploy: blue=50 green=50 -> blue=0 green=100",
+        r"backend\.add g3 by deploy: - -> up",
+        r"backend\.drain blue-1 by deploy: up -> draining",
+        r"backend\.disable blue-1 by deploy: (draining|drained) -> disabled",
+        r"backend\.enable blue-1 by deploy: disabled -> up",
+        r"backend\.remove blue-2 by deploy: up -> -",
     ]
+    assert len(audit) == len(expected), audit
+    for line, pattern in zip(audit, expected, strict=True):
+        assert re.fullmatch(pattern, line), (line, pattern)
     assert all(" INFO " in line for line in lines if " by " in line)
 
 

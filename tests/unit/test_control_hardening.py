@@ -17,7 +17,7 @@ from zdproxy.config.loader import ConfigError, load_config_text
 from zdproxy.config.schema import Address, Config, addresses_overlap
 from zdproxy.control.events import Event, EventLog, describe, read_tail
 from zdproxy.control.runtime import Runtime
-from zdproxy.control.store import FileStore, MemoryStore, Persistence
+from zdproxy.control.store import FileStore, MemoryStore, Persistence, StoreError
 from zdproxy.demo import demo_token
 
 DEEP = b"[" * 30_000 + b"]" * 30_000
@@ -102,7 +102,7 @@ def test_a_save_into_a_missing_directory_fails_cleanly(tmp_path: Path) -> None:
     blocker = tmp_path / "dir"
     blocker.write_text("a file where the state directory should be")
     store = FileStore(str(blocker / "state.json"))
-    with pytest.raises(OSError):
+    with pytest.raises(StoreError, match=f"^{blocker} is not a directory$"):
         store.save({"format": 1})
     assert sorted(os.listdir(tmp_path)) == ["dir"]
 

@@ -170,7 +170,10 @@ class FileStore:
             raise StoreError(self.read_only_reason)
         data = json.dumps(state, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except FileExistsError:
+            raise StoreError(f"{directory} is not a directory") from None
         fd, tmp = tempfile.mkstemp(
             prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
         )
