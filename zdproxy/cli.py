@@ -51,7 +51,6 @@ def _run_loop(coro: Any) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from zdproxy.config.loader import ConfigError, load_config
-    from zdproxy.proxy.accesslog import AccessLogError
     from zdproxy.server import serve
 
     try:
@@ -62,9 +61,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         return 1
     setup_logging(args.log_format or config.log.format, config.log.level)
+    return _serve(serve(config, args.config))
+
+
+def _serve(coro: Any) -> int:
+    """Run the server; a listener that cannot be bound, or an access log that
+    cannot be opened, is one line and exit 1."""
+    from zdproxy.errors import ListenError
+    from zdproxy.proxy.accesslog import AccessLogError
+
     try:
-        return _run_loop(serve(config, args.config))
-    except AccessLogError as exc:
+        return _run_loop(coro)
+    except (ListenError, AccessLogError) as exc:
         print(f"zdproxy: {exc}", file=sys.stderr)
         return 1
 
@@ -83,7 +91,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from zdproxy.demo import run_demo
 
     setup_logging(args.log_format or "text", "warning")
-    return _run_loop(run_demo())
+    # the audit log, one line per change (flip, split, drain, ...): what a demo shows
+    logging.getLogger("zdproxy.admin").setLevel(logging.INFO)
+    return _serve(run_demo())
 
 
 def cmd_ctl(args: argparse.Namespace) -> int:

@@ -22,11 +22,11 @@ TIMEOUT = 10.0
 
 
 class CtlError(Exception):
-    pass
+    """An API or connection error: exit status 1."""
 
 
 class UsageError(CtlError):
-    """Bad arguments (exit status 2)."""
+    """The command line itself is wrong (a value argparse cannot check): exit status 2."""
 
 
 class Client:
@@ -164,9 +164,9 @@ def parse_split(items: Sequence[str]) -> dict[str, int]:
         name, sep, value = item.partition("=")
         value = value.strip().rstrip("%")
         if not sep or not name or not value.isdigit():
-            raise CtlError(f"expected POOL=PERCENT, got {item!r}")
+            raise UsageError(f"expected POOL=PERCENT, got {item!r}")
         if name in weights:
-            raise CtlError(f"pool {name!r} given twice")
+            raise UsageError(f"pool {name!r} given twice")
         weights[name] = int(value)
     return weights
 
@@ -690,7 +690,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
     try:
         result = args.func(client, args, out)
     except UsageError as exc:
-        print(f"zdproxy ctl: {exc}", file=sys.stderr)
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except CtlError as exc:
         print(f"zdproxy ctl: {exc}", file=sys.stderr)

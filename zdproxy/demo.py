@@ -92,6 +92,16 @@ def demo_config(token_env: str) -> Config:
     )
 
 
+def demo_token() -> str:
+    """A random admin token that never starts with ``-``: about 1 in 64
+    ``token_urlsafe`` values does, and ``zdproxy ctl --token -xyz`` would then
+    read it as an option."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if not token.startswith("-"):
+            return token
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -111,7 +121,7 @@ async def run_demo() -> int:
     if busy:
         print(f"zdproxy demo: ports already in use: {', '.join(map(str, busy))}")
         return 1
-    token = os.environ.get("ZDPROXY_ADMIN_TOKEN") or secrets.token_urlsafe(24)
+    token = os.environ.get("ZDPROXY_ADMIN_TOKEN") or demo_token()
     os.environ["ZDPROXY_ADMIN_TOKEN"] = token
     runners = []
     for pool, ports in DEMO_BACKENDS.items():

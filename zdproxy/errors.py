@@ -61,6 +61,10 @@ class BadUpstreamResponse(ProxyError):
     cause = "bad-upstream-response"
 
 
+class ListenError(ZdproxyError):
+    """A listening address cannot be bound; zdproxy exits 1 with this one line."""
+
+
 class ControlError(ZdproxyError):
     """A runtime control call was refused; nothing was changed."""
 

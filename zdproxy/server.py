@@ -22,6 +22,7 @@ from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController, RolloutDriver
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
+from zdproxy.errors import ListenError
 from zdproxy.proxy.accesslog import AccessLog
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
@@ -49,6 +50,18 @@ def bind_socket(address: Address, backlog: int = BACKLOG) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def bind_listener(address: Address, backlog: int = BACKLOG) -> socket.socket:
+    """``bind_socket``, with a failure turned into ``ListenError``: one line that
+    names the address and the reason (``address already in use``), no traceback."""
+    try:
+        return bind_socket(address, backlog)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        if isinstance(exc, socket.gaierror):
+            reason = f"cannot resolve {address.host} ({reason})"
+        raise ListenError(f"cannot listen on {address}: {reason[:1].lower()}{reason[1:]}") from None
 
 
 class ProxyServer:
@@ -90,15 +103,23 @@ class ProxyServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
+    def bind(self) -> None:
+        """Bind the data listeners (once): before anything else starts, so that a
+        port in use ends the start with one line and nothing changed on disk."""
+        if self.sockets:
+            return
+        for address in self.config.listen:
+            self.sockets.append(bind_listener(address))
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
+        self.bind()
         self._apply_fd_budget(ctx)
         log_config = self.config.log
         if log_config.access_log != "off":
             ctx.access_log = AccessLog(log_config.access_log, log_config.access_log_path, loop)
         for address in self.config.listen:
-            self.sockets.append(bind_socket(address))
             log.info("listening on %s", address)
         ctx.accept_control = self._accept_control
         self.shadow_sender = sender = ShadowSender(ctx)
@@ -251,6 +272,7 @@ class ProxyServer:
 
 async def serve(config: Config, config_path: str | None = None) -> int:
     server = ProxyServer(config, config_path)
+    server.bind()
     _install_optional_parts(server)
     await server.start()
     server.install_signal_handlers()

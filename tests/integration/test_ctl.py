@@ -156,8 +156,6 @@ async def test_json_output_is_the_raw_answer(live: tuple[AdminProxy, list[Backen
     [
         (("flip", "purple"), True, "404: no pool named 'purple'"),
         (("split", "blue=90", "green=20"), True, "400: pool weights must sum to 100, got 110"),
-        (("split", "blue"), True, "expected POOL=PERCENT, got 'blue'"),
-        (("split", "blue=50", "blue=50"), True, "pool 'blue' given twice"),
         (("drain", "nope"), True, "404: no backend with id 'nope'"),
         (("add", "green", "not-an-address"), True, "400: invalid address"),
         (("status",), None, "401: missing bearer token"),
@@ -197,14 +195,38 @@ async def test_conflict_and_force(tmp_path: Path) -> None:
         process.stop()
 
 
-async def test_unreachable_api_and_usage_errors() -> None:
+async def test_unreachable_api_is_exit_1() -> None:
     url = f"http://127.0.0.1:{free_port()}"
     done = await actl(url, "status")
     assert done.returncode == 1
     assert f"cannot reach the admin API at {url}" in done.stderr
-    done = await actl(url)
-    assert done.returncode == 2 and "usage: zdproxy ctl" in done.stderr
-    done = await actl(url, "flip")
-    assert done.returncode == 2
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "usage: zdproxy ctl"),
+        (("flip",), "the following arguments are required: POOL"),
+        (("nonsense",), "invalid choice: 'nonsense'"),
+        (("status", "--bogus"), "unrecognized arguments: --bogus"),
+        (("events", "--limit", "many"), "invalid int value: 'many'"),
+        (("add", "green", "127.0.0.1:1", "--weight", "x"), "invalid int value: 'x'"),
+        (("split", "blue"), "expected POOL=PERCENT, got 'blue'"),
+        (("split", "blue=ten", "green=0"), "expected POOL=PERCENT, got 'blue=ten'"),
+        (("split", "=100"), "expected POOL=PERCENT, got '=100'"),
+        (("split", "blue=50", "blue=50"), "pool 'blue' given twice"),
+        (("rollout", "explode"), "invalid choice: 'explode'"),
+    ],
+)
+async def test_usage_errors_exit_2_without_calling_the_api(
+    args: tuple[str, ...], message: str
+) -> None:
+    # nothing listens at this URL: a usage error must be found before any call
+    url = f"http://127.0.0.1:{free_port()}"
+    done = await actl(url, *args)
+    assert done.returncode == 2, done
+    assert done.stdout == ""
+    assert message in done.stderr
+    assert "cannot reach" not in done.stderr
     done = await actl(url, "status", "--help")
     assert done.returncode == 0 and "--json" in done.stdout

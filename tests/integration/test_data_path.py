@@ -276,50 +276,48 @@ async def test_http10_head_204_304_and_expect(blue_green, tmp_path: Path) -> Non
 
 
 def _http10_head_204_304_and_expect(port: int) -> None:
-    if True:
-        answer = raw_request(port, b"GET / HTTP/1.0\r\n\r\n")
-        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\n")
-        assert b"keep-alive" not in answer.lower()
-        # HTTP/1.0 keep-alive is honoured
+    answer = raw_request(port, b"GET / HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\n")
+    assert b"keep-alive" not in answer.lower()
+    # HTTP/1.0 keep-alive is honoured
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            head = sock.recv(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+            assert b"Connection: keep-alive" in head
+    for path, code in (("/status/204", 204), ("/status/304", 304)):
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            for _ in range(2):
-                sock.sendall(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
-                head = sock.recv(65536)
-                assert head.startswith(b"HTTP/1.1 200")
-                assert b"Connection: keep-alive" in head
-        for path, code in (("/status/204", 204), ("/status/304", 304)):
-            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                # two requests on one connection: a bodiless answer must not eat the next
-                req = f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
-                sock.sendall(req + req)
-                data = b""
-                while data.count(b"HTTP/1.1 %d" % code) < 2:
-                    chunk = sock.recv(65536)
-                    assert chunk, data
-                    data += chunk
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+            # two requests on one connection: a bodiless answer must not eat the next
+            req = f"GET {path} HTTP/1.1\r\nHost: h\r\n\r\n".encode()
+            sock.sendall(req + req)
             data = b""
-            while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"\n"):
+            while data.count(b"HTTP/1.1 %d" % code) < 2:
                 chunk = sock.recv(65536)
-                assert chunk
+                assert chunk, data
                 data += chunk
-            head_answer, _, rest = data.partition(b"\r\n\r\n")
-            assert b"Content-Length: 7" in head_answer  # "blue-N\n" would be the GET body
-            assert rest.startswith(b"HTTP/1.1 200")
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(
-                b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n"
-                b"Expect: 100-continue\r\n\r\n"
-            )
-            assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
-            sock.sendall(b"hello")
-            data = b""
-            while not data.endswith(b"0\r\n\r\n"):
-                chunk = sock.recv(4096)
-                assert chunk
-                data += chunk
-            assert data.startswith(b"HTTP/1.1 200") and b"hello" in data
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2 or not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            assert chunk
+            data += chunk
+        head_answer, _, rest = data.partition(b"\r\n\r\n")
+        assert b"Content-Length: 7" in head_answer  # "blue-N\n" would be the GET body
+        assert rest.startswith(b"HTTP/1.1 200")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(
+            b"POST /echo HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        assert sock.recv(4096).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(b"hello")
+        data = b""
+        while not data.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(4096)
+            assert chunk
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and b"hello" in data
 
 
 async def test_pipelined_requests_answered_in_order(blue_green, tmp_path: Path) -> None:

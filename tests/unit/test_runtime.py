@@ -263,7 +263,15 @@ def test_add_backend_refusals_change_nothing(
 
 
 def test_same_address_in_another_pool_is_fine(runtime: Runtime) -> None:
-    runtime.add_backend("blue", "127.0.0.1:9003", None, 1, "a")
+    # green-1 is at 127.0.0.1:9003 too: only the same address in the same pool is refused
+    backend = runtime.add_backend("blue", "127.0.0.1:9003", None, 1, "a")
+    assert (backend.id, backend.pool, backend.address) == ("blue-3", "blue", "127.0.0.1:9003")
+    assert runtime.backends["blue-3"] is backend
+    assert runtime.backends["green-1"].address == "127.0.0.1:9003"
+    assert runtime.added == {
+        "blue-3": {"id": "blue-3", "pool": "blue", "address": "127.0.0.1:9003", "weight": 1}
+    }
+    assert [b.id for b in runtime.snapshot.pools["blue"].backends] == ["blue-1", "blue-2", "blue-3"]
 
 
 def test_remove_idle_backend_is_immediate(runtime: Runtime) -> None:

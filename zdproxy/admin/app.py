@@ -20,9 +20,10 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from zdproxy import __version__
 from zdproxy.admin.auth import (
@@ -35,7 +36,7 @@ from zdproxy.admin.auth import (
 )
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
-from zdproxy.control.events import Event, events_path, iso_time
+from zdproxy.control.events import Event, describe, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
@@ -66,6 +67,44 @@ _STATIC = resources.files("zdproxy.admin") / "static"
 _CONTENT_TYPES = {"html": "text/html", "js": "text/javascript", "css": "text/css"}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_T = TypeVar("_T")
+
+#: headers of the dashboard (page and assets): its own files only, no framing
+DASHBOARD_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
+        "frame-ancestors 'none'"
+    ),
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+#: headers of every other answer (API, metrics, errors): never cached, never sniffed
+API_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+class RedactParseErrors(logging.Filter):
+    """aiohttp logs a request it cannot parse with a traceback that quotes the
+    offending bytes: an over-long ``Authorization`` header puts the bearer token
+    in the log. Such records become one line naming the error, without them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+            record.msg = "admin API: refused a malformed request from %s (%s, status %d)"
+            record.args = (remote, type(exc).__name__, exc.code)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _redact_aiohttp_parse_errors() -> None:
+    logger = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, RedactParseErrors) for f in logger.filters):
+        logger.addFilter(RedactParseErrors())
 
 
 class ApiError(Exception):
@@ -126,6 +165,8 @@ class AdminApi:
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
+        #: one operator change at a time: each is saved (or undone) before the next
+        self._mutating = asyncio.Lock()
         self.registry = build_registry(runtime, data_path)
         if shadow is not None:
             # late-bound: the data path's sender is installed when the server starts
@@ -143,6 +184,7 @@ class AdminApi:
 
     def build_app(self) -> web.Application:
         app = web.Application(middlewares=[self._middleware], client_max_size=self.max_body)
+        app.on_response_prepare.append(_security_headers)
         r = app.router
         r.add_get("/healthz", self.healthz)
         r.add_get("/", self.dashboard)
@@ -214,6 +256,8 @@ class AdminApi:
             data = json.loads(raw)
         except ValueError as exc:
             raise ApiError(400, f"invalid JSON body: {exc}") from None
+        except RecursionError:
+            raise ApiError(400, "invalid JSON body: nested too deeply") from None
         if not isinstance(data, dict):
             raise ApiError(400, "expected a JSON object body")
         if allowed is not None:
@@ -279,8 +323,8 @@ class AdminApi:
     async def start_rollout(self, request: web.Request) -> web.Response:
         controller = self._controller()
         data = await self._body(request, None)
-        rollout = controller.start(data, request[_TOKEN].name)
-        return await self._done({"rollout": controller.status(rollout)}, 201)
+        rollout = await self._mutate(lambda: controller.start(data, request[_TOKEN].name))
+        return json_response({"rollout": controller.status(rollout)}, 201)
 
     async def current_rollout(self, request: web.Request) -> web.Response:
         controller = self._controller()
@@ -303,8 +347,8 @@ class AdminApi:
                 "promote": controller.promote,
                 "abort": controller.abort,
             }[action]
-            rollout = act(actor)
-            return await self._done(
+            rollout = await self._mutate(lambda: act(actor))
+            return json_response(
                 {"rollout": controller.status(rollout), "event": self.runtime.events.last()}
             )
 
@@ -326,9 +370,10 @@ class AdminApi:
     async def rolling_start(self, request: web.Request) -> web.Response:
         rolling = self._rolling()
         body = await self._optional_body(request)
-        update = rolling.start(request.match_info["pool"], body, request[_TOKEN].name)
+        pool, actor = request.match_info["pool"], request[_TOKEN].name
+        update = await self._mutate(lambda: rolling.start(pool, body, actor))
         result = {"rolling": update.to_json(self.runtime, self.runtime.clock())}
-        return await self._done(result, 201)
+        return json_response(result, 201)
 
     async def rolling_status(self, request: web.Request) -> web.Response:
         rolling = self._rolling()
@@ -350,8 +395,9 @@ class AdminApi:
             else:
                 await self._body(request, frozenset())
             actor = request[_TOKEN].name
-            update = rolling.next(pool, actor) if verb == "next" else rolling.abort(pool, actor)
-            return await self._done({"rolling": update.to_json(self.runtime, self.runtime.clock())})
+            act = rolling.next if verb == "next" else rolling.abort
+            update = await self._mutate(lambda: act(pool, actor))
+            return json_response({"rolling": update.to_json(self.runtime, self.runtime.clock())})
 
         return handle
 
@@ -368,14 +414,14 @@ class AdminApi:
     async def shadow_set(self, request: web.Request) -> web.Response:
         shadow = self._shadow()
         body = await self._body(request, None)
-        event = shadow.set(body, request[_TOKEN].name)
-        return await self._done(self._shadow_result(shadow, event))
+        event = await self._mutate(lambda: shadow.set(body, request[_TOKEN].name))
+        return json_response(self._shadow_result(shadow, event))
 
     async def shadow_clear(self, request: web.Request) -> web.Response:
         shadow = self._shadow()
         await self._body(request, frozenset())
-        event = shadow.clear(request[_TOKEN].name)
-        return await self._done(self._shadow_result(shadow, event))
+        event = await self._mutate(lambda: shadow.clear(request[_TOKEN].name))
+        return json_response(self._shadow_result(shadow, event))
 
     @staticmethod
     def _shadow_result(shadow: ShadowControl, event: Event | None) -> dict[str, Any]:
@@ -387,9 +433,25 @@ class AdminApi:
 
     # ---- mutations ----------------------------------------------------------
 
-    async def _done(self, data: dict[str, Any], status: int = 200) -> web.Response:
-        await self.persistence.flush()
-        return json_response(data, status)
+    async def _mutate(self, change: Callable[[], _T]) -> _T:
+        """Apply ``change`` (a runtime mutation) and wait until it is saved. When it
+        cannot be saved it is undone, so that what is served is what a restart
+        would restore, and the caller gets 503 with the cause."""
+        async with self._mutating:
+            checkpoint = self.runtime.checkpoint()
+            # the controllers keep state of their own beside the runtime's
+            controllers = [c for c in (self.rollout_controller, self.rolling, self.shadow) if c]
+            saved = [(c, c.checkpoint()) for c in controllers]
+            mark = self.persistence.mark()
+            result = change()
+            problem = await self.persistence.commit(mark)
+            if problem is not None:
+                for controller, point in saved:
+                    controller.rollback(point)
+                self.runtime.rollback(checkpoint)
+                log.error("the change was undone: %s", problem)
+                raise ApiError(503, f"the change was not applied: {problem}")
+            return result
 
     def _weights_result(self, event: Event | None) -> dict[str, Any]:
         return {
@@ -402,16 +464,18 @@ class AdminApi:
         data = await self._body(request, None)
         # "force" is the flag unless a pool is named so
         force = self._force(data) if "force" not in self.runtime.pool_weights else False
-        event = self.runtime.split(data, request[_TOKEN].name, force=force)
-        return await self._done(self._weights_result(event))
+        actor = request[_TOKEN].name
+        event = await self._mutate(lambda: self.runtime.split(data, actor, force=force))
+        return json_response(self._weights_result(event))
 
     async def flip(self, request: web.Request) -> web.Response:
         data = await self._body(request, frozenset({"to", "force"}))
         if "to" not in data:
             raise ApiError(400, 'expected {"to": "POOL"}')
         force = self._force(data)
-        event = self.runtime.flip(data["to"], request[_TOKEN].name, force=force)
-        return await self._done(self._weights_result(event))
+        actor = request[_TOKEN].name
+        event = await self._mutate(lambda: self.runtime.flip(data["to"], actor, force=force))
+        return json_response(self._weights_result(event))
 
     async def add_backend(self, request: web.Request) -> web.Response:
         data = await self._body(request, frozenset({"pool", "address", "id", "weight"}))
@@ -420,14 +484,13 @@ class AdminApi:
                 raise ApiError(400, f"missing key {key!r}")
         if "id" in data and not isinstance(data["id"], str):
             raise ApiError(400, "id must be a string (leave it out for the default POOL-N)")
-        backend = self.runtime.add_backend(
-            data["pool"],
-            data["address"],
-            data.get("id"),
-            data.get("weight", 1),
-            actor=request[_TOKEN].name,
+        actor = request[_TOKEN].name
+        backend = await self._mutate(
+            lambda: self.runtime.add_backend(
+                data["pool"], data["address"], data.get("id"), data.get("weight", 1), actor=actor
+            )
         )
-        return await self._done(
+        return json_response(
             {
                 "backend": backend_view(self.runtime, backend),
                 "changed": True,
@@ -440,10 +503,11 @@ class AdminApi:
         await self._body(request, frozenset())
         backend_id = request.match_info["id"]
         backend = self.runtime.backends.get(backend_id)
-        removed = self.runtime.remove_backend(backend_id, request[_TOKEN].name)
+        actor = request[_TOKEN].name
+        removed = await self._mutate(lambda: self.runtime.remove_backend(backend_id, actor))
         assert backend is not None  # remove_backend raised NotFound otherwise
         event = self.runtime.events.last()
-        return await self._done(
+        return json_response(
             {"backend": backend_view(self.runtime, backend), "removed": removed, "event": event},
             200 if removed else 202,
         )
@@ -458,9 +522,10 @@ class AdminApi:
         async def handle(request: web.Request) -> web.StreamResponse:
             await self._body(request, frozenset())
             backend_id = request.match_info["id"]
-            event = mutate(backend_id, request[_TOKEN].name)
+            actor = request[_TOKEN].name
+            event = await self._mutate(lambda: mutate(backend_id, actor))
             backend = self.runtime.backends[backend_id]
-            return await self._done(
+            return json_response(
                 {
                     "backend": backend_view(self.runtime, backend),
                     "changed": event is not None,
@@ -469,6 +534,12 @@ class AdminApi:
             )
 
         return handle
+
+
+async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
+    path = request.path
+    dashboard = path == "/" or path.startswith("/static/")
+    response.headers.update(DASHBOARD_HEADERS if dashboard else API_HEADERS)
 
 
 def _int_param(
@@ -557,6 +628,10 @@ def _rollout_brief(rollouts: RolloutController | None) -> dict[str, Any] | None:
 # ---- lifecycle --------------------------------------------------------------
 
 
+def _log_event(event: Event) -> None:
+    log.info("%s", describe(event))
+
+
 class ControlPlane:
     """The admin listener, the runtime tick and persistence of one server."""
 
@@ -567,6 +642,8 @@ class ControlPlane:
         state = config.state
         if state.etcd is not None:
             log.warning("state.etcd is not supported yet: runtime state is kept in memory only")
+        # the process log shows every change too, one readable line each
+        runtime.events.subscribe(_log_event)
         path = state.path if state.etcd is None else None
         self.persistence = Persistence(
             runtime,
@@ -607,6 +684,7 @@ class ControlPlane:
         )
 
     async def start(self, server: ProxyServer) -> None:
+        _redact_aiohttp_parse_errors()
         self._ticker = asyncio.get_running_loop().create_task(self._tick())
         if self.socket is not None:
             runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
@@ -639,9 +717,9 @@ def install(server: ProxyServer) -> None:
 
     Exits the process with status 1, after logging why, when the admin listener
     would be reachable from other hosts without a token, when a configured token
-    cannot be read, or when the admin address cannot be bound.
+    cannot be read; raises ``ListenError`` when the admin address cannot be bound.
     """
-    from zdproxy.server import bind_socket
+    from zdproxy.server import bind_listener
 
     admin = server.config.admin
     try:
@@ -663,13 +741,9 @@ def install(server: ProxyServer) -> None:
             "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
         )
     plane = ControlPlane(server, tokens)
+    if admin.enabled:  # first: a failed start leaves the saved state untouched
+        plane.socket = bind_listener(admin.listen, backlog=128)
     plane.persistence.restore()
     plane.persistence.attach()
-    if admin.enabled:
-        try:
-            plane.socket = bind_socket(admin.listen, backlog=128)
-        except OSError as exc:
-            log.error("cannot listen on the admin address %s: %s", admin.listen, exc)
-            raise SystemExit(1) from None
     server.start_hooks.append(plane.start)
     server.stop_hooks.append(plane.stop)

@@ -38,6 +38,7 @@ _MUTATION_ERRORS = {
     "405": _error("Method not allowed on this path"),
     "409": _error("Refused in the current state; nothing was changed"),
     "413": _error("Request body larger than admin.max_body_bytes"),
+    "503": _error("The change could not be saved to state.path; it was undone"),
 }
 
 _BACKEND_ID_PARAM = {

@@ -417,25 +417,74 @@ def _dotted(loc: Loc) -> str:
 def check_listeners(listen: Sequence[Address], admin: AdminConfig | None) -> list[tuple[Loc, str]]:
     """Cross-field problems of the listeners: (location, message) pairs.
 
-    Data listeners are unique, and the admin listener (if given and enabled) is not
-    one of them.
+    Data listeners are unique and do not overlap, and the admin listener (if given
+    and enabled) overlaps none of them. Two addresses overlap when one could not be
+    bound while the other is: the same port on the same address, or on a wildcard
+    that covers the other (``0.0.0.0`` covers every IPv4 address, ``[::]`` every
+    address, as Linux binds it dual-stack).
     """
     problems: list[tuple[Loc, str]] = []
-    first: dict[Address, int] = {}
     for index, address in enumerate(listen):
-        if address in first:
-            where = _dotted(("listen", first[address]))
-            problems.append(
-                (("listen", index), f"duplicate listen address {address} (also at {where})")
-            )
-        else:
-            first[address] = index
-    if admin is not None and admin.enabled and admin.listen in first:
-        where = _dotted(("listen", first[admin.listen]))
-        problems.append(
-            (("admin", "listen"), f"{admin.listen} is also a data listener (at {where})")
-        )
+        for earlier in range(index):
+            other = listen[earlier]
+            where = _dotted(("listen", earlier))
+            if other == address:
+                message = f"duplicate listen address {address} (also at {where})"
+            elif addresses_overlap(address, other):
+                message = f"{address} overlaps {other} (at {where}): {_why(address, other)}"
+            else:
+                continue
+            problems.append((("listen", index), message))
+            break
+    if admin is not None and admin.enabled:
+        for index, address in enumerate(listen):
+            where = _dotted(("listen", index))
+            if admin.listen == address:
+                message = f"{admin.listen} is also a data listener (at {where})"
+            elif addresses_overlap(admin.listen, address):
+                message = (
+                    f"{admin.listen} overlaps the data listener {address} (at {where}): "
+                    f"{_why(admin.listen, address)}"
+                )
+            else:
+                continue
+            problems.append((("admin", "listen"), message))
+            break
     return problems
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name: zdproxy binds it as IPv4
+
+
+def _is_wildcard(address: Address) -> bool:
+    ip = _ip(address.host)
+    return ip is not None and ip.is_unspecified
+
+
+def addresses_overlap(a: Address, b: Address) -> bool:
+    """Whether binding ``a`` and ``b`` at once fails (see ``check_listeners``)."""
+    if a.port != b.port:
+        return False
+    if a.host == b.host:
+        return True
+    ip_a, ip_b = _ip(a.host), _ip(b.host)
+    v6_a = ip_a is not None and ip_a.version == 6
+    v6_b = ip_b is not None and ip_b.version == 6
+    for wildcard, wild_v6, other_v6 in ((ip_a, v6_a, v6_b), (ip_b, v6_b, v6_a)):
+        if wildcard is not None and wildcard.is_unspecified and (wild_v6 or not other_v6):
+            return True
+    return ip_a is not None and ip_a == ip_b  # spelled differently, e.g. [::1] and [0::1]
+
+
+def _why(a: Address, b: Address) -> str:
+    wildcard = a if _is_wildcard(a) else b if _is_wildcard(b) else None
+    if wildcard is None:
+        return "the same address"
+    return f"{wildcard} takes port {wildcard.port} on every address, so both cannot be bound"
 
 
 def check_pools(pools: Mapping[str, PoolConfig]) -> list[tuple[Loc, str]]:

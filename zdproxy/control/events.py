@@ -100,6 +100,12 @@ class EventLog:
             self._ring.append(record)
             self.next_id = max(self.next_id, int(record["id"]) + 1)
 
+    def discard_from(self, first_id: int) -> None:
+        """Drop the events from id ``first_id`` on (changes that were undone). Ids
+        are not reused: one may already be in a log line."""
+        while self._ring and self._ring[-1]["id"] >= first_id:
+            self._ring.pop()
+
     def list(self, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Events with an id above ``since``, oldest first; the newest ``limit`` of them."""
         events = [e for e in self._ring if e["id"] > since]
@@ -113,6 +119,26 @@ class EventLog:
 
     def __len__(self) -> int:
         return len(self._ring)
+
+
+def describe(event: Event) -> str:
+    """One readable line for the process log:
+    ``flip green by deploy: blue=100 green=0 -> blue=0 green=100``."""
+    text = (
+        f"{event.action} {event.target} by {event.actor}: "
+        f"{_brief(event.before)} -> {_brief(event.after)}"
+    )
+    return f"{text} ({event.note})" if event.note else text
+
+
+def _brief(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        if "state" in value and "pool" in value:  # a backend: its state says it all
+            return f"{value['state']} (removing)" if value.get("removing") else str(value["state"])
+        return " ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
 
 
 def events_path(state_path: str) -> str:
@@ -159,7 +185,7 @@ def read_tail(path: str, count: int) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deeply
             skipped += 1
             continue
         if isinstance(record, dict) and isinstance(record.get("id"), int):

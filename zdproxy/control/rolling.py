@@ -611,6 +611,14 @@ class RollingUpdates:
             "updates": {pool: u.export() for pool, u in self.updates.items()},
         }
 
+    def checkpoint(self) -> Any:
+        """The updates as saved, for ``rollback`` when an operator call cannot be saved."""
+        return self.export()
+
+    def rollback(self, checkpoint: Any) -> None:
+        self.updates.clear()
+        self.restore(checkpoint)
+
     def restore(self, saved: Any) -> None:
         """Take the saved section back; a running update carries on (its timeouts
         start over). A section that does not parse is logged and dropped."""

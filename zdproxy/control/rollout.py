@@ -979,6 +979,26 @@ class RolloutController:
             }
         )
 
+    def checkpoint(self) -> Any:
+        """What an operator call may change, for ``rollback`` when it cannot be saved."""
+        current = self.current
+        fields = None
+        if current is not None:
+            fields = {
+                k: v.copy() if isinstance(v, dict | deque) else v for k, v in vars(current).items()
+            }
+        return current, fields, self.next_id, list(self.history)
+
+    def rollback(self, checkpoint: Any) -> None:
+        current, fields, next_id, history = checkpoint
+        if current is not None and fields is not None:
+            vars(current).clear()
+            vars(current).update(fields)
+        self.current = current
+        self.next_id = next_id
+        self.history.clear()
+        self.history.extend(history)
+
     def restore(self) -> None:
         """Pick up the saved rollout (at start, after the runtime restored its
         state): the same step with the same weights; its pause starts over."""

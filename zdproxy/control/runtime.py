@@ -21,6 +21,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from zdproxy.balancing.model import (
@@ -66,6 +67,25 @@ ADMIN_TRANSITIONS: dict[tuple[str, Admin], Admin] = {
 _REFUSALS: dict[tuple[str, Admin], str] = {
     ("drain", Admin.DISABLED): "backend {id} is disabled: enable it before draining it",
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    """The operator-controlled part of the runtime at one moment (``Runtime.checkpoint``)."""
+
+    pool_weights: dict[str, int]
+    backends: dict[str, Backend]
+    #: (admin, health) of every backend
+    admin: dict[str, tuple[Admin, Health]]
+    added: dict[str, dict[str, Any]]
+    removed: dict[str, dict[str, str]]
+    drain_started: dict[str, float]
+    removing: dict[str, float]
+    effective_weight: dict[str, int]
+    checked: dict[str, bool]
+    health_info: dict[str, Mapping[str, Any]]
+    next_event: int
+    rollout_state: dict[str, Any] | None
 
 
 class Runtime:
@@ -319,7 +339,6 @@ class Runtime:
         before = dict(self.pool_weights)
         self.pool_weights = new
         self.publish()
-        log.info("%s by %s: %s", action, actor, _weights_text(new))
         return self._changed(actor, action, target, before, dict(new), note)
 
     def apply_rollout_weights(
@@ -400,9 +419,6 @@ class Runtime:
         self.removed.pop(backend_id, None)
         self.added[backend_id] = spec
         self.publish()
-        log.info(
-            "backend %s added to pool %s at %s by %s", backend_id, pool, backend.address, actor
-        )
         self._changed(actor, "backend.add", backend_id, None, _brief(backend))
         return backend
 
@@ -428,7 +444,6 @@ class Runtime:
         if backend.in_flight <= 0:
             self._delete(backend)
             self.publish()
-            log.info("backend %s removed by %s", backend.id, actor)
             self._changed(actor, "backend.remove", backend.id, before, None)
             return True
         if backend.admin is Admin.ENABLED:
@@ -437,9 +452,6 @@ class Runtime:
             self._update(backend)
         self.removing[backend.id] = now + self.config.draining.timeout
         self.publish()
-        log.info(
-            "backend %s: removal by %s, draining %d in flight", backend.id, actor, backend.in_flight
-        )
         after = {**_brief(backend), "removing": True}
         self._changed(actor, "backend.remove", backend.id, before, after)
         return False
@@ -487,7 +499,6 @@ class Runtime:
             backend.health = Health.STARTING
         self._update(backend)
         self.publish()
-        log.info("backend %s: %s by %s", backend.id, action, actor)
         return self._changed(actor, f"backend.{action}", backend.id, before, _brief(backend))
 
     # ---- time-driven progress ---------------------------------------------
@@ -669,6 +680,51 @@ class Runtime:
             "address": self.backends[backend_id].address,
             "weight": weight,
         }
+
+    # ---- undoing a change that could not be saved -------------------------
+
+    def checkpoint(self) -> Checkpoint:
+        """What an operator mutation may change, to undo it with ``rollback``."""
+        return Checkpoint(
+            pool_weights=dict(self.pool_weights),
+            backends=dict(self.backends),
+            admin={b.id: (b.admin, b.health) for b in self.backends.values()},
+            added=dict(self.added),
+            removed=dict(self.removed),
+            drain_started=dict(self.drain_started),
+            removing=dict(self.removing),
+            effective_weight=dict(self.effective_weight),
+            checked=dict(self.checked),
+            health_info=dict(self.health_info),
+            next_event=self.events.next_id,
+            rollout_state=self.rollout_state,
+        )
+
+    def rollback(self, checkpoint: Checkpoint) -> None:
+        """Undo every operator change made since ``checkpoint`` (its state could not
+        be saved): one snapshot swap back, and its audit events leave the ring.
+
+        Health measured meanwhile is kept, except the ``starting`` an ``enable``
+        set: the backend goes back to the health it had.
+        """
+        self.pool_weights = dict(checkpoint.pool_weights)
+        self.backends = dict(checkpoint.backends)
+        self.rollout_state = checkpoint.rollout_state
+        for backend_id, (admin, health) in checkpoint.admin.items():
+            backend = self.backends[backend_id]
+            backend.admin = admin
+            if backend.health is Health.STARTING and health is not Health.STARTING:
+                backend.health = health
+            self._update(backend)
+        self.added = dict(checkpoint.added)
+        self.removed = dict(checkpoint.removed)
+        self.drain_started = dict(checkpoint.drain_started)
+        self.removing = dict(checkpoint.removing)
+        self.effective_weight = dict(checkpoint.effective_weight)
+        self.checked = dict(checkpoint.checked)
+        self.health_info = dict(checkpoint.health_info)
+        self.events.discard_from(checkpoint.next_event)
+        self.publish()
 
     # ---- helpers ----------------------------------------------------------
 

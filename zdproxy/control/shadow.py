@@ -102,6 +102,16 @@ class ShadowControl:
         self.runtime.state_changed()
         return event
 
+    def checkpoint(self) -> ShadowConfig:
+        """The settings, for ``rollback`` when an operator call cannot be saved."""
+        return self.settings
+
+    def rollback(self, checkpoint: ShadowConfig) -> None:
+        if checkpoint != self.settings:
+            self.settings = checkpoint
+            for listener in self._listeners:
+                listener(checkpoint)
+
     def view(self) -> dict[str, Any]:
         return {
             "active": self.active,

@@ -137,6 +137,9 @@ class FileStore:
             return None
         try:
             data = check_state(json.loads(raw))
+        except RecursionError:
+            self._set_aside("is corrupt (nested too deeply)")
+            return None
         except (ValueError, StoreError) as exc:
             self._set_aside(f"is corrupt ({exc})")
             return None
@@ -170,7 +173,10 @@ class FileStore:
             raise StoreError(self.read_only_reason)
         data = json.dumps(state, indent=2, sort_keys=True).encode("utf-8") + b"\n"
         directory = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(directory, exist_ok=True)
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except FileExistsError:
+            raise StoreError(f"{directory} is not a directory") from None
         fd, tmp = tempfile.mkstemp(
             prefix=f".{os.path.basename(self.path)}.", suffix=".tmp", dir=directory
         )
@@ -204,14 +210,19 @@ class BackgroundWriter:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zdproxy-store")
         self._pending: set[asyncio.Future[None]] = set()
         self._lock = threading.Lock()
-        self._latest: tuple[StateStore, dict[str, Any]] | None = None
+        self._latest: tuple[StateStore, dict[str, Any], int] | None = None
         #: the last failure of a write, shown by the state API; cleared by a good save
         self.last_error: str | None = None
+        #: generation of the newest state handed to ``save_state``
+        self.requested = 0
+        #: generation of the newest state known to be on disk
+        self.saved = 0
 
     def save_state(self, store: StateStore, state: dict[str, Any]) -> None:
         with self._lock:
+            self.requested += 1
             queued = self._latest is not None
-            self._latest = (store, state)
+            self._latest = (store, state, self.requested)
         if not queued:
             self.submit(self._save_latest)
 
@@ -220,7 +231,7 @@ class BackgroundWriter:
             latest, self._latest = self._latest, None
         if latest is None:
             return
-        store, state = latest
+        store, state, generation = latest
         try:
             store.save(state)
         except Exception as exc:
@@ -228,6 +239,7 @@ class BackgroundWriter:
             log.error("%s", self.last_error)
         else:
             self.last_error = None
+            self.saved = max(self.saved, generation)
 
     def submit(self, job: Callable[..., None], *args: Any) -> None:
         """Run ``job(*args)`` on the worker; failures are logged, never raised."""
@@ -308,6 +320,19 @@ class Persistence:
 
     async def flush(self) -> None:
         await self.writer.flush()
+
+    def mark(self) -> int:
+        """Where the saves stand; pass it to ``commit`` after a change."""
+        return self.writer.requested
+
+    async def commit(self, mark: int) -> str | None:
+        """Wait until the changes made since ``mark`` are on disk; None when they
+        are (or there was nothing to save), else why they are not."""
+        await self.writer.flush()
+        writer = self.writer
+        if writer.requested == mark or writer.saved >= writer.requested:
+            return None
+        return writer.last_error or "cannot save state"
 
     async def close(self) -> None:
         await self.writer.close()
