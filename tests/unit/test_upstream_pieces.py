@@ -100,3 +100,20 @@ def test_content_length_named_in_connection_still_frames_the_body() -> None:
 )
 def test_announces_body(raw: bytes, announces: bool) -> None:
     assert announces_body(raw) is announces
+
+
+def test_response_head_limit_config_key() -> None:
+    from zdproxy.config import ConfigError, load_config_text
+
+    base = (
+        "listen: 127.0.0.1:8080\npools:\n  blue:\n    weight: 100\n"
+        "    backends: [{address: 127.0.0.1:9001}]\n"
+    )
+    config = load_config_text(base, "test.yaml")
+    assert config.limits.max_response_header_bytes == 65536
+    config = load_config_text(base + "limits:\n  max_response_header_bytes: 2048\n", "t.yaml")
+    assert config.limits.max_response_header_bytes == 2048
+    with pytest.raises(ConfigError) as info:
+        load_config_text(base + "limits:\n  max_response_header_bytes: 100\n", "t.yaml")
+    (problem,) = info.value.problems
+    assert "t.yaml:7" in str(problem) and "limits.max_response_header_bytes" in str(problem)

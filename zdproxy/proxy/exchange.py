@@ -917,7 +917,11 @@ class Exchange:
                 and backend is not None
                 and backend.state is BackendState.UP
             ):
-                upstream.keep(ctx.now)
+                # back to the pool at the end of the read being parsed (a response
+                # only completes inside one), once no byte followed it
+                upstream.exchange = None
+                upstream.idle_since = ctx.now
+                upstream.reusable = True
             else:
                 upstream.exchange = None
                 upstream.close()

@@ -43,9 +43,15 @@ class _StrayBytes(Exception):
     """Raised from a parser callback: bytes followed a complete response."""
 
 
-#: bytes llhttp skips before a status line (blank lines)
-_CR = 13
-_LF = 10
+#: "H", the first byte of a status line
+_H = 72
+
+
+def _status_start(buf: bytes | bytearray, pos: int) -> int:
+    """Where the status line starts: llhttp skips blank lines (CR, LF) before it."""
+    while buf[pos] == 13 or buf[pos] == 10:
+        pos += 1
+    return pos
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -56,7 +62,6 @@ class UpstreamConnection(asyncio.Protocol):
         "exchange",
         "got_bytes",
         "head_buf",
-        "head_end",
         "head_held",
         "head_pos",
         "head_used",
@@ -91,8 +96,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_pos = 0
         #: bytes of this response's heads before ``head_pos`` (1xx heads count too)
         self.head_used = 0
-        #: where the final head ended in ``head_buf``
-        self.head_end = 0
         #: follows the sizes of a chunked response body (None: not chunked)
         self.chunks: ChunkSizeGuard | None = None
         self.got_bytes = False
@@ -195,16 +198,13 @@ class UpstreamConnection(asyncio.Protocol):
     # costs a few C-level scans instead of a Python call per header line.
 
     def expect_response(self) -> None:
-        """A request was written: collect the raw head of its response."""
+        """A request was written: collect the raw head of its response. (The other
+        head fields are back at their rest values once a final head is taken.)"""
         self.in_head = True
-        self.head_buf = None
-        self.head_held = None
-        self.head_pos = 0
-        self.head_used = 0
         self.chunks = None
 
-    def take_head(self, interim: bool) -> bytes:
-        """The raw head just parsed (through its blank line).
+    def _interim_head(self) -> bytes:
+        """The raw 1xx head just parsed; the final head follows in the same bytes.
 
         The heads of one response, its 1xx heads included, share the budget
         ``limits.max_response_header_bytes``: an endless run of ``102
@@ -212,24 +212,15 @@ class UpstreamConnection(asyncio.Protocol):
         """
         buf = self.head_buf
         assert buf is not None
-        pos = start = self.head_pos
-        while buf[start] == _CR or buf[start] == _LF:
-            start += 1  # blank lines before a status line, which llhttp skips
-        # llhttp just found the end of this head: the first blank line after its
-        # start is that end (searched once per head, never per read)
+        pos = self.head_pos
+        start = _status_start(buf, pos)
         end = buf.find(b"\r\n\r\n", start) + 4
         used = self.head_used + end - pos
         if used > self.pools.max_head_bytes:
             raise BadUpstreamResponse("response head too large")
-        head = buf[start:end]
-        if interim:
-            self.head_used = used
-            self.head_pos = end
-        else:
-            self.in_head = False
-            self.head_end = end
-            self.head_held = None
-        return head if type(head) is bytes else bytes(head)
+        self.head_used = used
+        self.head_pos = end
+        return bytes(buf[start:end])
 
     def _hold_head(self) -> bool:
         """Keep an unfinished head for the next read; False when it broke the limit."""
@@ -255,15 +246,30 @@ class UpstreamConnection(asyncio.Protocol):
         if exchange is None:
             return
         status = self.parser.get_status_code()
-        interim = 100 <= status < 200 and status != 101
-        chunked = exchange.on_response_head(self, status, self.take_head(interim))
-        if interim:
+        if 100 <= status < 200 and status != 101:
+            exchange.on_response_head(self, status, self._interim_head())
             return
+        # the final head, inline: this runs once per response
         buf = self.head_buf
         assert buf is not None
-        end = self.head_end
+        pos = self.head_pos
+        start = pos if buf[pos] == _H else _status_start(buf, pos)
+        # llhttp just found the end of this head: the first blank line after its
+        # start is that end (searched once per head, never per read)
+        end = buf.find(b"\r\n\r\n", start) + 4
+        used = self.head_used
+        if used + end - pos > self.pools.max_head_bytes:
+            raise BadUpstreamResponse("response head too large")
+        self.in_head = False
         self.head_buf = None
-        if chunked:
+        if used or not isinstance(buf, bytes):
+            # after 1xx heads or a head split across reads: back to rest values
+            head = bytes(buf[start:end])
+            self.head_used = self.head_pos = 0
+            self.head_held = None
+        else:
+            head = buf[start:end]
+        if exchange.on_response_head(self, status, head):
             guard = ChunkSizeGuard()
             if not guard.feed(buf, end):
                 raise BadUpstreamResponse("chunk size too large")
@@ -284,16 +290,6 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is not None:
             exchange.on_response_complete(self, self.parser.should_keep_alive())
-
-    # called by the exchange
-
-    def keep(self, now: float) -> None:
-        """The response ended cleanly on a keep-alive connection: it goes back to
-        the pool at the end of the read being parsed (always inside one: a
-        response only completes while its bytes are parsed)."""
-        self.exchange = None
-        self.idle_since = now
-        self.reusable = True
 
     # helpers
 
