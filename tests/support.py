@@ -187,8 +187,15 @@ class ZdproxyProcess:
         return self
 
     def _ready(self) -> bool:
+        """The data port and, when enabled, the admin port accept connections (the
+        data listener is bound first thing at start, so it alone says little)."""
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"zdproxy exited early:\n{self.log()}")
+        admin = self.config.get("admin") or {}
+        if admin.get("enabled", True) and "listen" in admin:
+            admin_port = int(str(admin["listen"]).rpartition(":")[2])
+            if not port_open(admin_port):
+                return False
         return port_open(self.port)
 
     def log(self) -> str:

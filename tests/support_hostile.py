@@ -604,6 +604,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 class ProxyProcess:
     """``zdproxy run -c`` in a subprocess on a free port, in front of ``backends``."""
 
@@ -663,16 +671,20 @@ class ProxyProcess:
         raise RuntimeError(f"zdproxy did not start:\n{self.log()}")
 
     def _wait_listening(self, timeout: float = 15.0) -> bool:
+        """The data port and, when enabled, the admin port accept connections. The
+        data listener is bound first thing at start, so it alone says little."""
+        ports = [self.port]
+        admin = self.config()["admin"]
+        if admin.get("enabled", True) and "listen" in admin:
+            ports.append(int(str(admin["listen"]).rpartition(":")[2]))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 return False
-            try:
-                with socket.create_connection((HOST, self.port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.02)
+            if all(_accepts(port) for port in ports):
+                return True
+            time.sleep(0.02)
         return False
 
     def alive(self) -> bool:
