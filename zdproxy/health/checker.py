@@ -468,7 +468,6 @@ def install(server: ProxyServer) -> None:
     """Install health checks, passive health, slow start, retries budget and
     stickiness into ``server`` (before ``server.start()``)."""
     service = HealthService(server)
-    # the composition root declares no attribute for it; the admin API reads it
-    setattr(server, "health", service)  # noqa: B010
+    server.health = service
     server.start_hooks.append(service.start)
     server.stop_hooks.append(service.stop)
