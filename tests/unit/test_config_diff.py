@@ -182,3 +182,16 @@ def test_a_removed_pool_takes_its_api_backends_along() -> None:
     assert set(runtime.pool_weights) == {"blue"}
     assert set(runtime.backends) == {"blue-1", "blue-2"}
     assert runtime.added == {}
+
+
+def test_file_weights_winning_force_the_weights_guard() -> None:
+    """A rollout in progress is asked to stop (forced) only when the file's weights win."""
+    runtime = Runtime(config())
+    calls: list[tuple[str, str, bool]] = []
+    runtime.weights_guard = lambda action, actor, force: calls.append((action, actor, force))
+    apply(runtime, edited(lambda d: d["pools"]["blue"]["backends"][0].update(weight=4)))
+    assert calls == []
+    flipped = copy.deepcopy(BASE["pools"])
+    flipped["blue"]["weight"], flipped["green"]["weight"] = 0, 100
+    apply(runtime, config(pools=flipped))
+    assert calls == [("config.reload", "test", True)]

@@ -516,8 +516,12 @@ class Runtime:
         (its requests in flight finish on the old object). The config wins over
         the API where both define a backend (id, or address in a pool). Pool
         weights: the file's when they (or the pool set) changed since the last
-        loaded file, else the running ones are kept (as at restart).
+        loaded file, else the running ones are kept (as at restart); when the file
+        wins, a rollout in progress is aborted (as by a forced split).
         """
+        if plan.weights_changed and self.weights_guard is not None:
+            # the file's weights win, as a forced split: a running rollout is aborted
+            self.weights_guard("config.reload", actor, True)
         self.config = config
         specs = {backend_id: (pool, spec) for pool, backend_id, spec in config.backend_ids()}
         for name in plan.pools_added:
