@@ -332,3 +332,31 @@ async def test_sighup_twice_quickly(tmp_path: Path) -> None:
             assert actions.count("config.reload") == 2  # the second may find nothing new
     finally:
         process.stop()
+
+
+async def test_a_new_address_replaces_the_backend_and_its_connections(
+    backends: list[CountingBackend], tmp_path: Path
+) -> None:
+    """Same id, new address: the next requests go to the new address, not over
+    the connections pooled to the old one."""
+    a1, a2, *_ = backends
+    config = admin_config(
+        {"blue": {"weight": 100, "backends": [{"id": "x", "address": a1.address}]}}, None
+    )
+    process = AdminProxy(config, tmp_path).start()
+    try:
+        async with AdminClient(process.admin_url) as admin, aiohttp.ClientSession() as session:
+            for _ in range(5):  # one keep-alive client: the proxy pools a connection to a1
+                async with session.get(process.url + "/") as response:
+                    assert response.headers["X-Backend"] == "a1"
+            new = copy.deepcopy(config)
+            new["pools"]["blue"]["backends"][0]["address"] = a2.address
+            rewrite(process.path, new)
+            result = await admin.ok("POST", "/api/v1/reload")
+            assert result["diff"]["backends_replaced"] == ["x"]
+            for _ in range(5):
+                async with session.get(process.url + "/") as response:
+                    assert response.headers["X-Backend"] == "a2"
+            assert (await admin.backend("x") or {})["address"] == a2.address
+    finally:
+        process.stop()
