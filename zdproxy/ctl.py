@@ -535,7 +535,7 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     result = client.call("POST", "/api/v1/reload")
     if not args.json:
         changes = result.get("changes") or []
-        out.write("reloaded: " + ("nothing changed" if not changes else "") + "\n")
+        out.write("reloaded: nothing changed\n" if not changes else "reloaded:\n")
         for line in changes:
             out.write(f"  {line}\n")
     return result
