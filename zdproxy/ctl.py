@@ -56,11 +56,17 @@ class Client:
             raise CtlError(f"{method} {path}: the answer is not JSON") from None
 
     def _error_message(self, exc: urllib.error.HTTPError) -> str:
+        problems: list[str] = []
         try:
-            message = json.loads(exc.read()).get("error") or exc.reason
-        except (ValueError, AttributeError, OSError):
+            answer = json.loads(exc.read())
+            message = answer.get("error") or exc.reason
+            # an invalid config on reload: the `zdproxy check` lines, one per problem
+            problems = [str(line) for line in answer.get("problems") or ()]
+        except (ValueError, AttributeError, OSError, TypeError):
             message = exc.reason
         text = f"{exc.code}: {message}"
+        if problems:
+            text += "".join(f"\n{line}" for line in problems)
         if exc.code == 401 and not self.token:
             text += " (set ZDPROXY_ADMIN_TOKEN)"
         return text
@@ -525,6 +531,16 @@ def cmd_shadow(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     return result
 
 
+def cmd_reload(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    result = client.call("POST", "/api/v1/reload")
+    if not args.json:
+        changes = result.get("changes") or []
+        out.write("reloaded: nothing changed\n" if not changes else "reloaded:\n")
+        for line in changes:
+            out.write(f"  {line}\n")
+    return result
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -551,6 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("status", cmd_status, "pools, weights, backends, states and in-flight requests")
+    add("reload", cmd_reload, "re-read the config file and apply it in place (as SIGHUP)")
     p = add("split", cmd_split, "set the traffic split, e.g. split blue=90 green=10")
     p.add_argument("weights", nargs="+", metavar="POOL=PCT")
     p.add_argument("--force", action="store_true", help="even to a pool with no usable backend")

@@ -14,6 +14,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from zdproxy.balancing.model import BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
@@ -29,6 +30,10 @@ from zdproxy.proxy.downstream import ClientConnection
 from zdproxy.proxy.fdlimit import fd_budget
 from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
+from zdproxy.reload import Reloader, ReloadResult
+
+if TYPE_CHECKING:
+    from zdproxy.health.checker import HealthService
 
 log = logging.getLogger("zdproxy.error")
 
@@ -82,11 +87,18 @@ class ProxyServer:
         #: progressive rollouts: plain logic here, ticked by a driver task once serving
         self.rollouts = RolloutController(self.runtime)
         self.ctx: ProxyContext | None = None
+        #: health checks, outlier detection, stickiness (installed by the health package)
+        self.health: HealthService | None = None
+        #: SIGHUP and POST /api/v1/reload: the config file applied in place
+        self.reloader = Reloader(self)
+        self._reloads: set[asyncio.Task[ReloadResult]] = set()
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
         self.start_hooks: list[Hook] = []
         self.stop_hooks: list[Hook] = []
         self._stopped = asyncio.Event()
+        #: set once serving: a reload asked for earlier (SIGHUP) waits for it
+        self.started = asyncio.Event()
         self._sweeper: asyncio.Task[None] | None = None
         self._stopping = False
         self._limit_logged_at: float | None = None
@@ -133,6 +145,7 @@ class ProxyServer:
         for hook in self.start_hooks:
             await hook(self)
         await self._serve_sockets()
+        self.started.set()
 
     def _apply_fd_budget(self, ctx: ProxyContext) -> None:
         """Keep client connections within the open-file limit, with descriptors
@@ -202,11 +215,11 @@ class ProxyServer:
         assert self.ctx is not None
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        tick = self._tick()
-        upstream_idle = self.config.timeouts.upstream_idle
         reported = ctx.requests
         while True:
-            await asyncio.sleep(tick)
+            # read each pass: a reload may change the timeouts
+            await asyncio.sleep(self._tick())
+            upstream_idle = self.config.timeouts.upstream_idle
             now = ctx.now = loop.time()
             for conn in list(ctx.connections):
                 conn.check_deadline(now)
@@ -263,6 +276,20 @@ class ProxyServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
+        self.install_reload_signal()
+
+    def install_reload_signal(self) -> None:
+        """SIGHUP reloads (early: the listeners are bound before the start ends,
+        and a SIGHUP then must not kill the process)."""
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_on_signal)
+
+    def reload_on_signal(self) -> None:
+        """SIGHUP: reload the config file in place (queued behind one running)."""
+        if self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self.reloader.reload("sighup"))
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     def reopen_logs(self) -> None:
         """SIGUSR1, as nginx: reopen the access log file after log rotation."""
@@ -273,6 +300,7 @@ class ProxyServer:
 async def serve(config: Config, config_path: str | None = None) -> int:
     server = ProxyServer(config, config_path)
     server.bind()
+    server.install_reload_signal()
     _install_optional_parts(server)
     await server.start()
     server.install_signal_handlers()
@@ -294,7 +322,7 @@ def _install_optional_parts(server: ProxyServer) -> None:
                 server.runtime.set_backend_state(backend_id, BackendState.UP)
     else:
         install_health(server)
-        health = getattr(server, "health", None)
+        health = server.health
         if health is not None:
             # a rolling update waits for a re-enabled backend's ramp to end
             server.rolling.slow_start_percent = health.slow_start.weight_percent

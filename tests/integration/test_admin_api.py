@@ -160,6 +160,7 @@ async def test_openapi_documents_every_endpoint(admin: AdminClient) -> None:
     expected |= {("GET", p) for p in READS} | {("GET", "/healthz"), ("GET", "/")}
     expected |= set(ROLLING)
     expected |= ROLLOUT_OPERATIONS
+    expected |= {("POST", "/api/v1/reload")}
     assert operations == expected
 
 

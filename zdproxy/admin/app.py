@@ -55,6 +55,7 @@ from zdproxy.metrics import (
 if TYPE_CHECKING:
     import socket
 
+    from zdproxy.reload import ReloadResult
     from zdproxy.server import ProxyServer
 
 log = logging.getLogger("zdproxy.admin")
@@ -156,8 +157,10 @@ class AdminApi:
         rolling: RollingUpdates | None = None,
         shadow: ShadowControl | None = None,
         rollouts: RolloutController | None = None,
+        reload: Callable[[str], Awaitable[ReloadResult]] | None = None,
     ) -> None:
         self.runtime = runtime
+        self.reload_config = reload
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -208,6 +211,7 @@ class AdminApi:
         r.add_get("/api/v1/shadow", self.shadow_status)
         r.add_put("/api/v1/shadow", self.shadow_set)
         r.add_delete("/api/v1/shadow", self.shadow_clear)
+        r.add_post("/api/v1/reload", self.reload)
         r.add_post("/api/v1/rollouts", self.start_rollout)
         r.add_get("/api/v1/rollouts", self.rollout_history)
         r.add_get("/api/v1/rollouts/current", self.current_rollout)
@@ -431,6 +435,31 @@ class AdminApi:
             "event": event.to_json() if event is not None else None,
         }
 
+    # ---- config reload -------------------------------------------------------
+
+    async def reload(self, request: web.Request) -> web.Response:
+        """Re-read the config file, as SIGHUP: 200 with what changed, 400 with the
+        ``zdproxy check`` lines when the file is invalid (nothing changed)."""
+        if self.reload_config is None:
+            raise ApiError(501, "config reload is not available")
+        await self._body(request, frozenset())
+        async with self._mutating:
+            mark = self.persistence.mark()
+            outcome = await self.reload_config(request[_TOKEN].name)
+            problem = await self.persistence.commit(mark)
+        if outcome.result == "invalid":
+            message = "the config file is invalid; the running config stays"
+            return json_response({"error": message, "problems": outcome.problems}, 400)
+        if outcome.result != "ok":
+            message = "; ".join(outcome.problems) or "the reload failed"
+            return json_response({"error": message, "problems": outcome.problems}, 500)
+        answer = outcome.to_json()
+        # applied and served; a state file that could not be written is said, not undone
+        answer["saved"] = problem is None
+        if problem is not None:
+            answer["save_error"] = problem
+        return json_response(answer)
+
     # ---- mutations ----------------------------------------------------------
 
     async def _mutate(self, change: Callable[[], _T]) -> _T:
@@ -599,7 +628,9 @@ def state_view(
         for name, weight in runtime.pool_weights.items()
     }
     for backend in runtime.backends.values():
-        pools[backend.pool]["backends"].append(backend_view(runtime, backend))
+        # a pool a reload removed lists its backends until they have drained
+        view = pools.setdefault(backend.pool, {"weight": 0, "usable": False, "backends": []})
+        view["backends"].append(backend_view(runtime, backend))
     store = persistence.store if persistence is not None else None
     return {
         "pid": os.getpid(),
@@ -660,6 +691,7 @@ class ControlPlane:
             rolling=server.rolling,
             shadow=server.shadow,
             rollouts=server.rollouts,
+            reload=server.reloader.reload,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None

@@ -460,6 +460,47 @@ def _rollout_answer(description: str) -> dict[str, Any]:
     )
 
 
+_SCHEMAS["ReloadResult"] = {
+    "type": "object",
+    "required": ["result", "changed", "changes", "diff", "restart_needed", "event", "saved"],
+    "properties": {
+        "result": {"type": "string", "enum": ["ok"]},
+        "changed": {"type": "boolean"},
+        "changes": {"type": "array", "items": {"type": "string"}},
+        "diff": {"type": "object"},
+        "restart_needed": {"type": "array", "items": {"type": "string"}},
+        "event": {"type": "object"},
+        "saved": {"type": "boolean"},
+        "save_error": {"type": "string"},
+    },
+}
+_SCHEMAS["ReloadRefused"] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {"type": "string"},
+        "problems": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
+_RELOAD_PATH = {
+    "post": {
+        "operationId": "reload",
+        "summary": "Re-read the config file and apply the difference in place, as SIGHUP",
+        "requestBody": _EMPTY_BODY,
+        "responses": {
+            "200": _json(_ref("ReloadResult"), "Applied (what needs a restart is listed)"),
+            "400": _json(
+                _ref("ReloadRefused"),
+                "Invalid file (the `zdproxy check` lines) or body; nothing was changed",
+            ),
+            **{k: v for k, v in _MUTATION_ERRORS.items() if k in ("401", "403", "405", "413")},
+            "500": _json(_ref("ReloadRefused"), "Failed while applying (see the log)"),
+        },
+    }
+}
+
+
 def _rollout_action(verb: str, summary: str) -> dict[str, Any]:
     return {
         "post": {
@@ -699,6 +740,7 @@ def build_spec(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/api/v1/reload": _RELOAD_PATH,
             "/api/v1/rollouts/current/pause": _rollout_action(
                 "pause", "Hold the current step (analysis keeps judging)"
             ),

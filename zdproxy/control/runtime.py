@@ -35,6 +35,7 @@ from zdproxy.balancing.model import (
     derive_state,
 )
 from zdproxy.balancing.stats import PoolStats
+from zdproxy.config.diff import ConfigDiff
 from zdproxy.config.schema import BackendConfig, Config, parse_address
 from zdproxy.control.events import SYSTEM_ACTOR, Event, EventLog, iso_time
 from zdproxy.control.store import STATE_FORMAT
@@ -500,6 +501,92 @@ class Runtime:
         self._update(backend)
         self.publish()
         return self._changed(actor, f"backend.{action}", backend.id, before, _brief(backend))
+
+    # ---- config reload ------------------------------------------------------
+
+    def apply_config(
+        self, config: Config, plan: ConfigDiff, actor: str, before: Any, after: Any
+    ) -> Event:
+        """Apply a reloaded config (``plan`` = ``diff(self.config, config)``) in one
+        snapshot swap and one ``config.reload`` audit event.
+
+        Unchanged backends keep their objects (health, statistics, pooled
+        connections). Removed ones drain first, as ``remove_backend`` does; a
+        backend whose pool or address changed is replaced at once under its id
+        (its requests in flight finish on the old object). The config wins over
+        the API where both define a backend (id, or address in a pool). Pool
+        weights: the file's when they (or the pool set) changed since the last
+        loaded file, else the running ones are kept (as at restart); when the file
+        wins, a rollout in progress is aborted (as by a forced split).
+        """
+        if plan.weights_changed and self.weights_guard is not None:
+            # the file's weights win, as a forced split: a running rollout is aborted
+            self.weights_guard("config.reload", actor, True)
+        self.config = config
+        specs = {backend_id: (pool, spec) for pool, backend_id, spec in config.backend_ids()}
+        for name in plan.pools_added:
+            self.pool_weights[name] = 0
+            self.pool_stats.setdefault(name, PoolStats())
+        for backend_id in plan.backends_removed:
+            self.removed.pop(backend_id, None)
+            backend = self.backends.get(backend_id)
+            if backend is not None and backend_id not in self.added:
+                self._retire(backend)
+        for name in plan.pools_removed:
+            for backend in [b for b in self.backends.values() if b.pool == name]:
+                self.added.pop(backend.id, None)
+                if backend.id not in self.removing:
+                    self._retire(backend)
+            del self.pool_weights[name]
+            self.revoked_pins.discard(name)
+        for added in (*plan.backends_replaced, *plan.backends_added):
+            pool, spec = specs[added.id]
+            self._take_over(added.id, pool, spec)
+        for backend_id, weight in plan.backends_reweighted.items():
+            if backend_id in self.backends:
+                self.backends[backend_id].weight = weight
+        self._recheck(specs)
+        if plan.weights_changed:
+            self.pool_weights = dict(plan.weights)
+        for name in plan.pools_removed:
+            # after the weights: the stats of a drained pool's last requests are dropped
+            self.pool_stats.pop(name, None)
+        self.publish()
+        return self._changed(actor, "config.reload", "config", before, after)
+
+    def _retire(self, backend: Backend) -> None:
+        """Out of the config: deleted now when idle, else drained then deleted."""
+        if backend.in_flight <= 0:
+            self._delete(backend)
+            return
+        now = self.clock()
+        if backend.admin is Admin.ENABLED:
+            backend.admin = Admin.DRAINING
+            self.drain_started[backend.id] = now
+            self._update(backend)
+        self.removing[backend.id] = now + self.config.draining.timeout
+
+    def _take_over(self, backend_id: str, pool: str, spec: BackendConfig) -> None:
+        """Create the config's backend ``backend_id``; an API-made one with its id
+        or its address in ``pool``, or the entry it replaces, makes room."""
+        host, port = spec.address.host, spec.address.port
+        for other in list(self.backends.values()):
+            same_address = other.pool == pool and (other.host, other.port) == (host, port)
+            if other.id == backend_id or (same_address and other.id in self.added):
+                self.added.pop(other.id, None)
+                self._delete(other)
+        self.removed.pop(backend_id, None)
+        self._create(backend_id, pool, host, port, spec.weight, self._checks_enabled(pool, spec))
+
+    def _recheck(self, specs: Mapping[str, tuple[str, BackendConfig]]) -> None:
+        """Health-check switches may have changed: an unchecked backend is up."""
+        for backend in self.backends.values():
+            pool, spec = specs.get(backend.id, (backend.pool, None))
+            checked = self._checks_enabled(pool, spec)
+            self.checked[backend.id] = checked
+            if not checked and backend.health is not Health.UP:
+                backend.health = Health.UP
+                self._update(backend)
 
     # ---- time-driven progress ---------------------------------------------
 

@@ -102,6 +102,18 @@ class ShadowControl:
         self.runtime.state_changed()
         return event
 
+    def reconfigure(self, config: ShadowConfig, actor: str) -> Event | None:
+        """A reloaded config: an edited ``shadow`` section wins over settings made
+        through the API (the rule of a restart); an unchanged one keeps them,
+        unless their pool left the config."""
+        if config != self.config:
+            self.config = config
+            return self._apply(config, actor, "shadow.set" if config.pool else "shadow.clear")
+        pool = self.settings.pool
+        if pool is not None and pool not in self.runtime.pool_weights:
+            return self.clear(actor)
+        return None
+
     def checkpoint(self) -> ShadowConfig:
         """The settings, for ``rollback`` when an operator call cannot be saved."""
         return self.settings

@@ -216,10 +216,13 @@ class HealthChecker:
             return
         for backend_id in [b for b in self.probes if b not in backends]:
             self._stop_probe(backend_id)
+            # back later under this id (API, reload): a new backend, full rise
+            self._started_ids.discard(backend_id)
         for backend_id, backend in backends.items():
             probe = self.probes.get(backend_id)
             if probe is not None and probe.backend is not backend:
                 self._stop_probe(backend_id)  # removed and added again under the same id
+                self._started_ids.discard(backend_id)
                 probe = None
             if probe is None:
                 settings = settings_for(self.config, backend.pool, backend_id)
@@ -468,7 +471,6 @@ def install(server: ProxyServer) -> None:
     """Install health checks, passive health, slow start, retries budget and
     stickiness into ``server`` (before ``server.start()``)."""
     service = HealthService(server)
-    # the composition root declares no attribute for it; the admin API reads it
-    setattr(server, "health", service)  # noqa: B010
+    server.health = service
     server.start_hooks.append(service.start)
     server.stop_hooks.append(service.stop)

@@ -1,0 +1,115 @@
+"""Reload in place (SIGHUP, ``POST /api/v1/reload``, ``zdproxy ctl reload``).
+
+The file is read and validated whole by the loader ``zdproxy check`` uses; an
+invalid one is refused whole (each problem logged at ERROR, the running config
+stays). A valid one is compared with the previously loaded file
+(``config.diff``) and the difference applied in place: the runtime's pools and
+backends in one snapshot swap, then health checks, stickiness, the data path's
+settings, the log level and shadow traffic. What only a restart can change is
+reported and left alone. One reload at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from zdproxy.config.diff import ConfigDiff, diff
+from zdproxy.config.loader import ConfigError, load_config, summary
+from zdproxy.config.schema import Config
+
+if TYPE_CHECKING:
+    from zdproxy.server import ProxyServer
+
+log = logging.getLogger("zdproxy.error")
+
+
+@dataclass
+class ReloadResult:
+    #: "ok", "invalid" (refused, nothing changed) or "error" (failed while applying)
+    result: str
+    problems: list[str] = field(default_factory=list)
+    plan: ConfigDiff | None = None
+    event: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "result": self.result,
+            "changed": plan is not None and not plan.empty,
+            "changes": plan.lines() if plan is not None else [],
+            "diff": plan.to_json() if plan is not None else None,
+            "restart_needed": list(plan.restart_needed) if plan is not None else [],
+            "event": self.event,
+        }
+
+
+class Reloader:
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self._lock = asyncio.Lock()
+
+    async def reload(self, actor: str) -> ReloadResult:
+        """Re-read the config file and apply it; reloads queue behind each other."""
+        await self.server.started.wait()
+        async with self._lock:
+            result = self._reload(actor)
+            self.server.runtime.record_config_reload(result.result)
+            return result
+
+    def _reload(self, actor: str) -> ReloadResult:
+        path = self.server.config_path
+        if path is None:
+            message = "no config file to reload (the process was not started with one)"
+            log.error("config reload refused: %s", message)
+            return ReloadResult("invalid", [message])
+        log.info("config reload by %s: reading %s", actor, path)
+        try:
+            new = load_config(path)
+        except ConfigError as exc:
+            problems = [str(problem) for problem in exc.problems]
+            log.error("config reload refused, the running config stays: %s", path)
+            for line in problems:
+                log.error("%s", line)
+            return ReloadResult("invalid", problems)
+        old = self.server.config
+        plan = diff(old, new)
+        for message in plan.restart_needed:
+            log.warning("config reload: %s", message)
+        try:
+            event = self._apply(old, new, plan, actor)
+        except Exception as exc:
+            log.exception("config reload failed while applying %s", path)
+            return ReloadResult("error", [f"failed while applying: {exc}"], plan)
+        log.info("config reload by %s: %s", actor, "; ".join(plan.lines()) or "nothing changed")
+        return ReloadResult("ok", [], plan, event)
+
+    def _apply(self, old: Config, new: Config, plan: ConfigDiff, actor: str) -> dict[str, Any]:
+        server = self.server
+        # what needs a restart stays as it is serving
+        kept = new.model_copy(update={"listen": old.listen, "admin": old.admin, "state": old.state})
+        log_config = new.log.model_copy(
+            update={
+                "format": old.log.format,
+                "access_log": old.log.access_log,
+                "access_log_path": old.log.access_log_path,
+            }
+        )
+        kept = kept.model_copy(update={"log": log_config})
+        before = {"summary": summary(old)}
+        after = {"summary": summary(kept), **plan.to_json()}
+        event = server.runtime.apply_config(kept, plan, actor, before, after)
+        for spec in plan.backends_replaced:
+            # pooled connections are by backend id: the old address's go
+            server.upstreams.close_backend(spec.id)
+        server.config = kept
+        server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
+        if server.ctx is not None:
+            server.ctx.apply(kept)
+        if server.health is not None:
+            server.health.reconfigure(kept)
+        logging.getLogger().setLevel(kept.log.level.upper())
+        server.shadow.reconfigure(kept.shadow, actor)
+        return event.to_json()
