@@ -624,12 +624,8 @@ class RolloutController:
             rollout.waiting = f"waiting for the pre-step webhook {hook}"
             return
         step = plan.steps[rollout.step]
-        weights = dict(self.runtime.pool_weights)
-        share = weights[plan.to] + weights[plan.baseline]
-        weights[plan.to] = step.weight
-        weights[plan.baseline] = share - step.weight
         self.runtime.apply_rollout_weights(
-            weights,
+            self._step_weights(plan, step.weight),
             "rollout.step",
             self._target(rollout),
             rollout.actor if rollout.step == 0 else SYSTEM_ACTOR,
@@ -979,6 +975,15 @@ class RolloutController:
             }
         )
 
+    def _step_weights(self, plan: Plan, weight: int) -> dict[str, int]:
+        """The weights with the target at ``weight``: the baseline gives or takes the
+        difference, other pools keep theirs."""
+        weights = dict(self.runtime.pool_weights)
+        share = weights[plan.to] + weights[plan.baseline]
+        weights[plan.to] = weight
+        weights[plan.baseline] = share - weight
+        return weights
+
     def checkpoint(self) -> Any:
         """What an operator call may change, for ``rollback`` when it cannot be saved."""
         current = self.current
@@ -1024,13 +1029,9 @@ class RolloutController:
         if rollout.applied:
             plan = rollout.plan
             step = plan.steps[rollout.step]
-            weights = dict(self.runtime.pool_weights)
-            if weights[plan.to] != step.weight:
-                share = weights[plan.to] + weights[plan.baseline]
-                weights[plan.to] = step.weight
-                weights[plan.baseline] = share - step.weight
+            if self.runtime.pool_weights[plan.to] != step.weight:
                 self.runtime.apply_rollout_weights(
-                    weights,
+                    self._step_weights(plan, step.weight),
                     "rollout.step",
                     self._target(rollout),
                     SYSTEM_ACTOR,
