@@ -87,6 +87,9 @@ def demo_config(token_env: str) -> Config:
             "pools": pools,
             "health_check": {"path": "/healthz", "interval": "1s", "rise": 1, "fall": 2},
             "draining": {"timeout": "5s"},
+            # a demo needs few connections; the default 10,000 would warn on machines
+            # whose open-file limit is below 2 x 10,000 (ulimit -n)
+            "limits": {"max_connections": 1000},
             "shutdown_timeout": "5s",
         }
     )
