@@ -782,9 +782,30 @@ class RolloutController:
         kpis["rollback_seconds"] = round(seconds, 3)
         kpis["time_to_rollback_seconds"] = round(seconds + kpis.get("detect_seconds", 0.0), 3)
         kpis["canary_requests_while_failing"] = canary_now - kpis.pop("_canary_at_first_bad", 0)
+        # the canary's requests in flight at the rollback are answered by now: its
+        # figures in the KPIs include them (the baseline's stay as of the rollback)
+        pools = kpis.get("pools")
+        if isinstance(pools, dict):
+            pools.update(self._pool_figures(rollout, (pool,)))
         self._observe_rollback(seconds)
         self._update_history(rollout)
         self._save()
+
+    def _pool_figures(self, rollout: Rollout, names: tuple[str, ...]) -> dict[str, Any]:
+        """Requests, errors and error rate of each pool since the rollout started."""
+        totals = self._totals()
+        pools: dict[str, Any] = {}
+        for pool in names:
+            start = rollout.start_totals.get(pool)
+            if start is None:
+                continue  # restored after a restart: the counters started over
+            sample = Sample.between(start, totals[pool])
+            pools[pool] = {
+                "requests": sample.requests,
+                "errors": sample.errors,
+                "error_rate": round(sample.error_rate, 6),
+            }
+        return pools
 
     def _observe_rollback(self, seconds: float) -> None:
         index = len(ROLLBACK_BUCKETS)
@@ -815,18 +836,7 @@ class RolloutController:
         rollout.waiting = None
         result = RESULTS[rollout.phase]
         self.runtime.record_rollout(result)
-        totals = self._totals()
-        pools: dict[str, Any] = {}
-        for pool in (plan.baseline, plan.to):
-            start = rollout.start_totals.get(pool)
-            if start is None:
-                continue  # restored after a restart: the counters started over
-            sample = Sample.between(start, totals[pool])
-            pools[pool] = {
-                "requests": sample.requests,
-                "errors": sample.errors,
-                "error_rate": round(sample.error_rate, 6),
-            }
+        pools = self._pool_figures(rollout, (plan.baseline, plan.to))
         rollout.kpis.update(
             {
                 "result": result,
