@@ -53,57 +53,77 @@ class DataPathCounts(NamedTuple):
 class ZdproxyCollector(Collector):
     """Every zdproxy metric, built from the runtime and the data path's counters."""
 
-    def __init__(self, runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        data_path: Callable[[], DataPathCounts],
+        services: dict[str, Runtime] | None = None,
+    ) -> None:
         self.runtime = runtime
         self.data_path = data_path
+        #: with several services: their runtimes, and every metric with a pool label
+        #: gets a ``service`` label too (None: one service, labels as before)
+        self.services = services
 
     def describe(self) -> list[Metric]:
         # no up-front description: the registry must not call collect() at register time
         return []
 
+    def _runtimes(self) -> list[tuple[list[str], Runtime]]:
+        """(extra label values, runtime) per service."""
+        if self.services is None:
+            return [([], self.runtime)]
+        return [([name], runtime) for name, runtime in self.services.items()]
+
     def collect(self) -> Iterator[Metric]:
         runtime = self.runtime
-        backends = list(runtime.backends.values())
+        runtimes = self._runtimes()
+        svc = [] if self.services is None else ["service"]
 
         requests = CounterMetricFamily(
             "zdproxy_requests",
             "Responses sent to clients, by pool, backend and status code.",
-            labels=["pool", "backend", "code"],
+            labels=["pool", "backend", "code", *svc],
         )
         errors = CounterMetricFamily(
             "zdproxy_upstream_errors",
             "Failures talking to backends, by kind.",
-            labels=["pool", "backend", "kind"],
+            labels=["pool", "backend", "kind", *svc],
         )
         up = GaugeMetricFamily(
-            "zdproxy_backend_up", "1 when the backend's state is up.", labels=["pool", "backend"]
+            "zdproxy_backend_up",
+            "1 when the backend's state is up.",
+            labels=["pool", "backend", *svc],
         )
         state = GaugeMetricFamily(
             "zdproxy_backend_state",
             "1 for the backend's current state (up, down, starting, draining, drained, disabled).",
-            labels=["pool", "backend", "state"],
+            labels=["pool", "backend", "state", *svc],
         )
         ejected = GaugeMetricFamily(
             "zdproxy_backend_ejected",
             "1 while outlier detection keeps the backend out of rotation.",
-            labels=["pool", "backend"],
+            labels=["pool", "backend", *svc],
         )
         in_flight = GaugeMetricFamily(
             "zdproxy_backend_in_flight",
             "Requests (and tunnels) in progress on the backend.",
-            labels=["pool", "backend"],
+            labels=["pool", "backend", *svc],
         )
-        for backend in backends:
-            labels = [backend.pool, backend.id]
-            for code, count in list(backend.codes.items()):
-                requests.add_metric([backend.pool, backend.id, str(code)], count)
-            for kind, count in list(backend.upstream_errors.items()):
-                errors.add_metric([backend.pool, backend.id, kind], count)
-            up.add_metric(labels, 1 if backend.state is BackendState.UP else 0)
-            for value in BackendState:
-                state.add_metric([*labels, value.value], 1 if backend.state is value else 0)
-            ejected.add_metric(labels, 1 if backend.ejected else 0)
-            in_flight.add_metric(labels, backend.in_flight)
+        for extra, service_runtime in runtimes:
+            for backend in list(service_runtime.backends.values()):
+                labels = [backend.pool, backend.id, *extra]
+                pb = labels[:2]
+                for code, count in list(backend.codes.items()):
+                    requests.add_metric([*pb, str(code), *extra], count)
+                for kind, count in list(backend.upstream_errors.items()):
+                    errors.add_metric([*pb, kind, *extra], count)
+                up.add_metric(labels, 1 if backend.state is BackendState.UP else 0)
+                for value in BackendState:
+                    on = 1 if backend.state is value else 0
+                    state.add_metric([*pb, value.value, *extra], on)
+                ejected.add_metric(labels, 1 if backend.ejected else 0)
+                in_flight.add_metric(labels, backend.in_flight)
         yield requests
         yield errors
         yield up
@@ -114,22 +134,22 @@ class ZdproxyCollector(Collector):
         duration = HistogramMetricFamily(
             "zdproxy_request_duration_seconds",
             "Time from the start of a request to the end of its response, by pool.",
-            labels=["pool"],
+            labels=["pool", *svc],
         )
-        for pool, stats in runtime.pool_stats.items():
-            running = 0
-            buckets: list[tuple[str, float]] = []
-            for label, count in zip(_BUCKET_LABELS, stats.histogram, strict=True):
-                running += count
-                buckets.append((label, running))
-            duration.add_metric([pool], buckets, sum_value=stats.latency_sum)
-        yield duration
-
         weight = GaugeMetricFamily(
-            "zdproxy_pool_weight", "Percent of new traffic sent to the pool.", labels=["pool"]
+            "zdproxy_pool_weight", "Percent of new traffic sent to the pool.", labels=["pool", *svc]
         )
-        for pool, percent in runtime.pool_weights.items():
-            weight.add_metric([pool], percent)
+        for extra, service_runtime in runtimes:
+            for pool, stats in service_runtime.pool_stats.items():
+                running = 0
+                buckets: list[tuple[str, float]] = []
+                for label, count in zip(_BUCKET_LABELS, stats.histogram, strict=True):
+                    running += count
+                    buckets.append((label, running))
+                duration.add_metric([pool, *extra], buckets, sum_value=stats.latency_sum)
+            for pool, percent in service_runtime.pool_weights.items():
+                weight.add_metric([pool, *extra], percent)
+        yield duration
         yield weight
 
         counts = self.data_path()
@@ -157,10 +177,11 @@ class ZdproxyCollector(Collector):
         )
 
         rollouts = CounterMetricFamily(
-            "zdproxy_rollouts", "Finished rollouts, by result.", labels=["result"]
+            "zdproxy_rollouts", "Finished rollouts, by result.", labels=["result", *svc]
         )
-        for result, count in runtime.rollout_results.items():
-            rollouts.add_metric([result], count)
+        for extra, service_runtime in runtimes:
+            for result, count in service_runtime.rollout_results.items():
+                rollouts.add_metric([result, *extra], count)
         yield rollouts
         reloads = CounterMetricFamily(
             "zdproxy_config_reloads", "Config reloads (SIGHUP), by result.", labels=["result"]
@@ -256,13 +277,17 @@ class RolloutCollector(Collector):
         yield phase
 
 
-def build_registry(runtime: Runtime, data_path: Callable[[], DataPathCounts]) -> CollectorRegistry:
+def build_registry(
+    runtime: Runtime,
+    data_path: Callable[[], DataPathCounts],
+    services: dict[str, Runtime] | None = None,
+) -> CollectorRegistry:
     """A registry of its own (not the global one): several servers in one process
     (tests, the demo) each export their own figures. Process metrics included."""
     from prometheus_client import PlatformCollector, ProcessCollector
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(ZdproxyCollector(runtime, data_path))
+    registry.register(ZdproxyCollector(runtime, data_path, services))
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     return registry

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
 from zdproxy.config.schema import Config
+from zdproxy.services import primary_name, route_table
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
@@ -75,6 +76,13 @@ class Reloader:
                 log.error("%s", line)
             return ReloadResult("invalid", problems)
         old = self.server.config
+        if new.service_names() != old.service_names():
+            message = (
+                f"adding, removing or reordering services needs a restart (serving "
+                f"{', '.join(old.service_names())}; the file says {', '.join(new.service_names())})"
+            )
+            log.error("config reload refused, the running config stays: %s", message)
+            return ReloadResult("invalid", [f"{path}: services: {message}"])
         plan = diff(old, new)
         for message in plan.restart_needed:
             log.warning("config reload: %s", message)
@@ -100,16 +108,28 @@ class Reloader:
         kept = kept.model_copy(update={"log": log_config})
         before = {"summary": summary(old)}
         after = {"summary": summary(kept), **plan.to_json()}
-        event = server.runtime.apply_config(kept, plan, actor, before, after)
-        for spec in plan.backends_replaced:
-            # pooled connections are by backend id: the old address's go
-            server.upstreams.close_backend(spec.id)
+        event = None
+        for name, service in server.services.items():
+            # each service's pools and settings, as its own runtime took them at start
+            service_old, service_new = old.service_config(name), kept.service_config(name)
+            service_plan = plan if service_new is kept else diff(service_old, service_new)
+            applied = service.runtime.apply_config(service_new, service_plan, actor, before, after)
+            if service.runtime is server.runtime:
+                event = applied
+            for spec in service_plan.backends_replaced:
+                # pooled connections are by backend id: the old address's go
+                server.upstreams.close_backend(spec.id)
+            service.config = service_new
+            if service.health is not None and service.health is not server.health:
+                service.health.reconfigure(service_new)
+        assert event is not None
         server.config = kept
         server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
         if server.ctx is not None:
             server.ctx.apply(kept)
+            server.ctx.routes = route_table(kept, server.services)
         if server.health is not None:
-            server.health.reconfigure(kept)
+            server.health.reconfigure(server.services[primary_name(kept)].config)
         logging.getLogger().setLevel(kept.log.level.upper())
         server.shadow.reconfigure(kept.shadow, actor)
         return event.to_json()

@@ -16,7 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from zdproxy.balancing.model import BackendState, Snapshot
+from zdproxy.balancing.model import Backend, BackendState, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.rolling import RollingUpdates
@@ -31,6 +31,7 @@ from zdproxy.proxy.fdlimit import fd_budget
 from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 from zdproxy.reload import Reloader, ReloadResult
+from zdproxy.services import Service, build_services, primary_name, route_table
 
 if TYPE_CHECKING:
     from zdproxy.health.checker import HealthService
@@ -73,19 +74,26 @@ class ProxyServer:
     def __init__(self, config: Config, config_path: str | None = None) -> None:
         self.config = config
         self.config_path = config_path
-        self.runtime = Runtime(config)
-        self.selector = WeightedSelector(self.runtime.snapshot)
-        self.runtime.subscribe(self.selector.update)
+        #: one control plane per service (``default`` alone without ``services``)
+        self.services = build_services(self, config)
+        primary = self.services[primary_name(config)]
+        #: the primary service's parts (``default``, else the first): without services,
+        #: the only ones, as before
+        self.runtime: Runtime = primary.runtime
+        self.selector: WeightedSelector = primary.selector
         self.upstreams = UpstreamPools(config.limits.max_idle_upstream_per_backend)
-        self.runtime.subscribe(self._close_idle_to_unroutable)
+        for service in self.services.values():
+            service.runtime.subscribe(self._close_idle_to_unroutable)
+            if len(self.services) > 1:
+                service.runtime.id_in_use = self._id_owner_check(service)
         #: rolling updates of one pool; built before the state is restored (it keeps a
         #: section of it), ticked by a task of its own once serving
-        self.rolling = RollingUpdates(self.runtime)
+        self.rolling: RollingUpdates = primary.rolling
         #: shadow traffic settings (control side); the data path's sender subscribes
         self.shadow = ShadowControl(self.runtime, config.shadow)
         self.shadow_sender: ShadowSender | None = None
         #: progressive rollouts: plain logic here, ticked by a driver task once serving
-        self.rollouts = RolloutController(self.runtime)
+        self.rollouts: RolloutController = primary.rollouts
         self.ctx: ProxyContext | None = None
         #: health checks, outlier detection, stickiness (installed by the health package)
         self.health: HealthService | None = None
@@ -106,10 +114,33 @@ class ProxyServer:
     def _close_idle_to_unroutable(self, snapshot: Snapshot) -> None:
         """Pooled connections to a backend that left rotation (drained, disabled,
         down, removed) are closed; busy ones close after their response."""
+        several = len(self.services) > 1
         for backend_id in self.upstreams.backend_ids():
             backend = snapshot.backends.get(backend_id)
+            if backend is None and several:
+                # another service's backend (ids are unique across services)
+                backend = self._find_backend(backend_id)
             if backend is None or backend.state is not BackendState.UP:
                 self.upstreams.close_backend(backend_id)
+
+    def _find_backend(self, backend_id: str) -> Backend | None:
+        for service in self.services.values():
+            backend = service.runtime.backends.get(backend_id)
+            if backend is not None:
+                return backend
+        return None
+
+    def _id_owner_check(self, owner: Service) -> Callable[[str], bool]:
+        """For ``owner``'s runtime: whether another service uses a backend id."""
+
+        def in_use(backend_id: str) -> bool:
+            return any(
+                backend_id in service.runtime.backends or backend_id in service.runtime.removed
+                for service in self.services.values()
+                if service is not owner
+            )
+
+        return in_use
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -126,6 +157,7 @@ class ProxyServer:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
+        ctx.routes = route_table(self.config, self.services)
         self.bind()
         self._apply_fd_budget(ctx)
         log_config = self.config.log
@@ -315,17 +347,18 @@ def _install_optional_parts(server: ProxyServer) -> None:
         from zdproxy.health.checker import install as install_health
     except ImportError:
         # no active checks built in: every backend takes traffic at once
-        from zdproxy.balancing.model import BackendState
-
-        for backend_id, backend in server.runtime.backends.items():
-            if backend.state is BackendState.STARTING:
-                server.runtime.set_backend_state(backend_id, BackendState.UP)
+        for service in server.services.values():
+            runtime = service.runtime
+            for backend_id, backend in runtime.backends.items():
+                if backend.state is BackendState.STARTING:
+                    runtime.set_backend_state(backend_id, BackendState.UP)
     else:
         install_health(server)
-        health = server.health
-        if health is not None:
-            # a rolling update waits for a re-enabled backend's ramp to end
-            server.rolling.slow_start_percent = health.slow_start.weight_percent
+        for service in server.services.values():
+            health = service.health
+            if health is not None:
+                # a rolling update waits for a re-enabled backend's ramp to end
+                service.rolling.slow_start_percent = health.slow_start.weight_percent
     server.start_hooks.append(_start_rolling)
     server.stop_hooks.append(_stop_rolling)
     try:
@@ -336,18 +369,21 @@ def _install_optional_parts(server: ProxyServer) -> None:
         install_admin(server)
     # after the admin part restored the saved state: the rollout in progress resumes
     # (same step, same weights) before the first request is served
-    server.rollouts.restore()
-    driver = RolloutDriver(server.rollouts)
-    server.start_hooks.append(driver.start)
-    server.stop_hooks.append(driver.stop)
+    for service in server.services.values():
+        service.rollouts.restore()
+        driver = RolloutDriver(service.rollouts)
+        server.start_hooks.append(driver.start)
+        server.stop_hooks.append(driver.stop)
 
 
 async def _start_rolling(server: ProxyServer) -> None:
-    server.rolling.start_task()
+    for service in server.services.values():
+        service.rolling.start_task()
 
 
 async def _stop_rolling(server: ProxyServer) -> None:
-    server.rolling.stop_task()
+    for service in server.services.values():
+        service.rolling.stop_task()
 
 
 def _version() -> str:

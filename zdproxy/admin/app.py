@@ -19,6 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -36,6 +37,7 @@ from zdproxy.admin.auth import (
 )
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
+from zdproxy.config.schema import DEFAULT_SERVICE
 from zdproxy.control.events import Event, describe, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
@@ -51,6 +53,7 @@ from zdproxy.metrics import (
     build_registry,
     render,
 )
+from zdproxy.services import service_state_path
 
 if TYPE_CHECKING:
     import socket
@@ -142,6 +145,17 @@ def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: 
     return exc.reason
 
 
+@dataclass(frozen=True, slots=True)
+class ServiceApi:
+    """What the API needs of one service's control plane."""
+
+    name: str
+    runtime: Runtime
+    persistence: Persistence
+    rolling: RollingUpdates | None = None
+    rollouts: RolloutController | None = None
+
+
 class AdminApi:
     """Request handlers; everything they need is passed in, nothing is global."""
 
@@ -158,8 +172,15 @@ class AdminApi:
         shadow: ShadowControl | None = None,
         rollouts: RolloutController | None = None,
         reload: Callable[[str], Awaitable[ReloadResult]] | None = None,
+        services: dict[str, ServiceApi] | None = None,
     ) -> None:
         self.runtime = runtime
+        #: the control plane of each service; without ``services``, one named default
+        self.named = services is not None
+        self.primary = ServiceApi(DEFAULT_SERVICE, runtime, persistence, rolling, rollouts)
+        if services is not None:
+            self.primary = next(s for s in services.values() if s.runtime is runtime)
+        self.services = services if services is not None else {DEFAULT_SERVICE: self.primary}
         self.reload_config = reload
         self.rolling = rolling
         self.shadow = shadow
@@ -170,7 +191,8 @@ class AdminApi:
         self.closing = closing
         #: one operator change at a time: each is saved (or undone) before the next
         self._mutating = asyncio.Lock()
-        self.registry = build_registry(runtime, data_path)
+        runtimes = {name: svc.runtime for name, svc in self.services.items()}
+        self.registry = build_registry(runtime, data_path, runtimes if self.named else None)
         if shadow is not None:
             # late-bound: the data path's sender is installed when the server starts
             self.registry.register(ShadowCollector(lambda: shadow.figures()))
@@ -194,30 +216,73 @@ class AdminApi:
         r.add_get("/static/{name}", self.asset)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
-        r.add_get("/api/v1/state", self.state)
-        r.add_get("/api/v1/events", self.events)
-        r.add_put("/api/v1/split", self.split)
-        r.add_post("/api/v1/flip", self.flip)
-        r.add_post("/api/v1/backends", self.add_backend)
-        r.add_delete("/api/v1/backends/{id}", self.remove_backend)
-        for action in ("drain", "disable", "enable"):
-            r.add_post(f"/api/v1/backends/{{id}}/{action}", self._backend_action(action))
-        r.add_post("/api/v1/pools/{pool}/rolling", self.rolling_start)
-        r.add_get("/api/v1/pools/{pool}/rolling", self.rolling_status)
-        r.add_get("/api/v1/rolling", self.rolling_status)
-        for verb in ("next", "abort"):
-            r.add_post(f"/api/v1/pools/{{pool}}/rolling/{verb}", self._rolling_action(verb))
-            r.add_post(f"/api/v1/rolling/{verb}", self._rolling_action(verb))
+        r.add_get("/api/v1/services", self.list_services)
+        # each service's endpoints; the un-prefixed ones act on the service "default"
+        for base in ("/api/v1", "/api/v1/services/{svc}"):
+            self._service_routes(r, base)
         r.add_get("/api/v1/shadow", self.shadow_status)
         r.add_put("/api/v1/shadow", self.shadow_set)
         r.add_delete("/api/v1/shadow", self.shadow_clear)
         r.add_post("/api/v1/reload", self.reload)
-        r.add_post("/api/v1/rollouts", self.start_rollout)
-        r.add_get("/api/v1/rollouts", self.rollout_history)
-        r.add_get("/api/v1/rollouts/current", self.current_rollout)
-        for action in ("pause", "resume", "promote", "abort"):
-            r.add_post(f"/api/v1/rollouts/current/{action}", self._rollout_action(action))
         return app
+
+    def _service_routes(self, r: web.UrlDispatcher, base: str) -> None:
+        r.add_get(f"{base}/state", self.state)
+        r.add_get(f"{base}/events", self.events)
+        r.add_put(f"{base}/split", self.split)
+        r.add_post(f"{base}/flip", self.flip)
+        r.add_post(f"{base}/backends", self.add_backend)
+        r.add_delete(f"{base}/backends/{{id}}", self.remove_backend)
+        for action in ("drain", "disable", "enable"):
+            r.add_post(f"{base}/backends/{{id}}/{action}", self._backend_action(action))
+        r.add_post(f"{base}/pools/{{pool}}/rolling", self.rolling_start)
+        r.add_get(f"{base}/pools/{{pool}}/rolling", self.rolling_status)
+        r.add_get(f"{base}/rolling", self.rolling_status)
+        for verb in ("next", "abort"):
+            r.add_post(f"{base}/pools/{{pool}}/rolling/{verb}", self._rolling_action(verb))
+            r.add_post(f"{base}/rolling/{verb}", self._rolling_action(verb))
+        r.add_post(f"{base}/rollouts", self.start_rollout)
+        r.add_get(f"{base}/rollouts", self.rollout_history)
+        r.add_get(f"{base}/rollouts/current", self.current_rollout)
+        for action in ("pause", "resume", "promote", "abort"):
+            r.add_post(f"{base}/rollouts/current/{action}", self._rollout_action(action))
+
+    def _service(self, request: web.Request) -> ServiceApi:
+        """The service a request acts on: the one its path names, else ``default``."""
+        name = request.match_info.get("svc")
+        services = self.services
+        if name is None:
+            svc = services.get(DEFAULT_SERVICE)
+            if svc is None:
+                known = ", ".join(services)
+                raise ApiError(
+                    400,
+                    f"several services and none named default: use /api/v1/services/SERVICE"
+                    f"{request.path.removeprefix('/api/v1')} (services: {known})",
+                )
+            return svc
+        svc = services.get(name)
+        if svc is None:
+            raise ApiError(404, f"no service named {name!r} (services: {', '.join(services)})")
+        return svc
+
+    async def list_services(self, request: web.Request) -> web.Response:
+        return json_response(
+            {
+                "pid": os.getpid(),
+                "version": __version__,
+                "default": DEFAULT_SERVICE if DEFAULT_SERVICE in self.services else None,
+                "services": [
+                    {
+                        "name": name,
+                        "weights": dict(svc.runtime.pool_weights),
+                        "backends": len(svc.runtime.backends),
+                        "generation": svc.runtime.version,
+                    }
+                    for name, svc in self.services.items()
+                ],
+            }
+        )
 
     # ---- cross-cutting: auth, body size, errors ----------------------------
 
@@ -303,46 +368,58 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(
-            state_view(
-                self.runtime, self.persistence, self.rolling, self.shadow, self.rollout_controller
-            )
+        svc = self._service(request)
+        view = state_view(
+            svc.runtime,
+            svc.persistence,
+            svc.rolling,
+            self.shadow if svc.runtime is self.runtime else None,
+            svc.rollouts,
         )
+        if self.named:
+            view["service"] = svc.name
+            view["services"] = list(self.services)
+        return json_response(view)
 
     async def events(self, request: web.Request) -> web.Response:
+        svc = self._service(request)
         unknown = sorted(set(request.query) - {"since", "limit"})
         if unknown:
             raise ApiError(400, f"unknown query parameter {unknown[0]!r} (expected: limit, since)")
         since = _int_param(request, "since", 0, 0, None)
         limit = _int_param(request, "limit", None, 1, 10000)
-        return json_response({"events": self.runtime.events.list(since, limit)})
+        return json_response({"events": svc.runtime.events.list(since, limit)})
 
     # ---- rollouts -------------------------------------------------------------
 
-    def _controller(self) -> RolloutController:
-        if self.rollout_controller is None:
+    def _controller(self, svc: ServiceApi) -> RolloutController:
+        if svc.rollouts is None:
             raise ApiError(501, "rollouts are not available in this process")
-        return self.rollout_controller
+        return svc.rollouts
 
     async def start_rollout(self, request: web.Request) -> web.Response:
-        controller = self._controller()
+        svc = self._service(request)
+        controller = self._controller(svc)
         data = await self._body(request, None)
-        rollout = await self._mutate(lambda: controller.start(data, request[_TOKEN].name))
+        rollout = await self._mutate(svc, lambda: controller.start(data, request[_TOKEN].name))
         return json_response({"rollout": controller.status(rollout)}, 201)
 
     async def current_rollout(self, request: web.Request) -> web.Response:
-        controller = self._controller()
+        svc = self._service(request)
+        controller = self._controller(svc)
         rollout = controller.current
         if rollout is None:
             raise ApiError(404, "no rollout yet (start one with POST /api/v1/rollouts)")
         return json_response({"rollout": controller.status(rollout)})
 
     async def rollout_history(self, request: web.Request) -> web.Response:
-        return json_response(self._controller().history_view())
+        svc = self._service(request)
+        return json_response(self._controller(svc).history_view())
 
     def _rollout_action(self, action: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            controller = self._controller()
+            svc = self._service(request)
+            controller = self._controller(svc)
             await self._body(request, frozenset())
             actor = request[_TOKEN].name
             act = {
@@ -351,19 +428,19 @@ class AdminApi:
                 "promote": controller.promote,
                 "abort": controller.abort,
             }[action]
-            rollout = await self._mutate(lambda: act(actor))
+            rollout = await self._mutate(svc, lambda: act(actor))
             return json_response(
-                {"rollout": controller.status(rollout), "event": self.runtime.events.last()}
+                {"rollout": controller.status(rollout), "event": svc.runtime.events.last()}
             )
 
         return handle
 
     # ---- rolling updates ------------------------------------------------------
 
-    def _rolling(self) -> RollingUpdates:
-        if self.rolling is None:
+    def _rolling(self, svc: ServiceApi) -> RollingUpdates:
+        if svc.rolling is None:
             raise ApiError(501, "rolling updates are not available")
-        return self.rolling
+        return svc.rolling
 
     async def _optional_body(self, request: web.Request) -> dict[str, Any]:
         """A JSON object body, or {} when there is none."""
@@ -372,15 +449,17 @@ class AdminApi:
         return await self._body(request, None)
 
     async def rolling_start(self, request: web.Request) -> web.Response:
-        rolling = self._rolling()
+        svc = self._service(request)
+        rolling = self._rolling(svc)
         body = await self._optional_body(request)
         pool, actor = request.match_info["pool"], request[_TOKEN].name
-        update = await self._mutate(lambda: rolling.start(pool, body, actor))
-        result = {"rolling": update.to_json(self.runtime, self.runtime.clock())}
+        update = await self._mutate(svc, lambda: rolling.start(pool, body, actor))
+        result = {"rolling": update.to_json(svc.runtime, svc.runtime.clock())}
         return json_response(result, 201)
 
     async def rolling_status(self, request: web.Request) -> web.Response:
-        rolling = self._rolling()
+        svc = self._service(request)
+        rolling = self._rolling(svc)
         pool = request.match_info.get("pool")
         if pool is not None:
             rolling.find(pool)  # 404 for an unknown pool or one never updated
@@ -388,7 +467,8 @@ class AdminApi:
 
     def _rolling_action(self, verb: str) -> Handler:
         async def handle(request: web.Request) -> web.StreamResponse:
-            rolling = self._rolling()
+            svc = self._service(request)
+            rolling = self._rolling(svc)
             pool = request.match_info.get("pool")
             if pool is None:
                 body = await self._optional_body(request)
@@ -400,8 +480,8 @@ class AdminApi:
                 await self._body(request, frozenset())
             actor = request[_TOKEN].name
             act = rolling.next if verb == "next" else rolling.abort
-            update = await self._mutate(lambda: act(pool, actor))
-            return json_response({"rolling": update.to_json(self.runtime, self.runtime.clock())})
+            update = await self._mutate(svc, lambda: act(pool, actor))
+            return json_response({"rolling": update.to_json(svc.runtime, svc.runtime.clock())})
 
         return handle
 
@@ -416,15 +496,17 @@ class AdminApi:
         return json_response(self._shadow().view())
 
     async def shadow_set(self, request: web.Request) -> web.Response:
+        svc = self.primary
         shadow = self._shadow()
         body = await self._body(request, None)
-        event = await self._mutate(lambda: shadow.set(body, request[_TOKEN].name))
+        event = await self._mutate(svc, lambda: shadow.set(body, request[_TOKEN].name))
         return json_response(self._shadow_result(shadow, event))
 
     async def shadow_clear(self, request: web.Request) -> web.Response:
+        svc = self.primary
         shadow = self._shadow()
         await self._body(request, frozenset())
-        event = await self._mutate(lambda: shadow.clear(request[_TOKEN].name))
+        event = await self._mutate(svc, lambda: shadow.clear(request[_TOKEN].name))
         return json_response(self._shadow_result(shadow, event))
 
     @staticmethod
@@ -444,9 +526,12 @@ class AdminApi:
             raise ApiError(501, "config reload is not available")
         await self._body(request, frozenset())
         async with self._mutating:
-            mark = self.persistence.mark()
+            services = list(self.services.values())
+            marks = [svc.persistence.mark() for svc in services]
             outcome = await self.reload_config(request[_TOKEN].name)
-            problem = await self.persistence.commit(mark)
+            problem = None
+            for svc, mark in zip(services, marks, strict=True):
+                problem = await svc.persistence.commit(mark) or problem
         if outcome.result == "invalid":
             message = "the config file is invalid; the running config stays"
             return json_response({"error": message, "problems": outcome.problems}, 400)
@@ -462,51 +547,56 @@ class AdminApi:
 
     # ---- mutations ----------------------------------------------------------
 
-    async def _mutate(self, change: Callable[[], _T]) -> _T:
+    async def _mutate(self, svc: ServiceApi, change: Callable[[], _T]) -> _T:
         """Apply ``change`` (a runtime mutation) and wait until it is saved. When it
         cannot be saved it is undone, so that what is served is what a restart
         would restore, and the caller gets 503 with the cause."""
         async with self._mutating:
-            checkpoint = self.runtime.checkpoint()
+            checkpoint = svc.runtime.checkpoint()
             # the controllers keep state of their own beside the runtime's
-            controllers = [c for c in (self.rollout_controller, self.rolling, self.shadow) if c]
+            shadow = self.shadow if svc.runtime is self.runtime else None
+            controllers = [c for c in (svc.rollouts, svc.rolling, shadow) if c]
             saved = [(c, c.checkpoint()) for c in controllers]
-            mark = self.persistence.mark()
+            mark = svc.persistence.mark()
             result = change()
-            problem = await self.persistence.commit(mark)
+            problem = await svc.persistence.commit(mark)
             if problem is not None:
                 for controller, point in saved:
                     controller.rollback(point)
-                self.runtime.rollback(checkpoint)
+                svc.runtime.rollback(checkpoint)
                 log.error("the change was undone: %s", problem)
                 raise ApiError(503, f"the change was not applied: {problem}")
             return result
 
-    def _weights_result(self, event: Event | None) -> dict[str, Any]:
+    @staticmethod
+    def _weights_result(svc: ServiceApi, event: Event | None) -> dict[str, Any]:
         return {
-            "weights": dict(self.runtime.pool_weights),
+            "weights": dict(svc.runtime.pool_weights),
             "changed": event is not None,
             "event": event.to_json() if event is not None else None,
         }
 
     async def split(self, request: web.Request) -> web.Response:
+        svc = self._service(request)
         data = await self._body(request, None)
         # "force" is the flag unless a pool is named so
-        force = self._force(data) if "force" not in self.runtime.pool_weights else False
+        force = self._force(data) if "force" not in svc.runtime.pool_weights else False
         actor = request[_TOKEN].name
-        event = await self._mutate(lambda: self.runtime.split(data, actor, force=force))
-        return json_response(self._weights_result(event))
+        event = await self._mutate(svc, lambda: svc.runtime.split(data, actor, force=force))
+        return json_response(self._weights_result(svc, event))
 
     async def flip(self, request: web.Request) -> web.Response:
+        svc = self._service(request)
         data = await self._body(request, frozenset({"to", "force"}))
         if "to" not in data:
             raise ApiError(400, 'expected {"to": "POOL"}')
         force = self._force(data)
         actor = request[_TOKEN].name
-        event = await self._mutate(lambda: self.runtime.flip(data["to"], actor, force=force))
-        return json_response(self._weights_result(event))
+        event = await self._mutate(svc, lambda: svc.runtime.flip(data["to"], actor, force=force))
+        return json_response(self._weights_result(svc, event))
 
     async def add_backend(self, request: web.Request) -> web.Response:
+        svc = self._service(request)
         data = await self._body(request, frozenset({"pool", "address", "id", "weight"}))
         for key in ("pool", "address"):
             if key not in data:
@@ -515,48 +605,50 @@ class AdminApi:
             raise ApiError(400, "id must be a string (leave it out for the default POOL-N)")
         actor = request[_TOKEN].name
         backend = await self._mutate(
-            lambda: self.runtime.add_backend(
+            svc,
+            lambda: svc.runtime.add_backend(
                 data["pool"], data["address"], data.get("id"), data.get("weight", 1), actor=actor
-            )
+            ),
         )
         return json_response(
             {
-                "backend": backend_view(self.runtime, backend),
+                "backend": backend_view(svc.runtime, backend),
                 "changed": True,
-                "event": self.runtime.events.last(),
+                "event": svc.runtime.events.last(),
             },
             201,
         )
 
     async def remove_backend(self, request: web.Request) -> web.Response:
+        svc = self._service(request)
         await self._body(request, frozenset())
         backend_id = request.match_info["id"]
-        backend = self.runtime.backends.get(backend_id)
+        backend = svc.runtime.backends.get(backend_id)
         actor = request[_TOKEN].name
-        removed = await self._mutate(lambda: self.runtime.remove_backend(backend_id, actor))
+        removed = await self._mutate(svc, lambda: svc.runtime.remove_backend(backend_id, actor))
         assert backend is not None  # remove_backend raised NotFound otherwise
-        event = self.runtime.events.last()
+        event = svc.runtime.events.last()
         return json_response(
-            {"backend": backend_view(self.runtime, backend), "removed": removed, "event": event},
+            {"backend": backend_view(svc.runtime, backend), "removed": removed, "event": event},
             200 if removed else 202,
         )
 
     def _backend_action(self, action: str) -> Handler:
-        mutate = {
-            "drain": self.runtime.drain,
-            "disable": self.runtime.disable,
-            "enable": self.runtime.enable,
-        }[action]
-
         async def handle(request: web.Request) -> web.StreamResponse:
+            svc = self._service(request)
+            mutate = {
+                "drain": svc.runtime.drain,
+                "disable": svc.runtime.disable,
+                "enable": svc.runtime.enable,
+            }[action]
             await self._body(request, frozenset())
             backend_id = request.match_info["id"]
             actor = request[_TOKEN].name
-            event = await self._mutate(lambda: mutate(backend_id, actor))
-            backend = self.runtime.backends[backend_id]
+            event = await self._mutate(svc, lambda: mutate(backend_id, actor))
+            backend = svc.runtime.backends[backend_id]
             return json_response(
                 {
-                    "backend": backend_view(self.runtime, backend),
+                    "backend": backend_view(svc.runtime, backend),
                     "changed": event is not None,
                     "event": event.to_json() if event is not None else None,
                 }
@@ -673,14 +765,28 @@ class ControlPlane:
         state = config.state
         if state.etcd is not None:
             log.warning("state.etcd is not supported yet: runtime state is kept in memory only")
-        # the process log shows every change too, one readable line each
-        runtime.events.subscribe(_log_event)
         path = state.path if state.etcd is None else None
-        self.persistence = Persistence(
-            runtime,
-            FileStore(path) if path is not None else None,
-            events_path(path) if path is not None else None,
-        )
+        named = bool(config.services)
+        self.services: dict[str, ServiceApi] = {}
+        for name, service in server.services.items():
+            # the process log shows every change too, one readable line each
+            service.runtime.events.subscribe(_log_event)
+            # the default service keeps state.path; another one a file of its own
+            own = service_state_path(path, name) if path is not None and named else path
+            self.services[name] = ServiceApi(
+                name,
+                service.runtime,
+                Persistence(
+                    service.runtime,
+                    FileStore(own) if own is not None else None,
+                    events_path(own) if own is not None else None,
+                ),
+                service.rolling,
+                service.rollouts,
+            )
+        self.persistence = next(
+            s for s in self.services.values() if s.runtime is runtime
+        ).persistence
         self.api = AdminApi(
             runtime,
             self.persistence,
@@ -692,6 +798,7 @@ class ControlPlane:
             shadow=server.shadow,
             rollouts=server.rollouts,
             reload=server.reloader.reload,
+            services=self.services if named else None,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
@@ -732,16 +839,18 @@ class ControlPlane:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
-        await self.persistence.close()
+        for svc in self.services.values():
+            await svc.persistence.close()
 
     async def _tick(self) -> None:
-        runtime = self.server.runtime
+        runtimes = [svc.runtime for svc in self.services.values()]
         while True:
             await asyncio.sleep(TICK_SECONDS)
-            try:
-                runtime.tick()
-            except Exception:
-                log.exception("runtime tick failed")
+            for runtime in runtimes:
+                try:
+                    runtime.tick()
+                except Exception:
+                    log.exception("runtime tick failed")
 
 
 def install(server: ProxyServer) -> None:
@@ -775,7 +884,8 @@ def install(server: ProxyServer) -> None:
     plane = ControlPlane(server, tokens)
     if admin.enabled:  # first: a failed start leaves the saved state untouched
         plane.socket = bind_listener(admin.listen, backlog=128)
-    plane.persistence.restore()
-    plane.persistence.attach()
+    for svc in plane.services.values():
+        svc.persistence.restore()
+        svc.persistence.attach()
     server.start_hooks.append(plane.start)
     server.stop_hooks.append(plane.stop)

@@ -29,6 +29,9 @@ IN_PLACE_SECTIONS = (
     "http",
     "shadow",
     "shutdown_timeout",
+    "services",
+    "routes",
+    "default_service",
 )
 
 

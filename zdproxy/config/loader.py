@@ -31,15 +31,20 @@ from pydantic_core import ErrorDetails
 
 from zdproxy.config.schema import (
     CROSS_FIELD_ERROR,
+    DEFAULT_SERVICE,
     Address,
     AdminConfig,
     Config,
     Listeners,
     Loc,
     PoolConfig,
+    RouteConfig,
+    ServiceConfig,
+    StickyConfig,
     check_listeners,
     check_pool_backends,
     check_pool_weights,
+    check_services,
     check_shadow,
 )
 from zdproxy.errors import ZdproxyError
@@ -125,13 +130,23 @@ def check_file(path: str | os.PathLike[str]) -> tuple[bool, list[str]]:
 
 def summary(config: Config) -> str:
     """``2 listeners, 2 pools (blue=100, green=0), 4 backends``."""
-    split = ", ".join(f"{name}={pool.weight}" for name, pool in config.pools.items())
-    backends = sum(len(pool.backends) for pool in config.pools.values())
-    return (
-        f"{_plural(len(config.listen), 'listener')}, "
-        f"{_plural(len(config.pools), 'pool')} ({split}), "
-        f"{_plural(backends, 'backend')}"
-    )
+    if config.services:
+        names = config.service_names()
+        parts = [summary_of_pools(config.service_config(name).pools) for name in names]
+        services = "; ".join(f"{name}: {part}" for name, part in zip(names, parts, strict=True))
+        return (
+            f"{_plural(len(config.listen), 'listener')}, "
+            f"{_plural(len(names), 'service')} ({services}), "
+            f"{_plural(len(config.routes), 'route')}"
+        )
+    return f"{_plural(len(config.listen), 'listener')}, {summary_of_pools(config.pools)}"
+
+
+def summary_of_pools(pools: Mapping[str, PoolConfig]) -> str:
+    """``2 pools (blue=100, green=0), 4 backends``."""
+    split = ", ".join(f"{name}={pool.weight}" for name, pool in pools.items())
+    backends = sum(len(pool.backends) for pool in pools.values())
+    return f"{_plural(len(pools), 'pool')} ({split}), {_plural(backends, 'backend')}"
 
 
 def _plural(count: int, noun: str) -> str:
@@ -336,8 +351,13 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     admin = _valid_or_none(AdminConfig.model_validate, data.get("admin", {}))
     if listen is not None:
         problems += check_listeners(listen, admin)
+    problems += _service_problems(data)
     raw_pools = data.get("pools")
     if not isinstance(raw_pools, dict) or not raw_pools:
+        if "pools" not in data and not data.get("services"):
+            problems.append((("pools",), "missing required key (or set services)"))
+        elif "pools" not in data and isinstance(data.get("shadow"), dict):
+            problems += check_shadow(data["shadow"].get("pool"), {})
         return problems
     shadow = data.get("shadow")
     if isinstance(shadow, dict):
@@ -355,6 +375,38 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     if len(weights) == len(raw_pools):
         problems += check_pool_weights(weights)
     return problems + check_pool_backends(pools)
+
+
+def _service_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
+    """``check_services`` on the parts of services and routes that validate."""
+    raw_services = data.get("services")
+    raw_routes = data.get("routes")
+    if not raw_services and not raw_routes and data.get("default_service") is None:
+        return []
+    services: dict[str, ServiceConfig] = {}
+    if isinstance(raw_services, dict):
+        for name, raw in raw_services.items():
+            service = _valid_or_none(ServiceConfig.model_validate, raw)
+            if service is not None:
+                services[name] = service
+            elif isinstance(raw, dict) and name != DEFAULT_SERVICE:
+                # invalid elsewhere: routes naming it are not reported as unknown
+                services[name] = ServiceConfig.model_construct(pools={})
+    routes = [
+        route
+        for raw in (raw_routes if isinstance(raw_routes, list) else [])
+        if (route := _valid_or_none(RouteConfig.model_validate, raw)) is not None
+    ]
+    raw_pools = data.get("pools")
+    pools = {
+        name: _valid_or_none(PoolConfig.model_validate, raw) or PoolConfig()
+        for name, raw in (raw_pools.items() if isinstance(raw_pools, dict) else ())
+    }
+    sticky = _valid_or_none(StickyConfig.model_validate, data.get("sticky", {})) or StickyConfig()
+    default = data.get("default_service")
+    return check_services(
+        pools, services, routes, default if isinstance(default, str) else None, sticky
+    )
 
 
 def _valid_or_none(validate: Callable[[Any], _T], value: Any) -> _T | None:

@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -404,6 +404,8 @@ def _check_pool_name(name: str) -> str:
 Listeners = Annotated[tuple[HostPort, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
 PoolName = Annotated[str, AfterValidator(_check_pool_name)]
 Pools = Annotated[dict[PoolName, PoolConfig], Field(min_length=1)]
+ServiceName = Annotated[str, AfterValidator(_check_pool_name)]
+_M = TypeVar("_M", bound=BaseModel)
 
 
 # The pydantic error type of ``Config``'s cross-field check.
@@ -546,11 +548,183 @@ def check_pool_backends(pools: Mapping[str, PoolConfig]) -> list[tuple[Loc, str]
     return problems
 
 
+_HOSTNAME = re.compile(
+    r"^(\*\.)?([a-z0-9_]([a-z0-9_-]*[a-z0-9_])?\.)*[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?$"
+)
+_METHOD = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+#: the name of the service a config without ``services`` is (its top-level ``pools``)
+DEFAULT_SERVICE = "default"
+
+
+class RouteMatch(_Model):
+    """What a route matches; every key set must match (see ``zdproxy.http.routes``)."""
+
+    host: str | None = None
+    path_prefix: str | None = None
+    path_exact: str | None = None
+    path_regex: str | None = None
+    methods: tuple[str, ...] | None = Field(default=None, min_length=1)
+    headers: dict[str, str] = {}
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host = value.strip().lower().rstrip(".")
+        if not _HOSTNAME.match(host):
+            raise ValueError(
+                f"invalid host {value!r}: a name such as shop.example.com, or *.example.com "
+                "(no port, no scheme; * only as the whole first label)"
+            )
+        return host
+
+    @field_validator("path_prefix", "path_exact")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or not value.isascii()):
+            raise ValueError(f"a path starts with / and is ASCII (got {value!r})")
+        return value
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value.encode("latin-1"))
+            except (re.error, UnicodeEncodeError) as exc:
+                raise ValueError(f"invalid regular expression {value!r}: {exc}") from None
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is None:
+            return None
+        for method in value:
+            if not _METHOD.match(method):
+                raise ValueError(f"invalid method {method!r}")
+        return tuple(m.upper() for m in value)
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            _check_header_name(name)
+            if not text.isascii() or any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise ValueError(f"header {name}: the value must be printable ASCII")
+        return value
+
+    @model_validator(mode="after")
+    def _one_path(self) -> RouteMatch:
+        paths = [k for k in ("path_prefix", "path_exact", "path_regex") if getattr(self, k)]
+        if len(paths) > 1:
+            raise ValueError(f"set at most one of path_prefix, path_exact, path_regex ({paths})")
+        return self
+
+
+class RouteConfig(_Model):
+    match: RouteMatch = RouteMatch()
+    service: str = Field(min_length=1)
+    #: remove the matched ``match.path_prefix`` from the forwarded target
+    strip_prefix: bool = False
+
+    @model_validator(mode="after")
+    def _strip_needs_prefix(self) -> RouteConfig:
+        if self.strip_prefix and self.match.path_prefix is None:
+            raise ValueError("strip_prefix needs match.path_prefix")
+        return self
+
+
+class ServiceConfig(_Model):
+    """One application: its pools, and the settings that differ from the top level
+    (each key set here overrides the top-level one; unset keys are inherited)."""
+
+    pools: Pools
+    health_check: HealthCheckOverride | None = None
+    outlier_detection: OutlierConfig | None = None
+    slow_start: SlowStartConfig | None = None
+    sticky: StickyConfig | None = None
+    draining: DrainingConfig | None = None
+
+
+#: sticky keys that are the same for every service (one cookie, one key per process)
+PROCESS_WIDE_STICKY = ("cookie", "secret_env", "secret_file", "hash_on")
+
+
+def _merged(base: _M, override: BaseModel | None) -> _M:
+    """``base`` with the keys ``override`` sets explicitly."""
+    if override is None:
+        return base
+    update = {key: getattr(override, key) for key in override.model_fields_set}
+    update = {key: value for key, value in update.items() if value is not None}
+    return base.model_copy(update=update) if update else base
+
+
+def check_services(
+    pools: Mapping[str, PoolConfig],
+    services: Mapping[str, ServiceConfig],
+    routes: Sequence[RouteConfig],
+    default_service: str | None,
+    sticky: StickyConfig,
+) -> list[tuple[Loc, str]]:
+    """Cross-field problems of services and routes."""
+    problems: list[tuple[Loc, str]] = []
+    if pools and DEFAULT_SERVICE in services:
+        message = "top-level pools are the service 'default': name this service otherwise"
+        problems.append((("services", DEFAULT_SERVICE), message))
+    names = ([DEFAULT_SERVICE] if pools else []) + list(services)
+    known = ", ".join(names)
+    for index, route in enumerate(routes):
+        if route.service not in names:
+            message = f"no service named {route.service!r} (services: {known})"
+            problems.append((("routes", index, "service"), message))
+    if default_service is not None and default_service not in names:
+        message = f"no service named {default_service!r} (services: {known})"
+        problems.append((("default_service",), message))
+    ids: dict[str, Loc] = {}
+    for pool, backend_id, _ in _backend_ids(pools):
+        ids.setdefault(backend_id, ("pools", pool))
+    for name, service in services.items():
+        for loc, message in check_pools(service.pools):
+            problems.append((("services", name, *loc), message))
+        for pool, backend_id, _ in _backend_ids(service.pools, f"{name}-"):
+            if backend_id in ids:
+                where = _dotted(ids[backend_id])
+                message = f"backend id {backend_id!r} is also used by {where}"
+                problems.append((("services", name, "pools", pool), message))
+            ids.setdefault(backend_id, ("services", name, "pools", pool))
+        override = service.sticky
+        if override is not None:
+            for key in PROCESS_WIDE_STICKY:
+                if key in override.model_fields_set:
+                    message = "is the same for every service: set it in the top-level sticky"
+                    problems.append((("services", name, "sticky", key), message))
+            if "mode" in override.model_fields_set and (override.mode == "hash") != (
+                sticky.mode == "hash"
+            ):
+                message = "mode hash is set for every service at once, in the top-level sticky"
+                problems.append((("services", name, "sticky", "mode"), message))
+    return problems
+
+
+def _backend_ids(
+    pools: Mapping[str, PoolConfig], prefix: str = ""
+) -> list[tuple[str, str, BackendConfig]]:
+    """(pool, id, backend); a default id is ``<prefix><pool>-<n>``."""
+    out = []
+    for pool_name, pool in pools.items():
+        for n, backend in enumerate(pool.backends, start=1):
+            out.append((pool_name, backend.id or f"{prefix}{pool_name}-{n}", backend))
+    return out
+
+
 class Config(_Model):
     listen: Listeners
     admin: AdminConfig = AdminConfig()
     state: StateConfig = StateConfig()
-    pools: Pools
+    #: required unless ``services`` is set (then it is the service ``default``)
+    pools: dict[PoolName, PoolConfig] = {}
     health_check: HealthCheckConfig = HealthCheckConfig()
     outlier_detection: OutlierConfig = OutlierConfig()
     slow_start: SlowStartConfig = SlowStartConfig()
@@ -564,21 +738,69 @@ class Config(_Model):
     log: LogConfig = LogConfig()
     shadow: ShadowConfig = ShadowConfig()
     shutdown_timeout: Duration = 30.0
+    services: dict[ServiceName, ServiceConfig] = {}
+    routes: tuple[RouteConfig, ...] = ()
+    default_service: str | None = None
 
     def backend_ids(self) -> list[tuple[str, str, BackendConfig]]:
         """(pool, id, backend) in file order, with default ids ``<pool>-<n>`` filled in."""
-        out = []
-        for pool_name, pool in self.pools.items():
-            for n, backend in enumerate(pool.backends, start=1):
-                out.append((pool_name, backend.id or f"{pool_name}-{n}", backend))
-        return out
+        return _backend_ids(self.pools)
+
+    def service_names(self) -> list[str]:
+        """The services, in file order: ``default`` (the top-level pools) first."""
+        if not self.services:
+            return [DEFAULT_SERVICE]
+        return ([DEFAULT_SERVICE] if self.pools else []) + list(self.services)
+
+    def service_config(self, name: str) -> Config:
+        """The config one service's control plane runs on: its pools and its
+        settings over the top-level ones. Without ``services``: this config."""
+        if not self.services:
+            return self
+        plain: dict[str, Any] = {"services": {}, "routes": (), "default_service": None}
+        if name == DEFAULT_SERVICE and self.pools:
+            return self.model_copy(update=plain)
+        service = self.services[name]
+        # default backend ids name the service: two services may both have "blue"
+        pools = {
+            pool_name: pool.model_copy(
+                update={
+                    "backends": tuple(
+                        b if b.id else b.model_copy(update={"id": f"{name}-{pool_name}-{n}"})
+                        for n, b in enumerate(pool.backends, start=1)
+                    )
+                }
+            )
+            for pool_name, pool in service.pools.items()
+        }
+        return self.model_copy(
+            update={
+                **plain,
+                "pools": pools,
+                "health_check": _merged(self.health_check, service.health_check),
+                "outlier_detection": _merged(self.outlier_detection, service.outlier_detection),
+                "slow_start": _merged(self.slow_start, service.slow_start),
+                "sticky": _merged(self.sticky, service.sticky),
+                "draining": _merged(self.draining, service.draining),
+                # shadow traffic copies to a top-level pool: the default service's
+                "shadow": ShadowConfig(),
+            }
+        )
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> Config:
         # One error for all of them, at the root: the loader runs the same checks on
         # the sections and reports each problem at its own key and line instead.
-        problems = check_listeners(self.listen, self.admin) + check_pools(self.pools)
-        problems += check_shadow(self.shadow.pool, self.pools)
+        problems = check_listeners(self.listen, self.admin)
+        if not self.pools and not self.services:
+            problems.append((("pools",), "missing required key (or set services)"))
+        if self.pools:
+            problems += check_pools(self.pools)
+        if self.pools or self.services:
+            problems += check_shadow(self.shadow.pool, self.pools)
+        problems += check_services(
+            self.pools, self.services, self.routes, self.default_service, self.sticky
+        )
         if problems:
             text = "; ".join(f"{_dotted(loc)}: {message}" for loc, message in problems)
             raise PydanticCustomError(CROSS_FIELD_ERROR, "{problems}", {"problems": text})

@@ -46,9 +46,11 @@ class Event:
     before: Any
     after: Any
     note: str | None = None
+    #: the service changed, with several services (None: the only one, as before)
+    service: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "id": self.id,
             "time": iso_time(self.time),
             "actor": self.actor,
@@ -58,6 +60,9 @@ class Event:
             "after": self.after,
             "note": self.note,
         }
+        if self.service is not None:
+            out["service"] = self.service
+        return out
 
 
 EventSink = Callable[[Event], None]
@@ -71,6 +76,8 @@ class EventLog:
         self._sinks: list[EventSink] = []
         self._clock = clock
         self.next_id = 1
+        #: set with several services: every event names its service
+        self.service: str | None = None
 
     def subscribe(self, sink: EventSink) -> None:
         self._sinks.append(sink)
@@ -84,7 +91,9 @@ class EventLog:
         after: Any,
         note: str | None = None,
     ) -> Event:
-        event = Event(self.next_id, self._clock(), actor, action, target, before, after, note)
+        event = Event(
+            self.next_id, self._clock(), actor, action, target, before, after, note, self.service
+        )
         self.next_id += 1
         self._ring.append(event.to_json())
         for sink in self._sinks:

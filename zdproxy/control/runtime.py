@@ -102,6 +102,10 @@ class Runtime:
         self.effective_weight: dict[str, int] = {}
         #: the audit log
         self.events = EventLog(config.admin.events_ring)
+        #: with several services: default backend ids start with ``<service>-``, and
+        #: an id another service uses is refused (connection pools are by backend id)
+        self.id_prefix = ""
+        self.id_in_use: Callable[[str], bool] = _never
         #: backends added through the API: id -> {id, pool, address, weight} (persisted)
         self.added: dict[str, dict[str, Any]] = {}
         #: config backends removed through the API: id -> {pool, address} (persisted)
@@ -408,7 +412,7 @@ class Runtime:
             raise ControlError(
                 f"invalid backend id {backend_id!r}: use 1-128 letters, digits and _ . : -"
             )
-        if backend_id in self.backends:
+        if backend_id in self.backends or self.id_in_use(backend_id):
             raise Conflict(f"backend id {backend_id!r} is already in use")
         for other in self.backends.values():
             if other.pool == pool and (other.host, other.port) == (host, port):
@@ -424,10 +428,15 @@ class Runtime:
         return backend
 
     def _free_id(self, pool: str) -> str:
+        prefix = f"{self.id_prefix}{pool}-"
         n = 1
-        while f"{pool}-{n}" in self.backends or f"{pool}-{n}" in self.removed:
+        while (
+            f"{prefix}{n}" in self.backends
+            or f"{prefix}{n}" in self.removed
+            or self.id_in_use(f"{prefix}{n}")
+        ):
             n += 1
-        return f"{pool}-{n}"
+        return f"{prefix}{n}"
 
     def remove_backend(self, backend_id: Any, actor: str) -> bool:
         """Drain a backend, then delete it: at once when nothing is in flight, else
@@ -849,6 +858,10 @@ class Runtime:
             state = self.export_state()
             for listener in self._state_listeners:
                 listener(state)
+
+
+def _never(backend_id: str) -> bool:
+    return False
 
 
 def _brief(backend: Backend) -> dict[str, Any]:

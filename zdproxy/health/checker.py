@@ -49,6 +49,7 @@ from zdproxy.health.slowstart import SlowStart
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
+    from zdproxy.services import Service
 
 log = logging.getLogger("zdproxy.health")
 
@@ -350,7 +351,7 @@ class HealthService:
     check and ejection change, for the admin state API.
     """
 
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer | Service) -> None:
         self.server = server
         runtime = server.runtime
         config = server.config
@@ -469,8 +470,31 @@ class HealthService:
 
 def install(server: ProxyServer) -> None:
     """Install health checks, passive health, slow start, retries budget and
-    stickiness into ``server`` (before ``server.start()``)."""
-    service = HealthService(server)
-    server.health = service
-    server.start_hooks.append(service.start)
-    server.stop_hooks.append(service.stop)
+    stickiness into ``server`` (before ``server.start()``): one ``HealthService``
+    per service (``server.health`` is the primary service's)."""
+    if len(server.services) == 1:
+        health = HealthService(server)
+        server.health = health
+        next(iter(server.services.values())).health = health
+        server.start_hooks.append(health.start)
+        server.stop_hooks.append(health.stop)
+        return
+    for service in server.services.values():
+        health = HealthService(service)
+        service.health = health
+        if service.runtime is server.runtime:
+            server.health = health
+        server.start_hooks.append(health.start)
+        server.stop_hooks.append(health.stop)
+    server.start_hooks.append(_observe_services)
+
+
+async def _observe_services(server: ProxyServer) -> None:
+    """With several services, passive health results go to the owner's detector."""
+    from zdproxy.services import ServiceObservers
+
+    ctx = server.ctx
+    assert ctx is not None
+    ctx.observer = ServiceObservers(
+        [(s.runtime, s.health.outlier) for s in server.services.values() if s.health is not None]
+    )

@@ -22,6 +22,7 @@ from zdproxy.balancing.model import Admin
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
+    from zdproxy.services import Service
 
 log = logging.getLogger("zdproxy.health")
 
@@ -30,7 +31,7 @@ TICK = 0.25
 
 
 class TunnelDrainer:
-    def __init__(self, server: ProxyServer) -> None:
+    def __init__(self, server: ProxyServer | Service) -> None:
         self.server = server
         self.closed_total = 0
         self._task: asyncio.Task[None] | None = None

@@ -21,6 +21,7 @@ from zdproxy.balancing.passive import (
 from zdproxy.balancing.selector import Selector
 from zdproxy.config.schema import Config
 from zdproxy.http.requestid import RequestIds
+from zdproxy.http.routes import RouteTable
 from zdproxy.proxy.exchange import header_kinds
 
 if TYPE_CHECKING:
@@ -93,6 +94,7 @@ class ProxyContext:
         "retry_attempts",
         "retry_buffer",
         "retry_policy",
+        "routes",
         "selector",
         "selector_wants_affinity",
         "shadow",
@@ -119,6 +121,9 @@ class ProxyContext:
     ) -> None:
         self.loop = loop
         self.selector = selector
+        #: with services: the route table, whose matches name a service's selector;
+        #: None: every request goes to ``selector`` (no routing cost)
+        self.routes: RouteTable[Selector] | None = None
         self.upstreams = upstreams
         self.connections: set[ClientConnection] = set()
         self.tunnels: set[Tunnel] = set()
@@ -176,7 +181,9 @@ class ProxyContext:
         )
         self.override_cookie = routing.cookie.name if routing.cookie.enabled else None
         sticky = config.sticky
-        self.affinity_cookie = sticky.cookie if sticky.mode in ("pool", "backend") else None
+        # the cookie is read when a service pins with it (its name is process-wide)
+        modes = {config.service_config(name).sticky.mode for name in config.service_names()}
+        self.affinity_cookie = sticky.cookie if modes & {"pool", "backend"} else None
         self.selector_wants_affinity = self.affinity_cookie is not None
         #: sticky.mode hash: what fills hints.hash_key (b"": the client address; else a
         #: lower-case header name); None: nothing

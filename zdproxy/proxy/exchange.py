@@ -36,12 +36,14 @@ from zdproxy.http.head import (
     error_response,
     rewrite_response_head,
 )
+from zdproxy.http.routes import RouteTable
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
+    from zdproxy.balancing.selector import Selector
     from zdproxy.proxy.downstream import ClientConnection
 
 log = logging.getLogger("zdproxy.error")
@@ -145,6 +147,7 @@ class Exchange:
         "response_has_no_body",
         "response_sent",
         "response_started",
+        "selector",
         "set_cookie",
         "shadow",
         "started_at",
@@ -154,6 +157,7 @@ class Exchange:
         "upgrade_data",
         "upstream",
         "upstream_keep_alive",
+        "upstream_url",
         "url",
         "version",
         "ws_key",
@@ -202,6 +206,10 @@ class Exchange:
         self.pending_bytes = 0
         self.replay: list[bytes] | None = []
         self.backend: Backend | None = None
+        #: the service's selector (a route chose it; None: no route matched, 404)
+        self.selector: Selector | None = conn.ctx.selector
+        #: the target sent upstream when a route's strip_prefix changed it
+        self.upstream_url: bytes | None = None
         self.upstream: UpstreamConnection | None = None
         self.attempts = 0
         self.holding = False
@@ -337,11 +345,32 @@ class Exchange:
         url = self.url
         if url[:1] != b"/" and url != b"*":
             self._to_origin_form()
+        routes = ctx.routes
+        if routes is not None:
+            self._route(routes)
         self.request_head = self._build_request_head()
         # shadow traffic: one subtraction and one comparison for a request not copied
         ctx.shadow_acc -= ctx.shadow_step
         if ctx.shadow_acc < 0:
             ctx.shadow.sample(self)
+
+    def _route(self, routes: RouteTable[Selector]) -> None:
+        """Pick the service by host and path (``zdproxy.http.routes``)."""
+        found = routes.match(self.host, self.url, self.method, self._header)
+        if found is None:
+            self.selector = routes.default
+            return
+        self.selector = found.route.target
+        if found.target is not self.url:
+            self.upstream_url = found.target
+
+    def _header(self, name: bytes) -> bytes | None:
+        """A request header's value by lower-case name (routes match on them)."""
+        forwarded = self.forwarded
+        for i in range(0, len(forwarded), 4):
+            if forwarded[i].lower() == name:
+                return forwarded[i + 2]
+        return None
 
     def _to_origin_form(self) -> None:
         """An absolute-form target (``GET http://host/p``) goes on as ``/p`` with
@@ -372,7 +401,8 @@ class Exchange:
             # X-Forwarded-* the proxy writes are added below, after this)
             names = connection_tokens(tokens) - _NEVER_HOP_BY_HOP
             forwarded = self._drop_connection_named(forwarded, names)
-        parts = [self.method, b" ", self.url, b" HTTP/1.1\r\n", *forwarded]
+        url = self.url if self.upstream_url is None else self.upstream_url
+        parts = [self.method, b" ", url, b" HTTP/1.1\r\n", *forwarded]
         xff = self.xff if conn.trusted else None
         parts += (
             b"X-Forwarded-For: ",
@@ -438,7 +468,11 @@ class Exchange:
 
     def _dispatch(self, exclude: Backend | None) -> None:
         ctx = self.conn.ctx
-        backend = ctx.selector.select(self, exclude)
+        selector = self.selector
+        if selector is None:
+            self.fail(_reject(404, "no-route", "no route for this request"))
+            return
+        backend = selector.select(self, exclude)
         if backend is None:
             self.fail(NoBackend("no healthy backend"))
             return
@@ -955,7 +989,8 @@ class Exchange:
             ctx.observer.failure(backend, "5xx", now)
         elif backend.failures:
             ctx.observer.success(backend, now)
-        view = ctx.selector.pool_view(backend.pool)
+        selector = self.selector
+        view = selector.pool_view(backend.pool) if selector is not None else None
         if view is not None:
             view.stats.record(status, now - self.started_at, now)
 
