@@ -29,13 +29,24 @@ class UsageError(CtlError):
     """The command line itself is wrong (a value argparse cannot check): exit status 2."""
 
 
+#: endpoints of the whole process, never of one service
+_PROCESS_WIDE = ("/api/v1/reload", "/api/v1/shadow", "/api/v1/services")
+
+
 class Client:
-    def __init__(self, url: str, token: str | None, timeout: float = TIMEOUT) -> None:
+    def __init__(
+        self, url: str, token: str | None, timeout: float = TIMEOUT, service: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        #: ``--service``: a service's endpoints are under /api/v1/services/SERVICE/
+        self.service = service
 
     def call(self, method: str, path: str, body: Any = None) -> Any:
+        if self.service is not None and not path.startswith(_PROCESS_WIDE):
+            quoted = urllib.parse.quote(self.service, safe="")
+            path = f"/api/v1/services/{quoted}{path.removeprefix('/api/v1')}"
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         if data is not None:
@@ -541,6 +552,17 @@ def cmd_reload(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     return result
 
 
+def cmd_services(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    result = client.call("GET", "/api/v1/services")
+    if not args.json:
+        rows: list[list[object]] = [["SERVICE", "WEIGHTS", "BACKENDS"]]
+        for item in result["services"]:
+            weights = " ".join(f"{pool}={pct}" for pool, pct in item["weights"].items())
+            rows.append([item["name"], weights, item["backends"]])
+        table(rows, out)
+    return result
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -558,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--url", help="admin API URL (default: $ZDPROXY_ADMIN_URL)")
     parser.add_argument("--token", help="admin token (default: $ZDPROXY_ADMIN_TOKEN)")
+    parser.add_argument(
+        "--service", help="act on this service (default: $ZDPROXY_SERVICE, else default)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -568,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add("status", cmd_status, "pools, weights, backends, states and in-flight requests")
     add("reload", cmd_reload, "re-read the config file and apply it in place (as SIGHUP)")
+    add("services", cmd_services, "the services, their pool weights and backend counts")
     p = add("split", cmd_split, "set the traffic split, e.g. split blue=90 green=10")
     p.add_argument("weights", nargs="+", metavar="POOL=PCT")
     p.add_argument("--force", action="store_true", help="even to a pool with no usable backend")
@@ -703,7 +729,8 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         args.json = False
     url = args.url or os.environ.get("ZDPROXY_ADMIN_URL") or DEFAULT_URL
     token = args.token or os.environ.get("ZDPROXY_ADMIN_TOKEN") or None
-    client = Client(url, token)
+    service = args.service or os.environ.get("ZDPROXY_SERVICE") or None
+    client = Client(url, token, service=service)
     try:
         result = args.func(client, args, out)
     except UsageError as exc:

@@ -86,8 +86,8 @@ def route_table(config: Config, services: dict[str, Service]) -> RouteTable[Sele
     """The data path's route table; None without services and routes (no cost)."""
     if not config.services and not config.routes:
         return None
-    specs = [
-        RouteSpec[Selector](
+    specs: list[RouteSpec[Selector]] = [
+        RouteSpec(
             index=index,
             service=route.service,
             target=services[route.service].selector,
