@@ -161,6 +161,14 @@ async def test_openapi_documents_every_endpoint(admin: AdminClient) -> None:
     expected |= set(ROLLING)
     expected |= ROLLOUT_OPERATIONS
     expected |= {("POST", "/api/v1/reload")}
+    # each service's endpoints again under /api/v1/services/{svc}/ (docs/services.md)
+    process_wide = ("/api/v1/shadow", "/api/v1/reload", "/api/v1/openapi.json", "/api/v1/services")
+    expected |= {
+        (m, "/api/v1/services/{svc}" + p[7:])
+        for m, p in expected
+        if p.startswith("/api/v1/") and not p.startswith(process_wide)
+    }
+    expected |= {("GET", "/api/v1/services")}
     assert operations == expected
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from zdproxy.config.loader import ConfigError, load_config_text
+from zdproxy.config.loader import ConfigError, check_file, load_config_text
 from zdproxy.http.routes import RouteSpec, RouteTable, normalize_host, shadowed
 
 
@@ -289,3 +290,42 @@ def test_process_wide_sticky_keys_are_refused_per_service() -> None:
         "services.shop.sticky.cookie: is the same for every service" in str(p)
         for p in caught.value.problems
     )
+
+
+@pytest.mark.parametrize(
+    ("path", "service"),
+    [
+        (b"/abd", "ab"),
+        (b"/ac", "a"),
+        (b"/abc/x", "abc/"),
+        (b"/abc", "ab"),
+        (b"/abb/zz", "ab"),
+        (b"/b", "b"),
+        (b"/ba?x", "b"),
+        (b"/", None),
+        (b"/0", None),
+        (b"/z", None),
+    ],
+)
+def test_longest_prefix_among_nested_ones(path: bytes, service: str | None) -> None:
+    names = ["a", "ab", "abc/", "b", "aa", "abz"]
+    table = RouteTable([spec(i, name, path_prefix="/" + name) for i, name in enumerate(names)])
+    found = route(table, b"h", path)
+    assert (found[0] if found else None) == service
+
+
+def test_check_warns_about_a_shadowed_route(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        SERVICES
+        + "  - match: {host: SHOP.example.com, methods: [GET]}\n    service: api\n"
+        + "  - match: {host: shop.example.com, path_prefix: /x}\n    service: api\n"
+    )
+    ok, lines = check_file(path)
+    assert ok
+    assert lines == [
+        f"{path}: OK: 1 listener, 2 services (shop: 1 pool (blue=100), 1 backend; "
+        "api: 1 pool (blue=100), 1 backend), 4 routes",
+        f"{path}:15: routes.2: warning: never matches: routes.0 (same host and path) "
+        "takes every request it would",
+    ]

@@ -108,6 +108,8 @@ _SCHEMAS: dict[str, Any] = {
             "generation": {"type": "integer", "description": "routing snapshot number"},
             "pools": {"type": "object", "additionalProperties": _ref("Pool")},
             "rollout": {"type": "object", "nullable": True},
+            "service": {"type": "string", "description": "with several services: this one"},
+            "services": {"type": "array", "items": {"type": "string"}},
             "persistence": {
                 "type": "object",
                 "properties": {
@@ -129,6 +131,7 @@ _SCHEMAS: dict[str, Any] = {
             "before": {"nullable": True},
             "after": {"nullable": True},
             "note": {"type": "string", "nullable": True},
+            "service": {"type": "string", "description": "with several services"},
         },
     },
     "WeightsResult": {
@@ -530,7 +533,99 @@ def _backend_action(verb: str, summary: str) -> dict[str, Any]:
     }
 
 
+#: the per-service endpoints, mirrored under /api/v1/services/{svc}/
+_SERVICE_PATHS = (
+    "/api/v1/state",
+    "/api/v1/events",
+    "/api/v1/split",
+    "/api/v1/flip",
+    "/api/v1/backends",
+    "/api/v1/backends/{id}",
+    "/api/v1/backends/{id}/drain",
+    "/api/v1/backends/{id}/disable",
+    "/api/v1/backends/{id}/enable",
+    "/api/v1/pools/{pool}/rolling",
+    "/api/v1/pools/{pool}/rolling/next",
+    "/api/v1/pools/{pool}/rolling/abort",
+    "/api/v1/rolling",
+    "/api/v1/rolling/next",
+    "/api/v1/rolling/abort",
+    "/api/v1/rollouts",
+    "/api/v1/rollouts/current",
+    "/api/v1/rollouts/current/pause",
+    "/api/v1/rollouts/current/resume",
+    "/api/v1/rollouts/current/promote",
+    "/api/v1/rollouts/current/abort",
+)
+
+_SVC_PARAM = {
+    "name": "svc",
+    "in": "path",
+    "required": True,
+    "schema": {"type": "string"},
+    "description": "a service name (`default`: the top-level pools)",
+}
+
+_SERVICES_PATH = {
+    "get": {
+        "operationId": "listServices",
+        "summary": "The services, their pool weights and backend counts",
+        "responses": {
+            "200": _json(
+                {
+                    "type": "object",
+                    "required": ["pid", "version", "default", "services"],
+                    "properties": {
+                        "pid": {"type": "integer"},
+                        "version": {"type": "string"},
+                        "default": {"type": "string", "nullable": True},
+                        "services": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "weights": {
+                                        "type": "object",
+                                        "additionalProperties": {"type": "integer"},
+                                    },
+                                    "backends": {"type": "integer"},
+                                    "generation": {"type": "integer"},
+                                },
+                            },
+                        },
+                    },
+                },
+                "The services",
+            ),
+            **_AUTH_ERRORS,
+        },
+    }
+}
+
+
+def _service_paths(paths: dict[str, Any]) -> dict[str, Any]:
+    """Each service endpoint again under /api/v1/services/{svc}/ (404: no such service)."""
+    out: dict[str, Any] = {"/api/v1/services": _SERVICES_PATH}
+    for path in _SERVICE_PATHS:
+        item: dict[str, Any] = {}
+        for method, operation in paths[path].items():
+            copied = dict(operation)
+            copied["operationId"] = f"{operation['operationId']}OfService"
+            copied["parameters"] = [_SVC_PARAM, *operation.get("parameters", ())]
+            copied["responses"] = {"404": _error("No such service"), **operation["responses"]}
+            item[method] = copied
+        out["/api/v1/services/{svc}" + path.removeprefix("/api/v1")] = item
+    return out
+
+
 def build_spec(version: str) -> dict[str, Any]:
+    spec = _build_spec(version)
+    spec["paths"].update(_service_paths(spec["paths"]))
+    return spec
+
+
+def _build_spec(version: str) -> dict[str, Any]:
     return {
         "openapi": "3.0.3",
         "info": {

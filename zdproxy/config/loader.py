@@ -48,6 +48,7 @@ from zdproxy.config.schema import (
     check_shadow,
 )
 from zdproxy.errors import ZdproxyError
+from zdproxy.http.routes import RouteSpec, shadowed
 
 __all__ = [
     "ConfigError",
@@ -99,6 +100,11 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def load_config_text(text: str, filename: str) -> Config:
     """Validate config ``text``; problems name ``filename``. Raise ``ConfigError``."""
+    return _load(text, filename)[0]
+
+
+def _load(text: str, filename: str) -> tuple[Config, Mapping[Loc, int]]:
+    """The config and the line of each key."""
     try:
         loader = _Loader(text)  # rejects characters YAML does not allow
     except yaml.YAMLError as exc:
@@ -115,17 +121,51 @@ def load_config_text(text: str, filename: str) -> Config:
         config, schema_problems = _validate(data, builder.lines, filename)
         problems += schema_problems
         if config is not None and not problems:
-            return config
+            return config, builder.lines
     raise ConfigError(_in_file_order(problems))
 
 
 def check_file(path: str | os.PathLike[str]) -> tuple[bool, list[str]]:
     """What ``zdproxy check`` prints: (True, [summary]) or (False, [one line per problem])."""
+    filename = os.fspath(path)
     try:
-        config = load_config(path)
+        config, lines = _load(_read_text(filename), filename)
     except ConfigError as exc:
         return False, [str(problem) for problem in exc.problems]
-    return True, [f"{os.fspath(path)}: OK: {summary(config)}"]
+    return True, [f"{filename}: OK: {summary(config)}", *warnings(config, lines, filename)]
+
+
+def warnings(config: Config, lines: Mapping[Loc, int], filename: str) -> list[str]:
+    """What is valid but surely not meant: a route an earlier one shadows."""
+    specs = [
+        RouteSpec(
+            index=index,
+            service=route.service,
+            target=None,
+            host=route.match.host,
+            path_exact=route.match.path_exact,
+            path_prefix=route.match.path_prefix,
+            path_regex=route.match.path_regex,
+            methods=None if route.match.methods is None else frozenset(route.match.methods),
+            headers=tuple(route.match.headers.items()),
+        )
+        for index, route in enumerate(config.routes)
+    ]
+    out = []
+    for later, earlier in shadowed(specs):
+        path: Loc = ("routes", later)
+        out.append(
+            str(
+                ConfigProblem(
+                    filename,
+                    _line_of(path, lines),
+                    _dotted(path),
+                    f"warning: never matches: routes.{earlier} (same host and path) "
+                    "takes every request it would",
+                )
+            )
+        )
+    return out
 
 
 def summary(config: Config) -> str:

@@ -31,14 +31,17 @@ and the same path condition, the first in the file whose ``methods`` and
 from the target forwarded to the backend (the query string stays; an empty
 rest becomes ``/``).
 
-Exact hosts and exact paths are dict lookups; prefixes are looked up by the
-distinct prefix lengths of the host (longest first), so the cost of a match
-does not grow with the number of hosts or routes.
+Exact hosts and exact paths are dict lookups; the longest prefix is found by
+bisection in the host's sorted prefixes, then a walk up the chain of shorter
+prefixes (the greatest prefix <= the path starts with every prefix of the
+path). The cost of a match does not grow with the number of hosts, and only
+logarithmically with the prefixes of one host.
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -76,6 +79,8 @@ class Route(Generic[T]):
     headers: tuple[tuple[bytes, bytes], ...]
     #: bytes to cut from the front of the target (0: nothing)
     strip: int
+    #: no method or header condition: the first candidate wins at once
+    plain: bool = False
 
 
 @dataclass(slots=True)
@@ -83,31 +88,45 @@ class _HostTable(Generic[T]):
     exact: dict[bytes, list[Route[T]]] = field(default_factory=dict)
     regex: list[tuple[re.Pattern[bytes], Route[T]]] = field(default_factory=list)
     prefix: dict[bytes, list[Route[T]]] = field(default_factory=dict)
-    #: distinct prefix lengths, longest first
-    lengths: tuple[int, ...] = ()
+    #: the prefixes, sorted, and each one's longest proper prefix in the table
+    ordered: list[bytes] = field(default_factory=list)
+    parents: dict[bytes, bytes | None] = field(default_factory=dict)
     anything: list[Route[T]] = field(default_factory=list)
 
-    def match(
-        self, path: bytes, method: bytes, headers: HeaderLookup
-    ) -> tuple[Route[T], int] | None:
-        """The winning route and the length of the matched prefix (0: none)."""
-        routes = self.exact.get(path)
-        if routes is not None:
-            found = _first(routes, method, headers)
-            if found is not None:
-                return found, 0
-        for pattern, route in self.regex:
-            if pattern.search(path) is not None and _conditions(route, method, headers):
-                return route, 0
-        prefixes = self.prefix
-        for length in self.lengths:
-            routes = prefixes.get(path[:length])
+    def match(self, path: bytes, method: bytes, headers: HeaderLookup) -> Route[T] | None:
+        """The winning route of this host, by path precedence."""
+        if self.exact:
+            routes = self.exact.get(path)
             if routes is not None:
                 found = _first(routes, method, headers)
                 if found is not None:
-                    return found, length
-        found = _first(self.anything, method, headers)
-        return (found, 0) if found is not None else None
+                    return found
+        for pattern, route in self.regex:
+            if pattern.search(path) is not None and _conditions(route, method, headers):
+                return route
+        ordered = self.ordered
+        if ordered:
+            # the greatest prefix <= path starts with every prefix of path in the
+            # table: walk its chain of ever shorter prefixes, longest first
+            i = bisect_right(ordered, path)
+            candidate = ordered[i - 1] if i else None
+            parents = self.parents
+            while candidate is not None:
+                if path.startswith(candidate):
+                    found = _first(self.prefix[candidate], method, headers)
+                    if found is not None:
+                        return found
+                candidate = parents[candidate]
+        return _first(self.anything, method, headers) if self.anything else None
+
+    def seal(self) -> None:
+        """Sort the prefixes and link each to its longest proper prefix."""
+        self.ordered = sorted(self.prefix)
+        for prefix in self.ordered:
+            self.parents[prefix] = next(
+                (prefix[:n] for n in range(len(prefix) - 1, 0, -1) if prefix[:n] in self.prefix),
+                None,
+            )
 
 
 def _conditions(route: Route[T], method: bytes, headers: HeaderLookup) -> bool:
@@ -118,30 +137,38 @@ def _conditions(route: Route[T], method: bytes, headers: HeaderLookup) -> bool:
 
 def _first(routes: list[Route[T]], method: bytes, headers: HeaderLookup) -> Route[T] | None:
     for route in routes:
-        if route.methods is None and not route.headers:
-            return route
-        if _conditions(route, method, headers):
+        if route.plain or _conditions(route, method, headers):
             return route
     return None
 
 
-@dataclass(frozen=True, slots=True)
 class Match(Generic[T]):
-    route: Route[T]
-    #: the request target to forward (``strip_prefix`` applied)
-    target: bytes
+    """A match: the route, and the request target to forward (``strip_prefix``
+    applied; the very object passed in when unchanged)."""
+
+    __slots__ = ("route", "target")
+
+    def __init__(self, route: Route[T], target: bytes) -> None:
+        self.route = route
+        self.target = target
 
 
 def normalize_host(host: bytes) -> bytes:
     """``Shop.Example.COM:8080`` -> ``shop.example.com``; ``[::1]:80`` -> ``[::1]``."""
-    host = host.strip(b" \t").lower()
-    if host.startswith(b"["):
+    host = host.lower()
+    if host[:1] == b"[":
         end = host.find(b"]")
         return host[: end + 1] if end >= 0 else host
     colon = host.find(b":")
     if colon >= 0:
         host = host[:colon]
-    return host[:-1] if host.endswith(b".") else host
+    if host[-1:] in _TRIM or host[:1] in _TRIM:
+        host = host.strip(b" \t").rstrip(b".")
+    return host
+
+
+#: what may end a Host value besides the name (rare: trimmed on a slow path)
+_TRIM = frozenset((b".", b" ", b"\t"))
 
 
 class RouteTable(Generic[T]):
@@ -156,7 +183,7 @@ class RouteTable(Generic[T]):
         for spec in specs:
             self._add(spec)
         for table in (*self._exact.values(), *self._wild.values(), self._any):
-            table.lengths = tuple(sorted({len(p) for p in table.prefix}, reverse=True))
+            table.seal()
         self._has_wild = bool(self._wild)
 
     def _table(self, host: str | None) -> _HostTable[T]:
@@ -179,6 +206,7 @@ class RouteTable(Generic[T]):
             None if spec.methods is None else frozenset(m.encode() for m in spec.methods),
             tuple((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in spec.headers),
             len(spec.path_prefix) if spec.strip_prefix and spec.path_prefix else 0,
+            spec.methods is None and not spec.headers,
         )
         table = self._table(spec.host)
         if spec.path_exact is not None:
@@ -190,34 +218,36 @@ class RouteTable(Generic[T]):
         else:
             table.anything.append(route)
 
-    def _host_tables(self, host: bytes | None) -> Iterable[_HostTable[T]]:
-        if host is not None:
-            name = normalize_host(host)
-            table = self._exact.get(name)
-            if table is not None:
-                yield table
-            if self._has_wild:
-                wild = self._wild
-                dot = name.find(b".")
-                while dot >= 0:
-                    table = wild.get(name[dot:])
-                    if table is not None:
-                        yield table
-                    dot = name.find(b".", dot + 1)
-        yield self._any
-
     def match(
         self, host: bytes | None, target: bytes, method: bytes, headers: HeaderLookup
     ) -> Match[T] | None:
         """The route for a request (None: no route matches)."""
         query = target.find(b"?")
         path = target if query < 0 else target[:query]
-        for table in self._host_tables(host):
-            found = table.match(path, method, headers)
-            if found is not None:
-                route, _ = found
-                return Match(route, strip(target, route.strip) if route.strip else target)
-        return None
+        if host is not None:
+            name = normalize_host(host)
+            table = self._exact.get(name)
+            if table is not None:
+                found = table.match(path, method, headers)
+                if found is not None:
+                    return _matched(found, target)
+            if self._has_wild:
+                # longest wildcard first: the suffixes from the first dot on
+                wild = self._wild
+                dot = name.find(b".")
+                while dot >= 0:
+                    table = wild.get(name[dot:])
+                    if table is not None:
+                        found = table.match(path, method, headers)
+                        if found is not None:
+                            return _matched(found, target)
+                    dot = name.find(b".", dot + 1)
+        found = self._any.match(path, method, headers)
+        return _matched(found, target) if found is not None else None
+
+
+def _matched(route: Route[T], target: bytes) -> Match[T]:
+    return Match(route, strip(target, route.strip) if route.strip else target)
 
 
 def strip(target: bytes, length: int) -> bytes:
