@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from zdproxy.config.loader import ConfigError, check_file, load_config_text
-from zdproxy.http.routes import RouteSpec, RouteTable, normalize_host, shadowed
+from zdproxy.http.routes import RouteSpec, RouteTable, forwarded, normalize_host, shadowed
 
 
 def spec(index: int, service: str, **match: Any) -> RouteSpec[str]:
@@ -27,7 +27,7 @@ def route(
     headers: dict[bytes, bytes] | None = None,
 ) -> tuple[str, bytes] | None:
     found = table.match(host, target, method, (headers or {}).get)
-    return None if found is None else (found.route.target, found.target)
+    return None if found is None else (found.target, forwarded(target, found))
 
 
 def test_host_is_case_insensitive_and_ignores_port_and_trailing_dot() -> None:
@@ -170,7 +170,7 @@ def test_without_strip_prefix_the_target_is_the_same_object() -> None:
     table = RouteTable([spec(0, "api", path_prefix="/api/")])
     target = b"/api/x"
     found = table.match(b"h", target, b"GET", no_headers)
-    assert found is not None and found.target is target
+    assert found is not None and forwarded(target, found) is target
 
 
 def test_default_is_what_no_match_falls_back_to() -> None:

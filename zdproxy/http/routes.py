@@ -98,7 +98,7 @@ class _HostTable(Generic[T]):
         if self.exact:
             routes = self.exact.get(path)
             if routes is not None:
-                found = _first(routes, method, headers)
+                found = routes[0] if routes[0].plain else _first(routes, method, headers)
                 if found is not None:
                     return found
         for pattern, route in self.regex:
@@ -113,7 +113,8 @@ class _HostTable(Generic[T]):
             parents = self.parents
             while candidate is not None:
                 if path.startswith(candidate):
-                    found = _first(self.prefix[candidate], method, headers)
+                    routes = self.prefix[candidate]
+                    found = routes[0] if routes[0].plain else _first(routes, method, headers)
                     if found is not None:
                         return found
                 candidate = parents[candidate]
@@ -136,21 +137,12 @@ def _conditions(route: Route[T], method: bytes, headers: HeaderLookup) -> bool:
 
 
 def _first(routes: list[Route[T]], method: bytes, headers: HeaderLookup) -> Route[T] | None:
+    if routes[0].plain:
+        return routes[0]
     for route in routes:
         if route.plain or _conditions(route, method, headers):
             return route
     return None
-
-
-class Match(Generic[T]):
-    """A match: the route, and the request target to forward (``strip_prefix``
-    applied; the very object passed in when unchanged)."""
-
-    __slots__ = ("route", "target")
-
-    def __init__(self, route: Route[T], target: bytes) -> None:
-        self.route = route
-        self.target = target
 
 
 def normalize_host(host: bytes) -> bytes:
@@ -220,8 +212,9 @@ class RouteTable(Generic[T]):
 
     def match(
         self, host: bytes | None, target: bytes, method: bytes, headers: HeaderLookup
-    ) -> Match[T] | None:
-        """The route for a request (None: no route matches)."""
+    ) -> Route[T] | None:
+        """The route for a request (None: no route matches). The target to forward
+        is ``forwarded(target, route)``."""
         query = target.find(b"?")
         path = target if query < 0 else target[:query]
         if host is not None:
@@ -230,7 +223,7 @@ class RouteTable(Generic[T]):
             if table is not None:
                 found = table.match(path, method, headers)
                 if found is not None:
-                    return _matched(found, target)
+                    return found
             if self._has_wild:
                 # longest wildcard first: the suffixes from the first dot on
                 wild = self._wild
@@ -240,14 +233,15 @@ class RouteTable(Generic[T]):
                     if table is not None:
                         found = table.match(path, method, headers)
                         if found is not None:
-                            return _matched(found, target)
+                            return found
                     dot = name.find(b".", dot + 1)
-        found = self._any.match(path, method, headers)
-        return _matched(found, target) if found is not None else None
+        return self._any.match(path, method, headers)
 
 
-def _matched(route: Route[T], target: bytes) -> Match[T]:
-    return Match(route, strip(target, route.strip) if route.strip else target)
+def forwarded(target: bytes, route: Route[T]) -> bytes:
+    """The request target sent to the backend: ``strip_prefix`` applied, else
+    ``target`` itself."""
+    return strip(target, route.strip) if route.strip else target
 
 
 def strip(target: bytes, length: int) -> bytes:

@@ -36,7 +36,7 @@ from zdproxy.http.head import (
     error_response,
     rewrite_response_head,
 )
-from zdproxy.http.routes import RouteTable
+from zdproxy.http.routes import RouteTable, strip
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
@@ -360,9 +360,9 @@ class Exchange:
         if found is None:
             self.selector = routes.default
             return
-        self.selector = found.route.target
-        if found.target is not self.url:
-            self.upstream_url = found.target
+        self.selector = found.target
+        if found.strip:
+            self.upstream_url = strip(self.url, found.strip)
 
     def _header(self, name: bytes) -> bytes | None:
         """A request header's value by lower-case name (routes match on them)."""
