@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from support import Backend, araw_request, async_wait_for
 from support_control import AdminClient, AdminProxy, actl, admin_config
+from support_reload import rewrite
 
 CLIENTS_PER_SERVICE = 8
 SETTLED = 300
@@ -291,5 +292,49 @@ async def test_default_service_takes_unrouted_requests(
             state = await admin.ok("GET", "/api/v1/state")
             assert state["service"] == "default"
             assert {n: p["weight"] for n, p in state["pools"].items()} == {"blue": 0, "green": 100}
+    finally:
+        process.stop()
+
+
+async def test_reload_swaps_routes_and_applies_each_service(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    config = services_config(backends, None)
+    process = AdminProxy(config, tmp_path).start()
+    try:
+        async with aiohttp.ClientSession() as session, AdminClient(process.admin_url) as admin:
+
+            async def served_by(host: str, path: str = "/") -> str:
+                async with session.get(process.url + path, headers={"Host": host}) as response:
+                    await response.read()
+                    return response.headers.get("X-Backend") or str(response.status)
+
+            assert await served_by("shop.test") == "shop-blue-1"
+            assert await served_by("new.test") == "404"
+            # routes changed, the api's file weights changed, the shop's not
+            config["routes"] = [
+                {"match": {"host": "new.test"}, "service": "shop"},
+                *config["routes"][1:],
+            ]
+            config["services"]["api"]["pools"]["blue"]["weight"] = 0
+            config["services"]["api"]["pools"]["green"]["weight"] = 100
+            rewrite(process.path, config)
+            answer = await admin.ok("POST", "/api/v1/reload")
+            assert "routes changed" in answer["changes"], answer
+            assert await served_by("new.test") == "shop-blue-1"
+            assert await served_by("shop.test") == "404"
+            assert await served_by("x.api.test") == "api-green-1"
+            shop = await admin.ok("GET", "/api/v1/services/shop/state")
+            assert {n: p["weight"] for n, p in shop["pools"].items()} == {"blue": 100, "green": 0}
+            # a new service needs a restart: refused whole, the running config stays
+            config["services"]["extra"] = service(backends, "shop")
+            config["routes"][0]["service"] = "extra"
+            rewrite(process.path, config)
+            answer = await admin.call("POST", "/api/v1/reload")
+            assert answer.status == 400, answer
+            assert "adding, removing or reordering services needs a restart" in str(
+                answer.json()["problems"]
+            )
+            assert await served_by("new.test") == "shop-blue-1"
     finally:
         process.stop()

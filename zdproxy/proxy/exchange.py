@@ -350,9 +350,11 @@ class Exchange:
             self._route(routes)
         self.request_head = self._build_request_head()
         # shadow traffic: one subtraction and one comparison for a request not copied
-        ctx.shadow_acc -= ctx.shadow_step
-        if ctx.shadow_acc < 0:
-            ctx.shadow.sample(self)
+        # (copies go to a pool of the default service: only its requests are copied)
+        if self.selector is ctx.selector:
+            ctx.shadow_acc -= ctx.shadow_step
+            if ctx.shadow_acc < 0:
+                ctx.shadow.sample(self)
 
     def _route(self, routes: RouteTable[Selector]) -> None:
         """Pick the service by host and path (``zdproxy.http.routes``)."""
