@@ -9,6 +9,7 @@ import pytest
 
 from zdproxy.config.loader import ConfigError, check_file, load_config_text
 from zdproxy.http.routes import RouteSpec, RouteTable, forwarded, normalize_host, shadowed
+from zdproxy.services import service_state_path
 
 
 def spec(index: int, service: str, **match: Any) -> RouteSpec[str]:
@@ -329,3 +330,37 @@ def test_check_warns_about_a_shadowed_route(tmp_path: Path) -> None:
         f"{path}:15: routes.2: warning: never matches: routes.0 (same host and path) "
         "takes every request it would",
     ]
+
+
+def test_service_settings_override_the_top_level_key_by_key() -> None:
+    text = (
+        SERVICES.replace(
+            "  api:\n",
+            "    health_check: {path: /shop/health}\n"
+            "    draining: {timeout: 3s}\n"
+            "    sticky: {mode: backend}\n"
+            "  api:\n",
+        )
+        + "health_check: {interval: 7s, path: /top}\ndraining: {timeout: 9s}\n"
+    )
+    config = load_config_text(text, "c.yaml")
+    shop, api = config.service_config("shop"), config.service_config("api")
+    assert (shop.health_check.path, shop.health_check.interval) == ("/shop/health", 7.0)
+    assert (api.health_check.path, api.health_check.interval) == ("/top", 7.0)
+    assert (shop.draining.timeout, api.draining.timeout) == (3.0, 9.0)
+    assert (shop.sticky.mode, api.sticky.mode) == ("backend", "off")
+    assert shop.sticky.cookie == api.sticky.cookie == config.sticky.cookie
+    assert shop.services == {} and shop.routes == ()
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "expected"),
+    [
+        ("/var/lib/zd/state.json", "shop", "/var/lib/zd/state.shop.json"),
+        ("/var/lib/zd/state.json", "default", "/var/lib/zd/state.json"),
+        ("./state", "api", "./state.api"),
+        ("/a.b/state", "api", "/a.b/state.api"),
+    ],
+)
+def test_service_state_path(path: str, name: str, expected: str) -> None:
+    assert service_state_path(path, name) == expected

@@ -33,6 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -482,11 +483,17 @@ def install(server: ProxyServer) -> None:
     for service in server.services.values():
         health = HealthService(service)
         service.health = health
+        others = [s.runtime for s in server.services.values() if s is not service]
+        health.tunnels.foreign = partial(_owned_by_any, others)
         if service.runtime is server.runtime:
             server.health = health
         server.start_hooks.append(health.start)
         server.stop_hooks.append(health.stop)
     server.start_hooks.append(_observe_services)
+
+
+def _owned_by_any(runtimes: list[Runtime], backend: Backend) -> bool:
+    return any(runtime.backends.get(backend.id) is backend for runtime in runtimes)
 
 
 async def _observe_services(server: ProxyServer) -> None:

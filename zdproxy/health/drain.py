@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from zdproxy.balancing.model import Admin
+from zdproxy.balancing.model import Admin, Backend
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
@@ -33,6 +34,8 @@ TICK = 0.25
 class TunnelDrainer:
     def __init__(self, server: ProxyServer | Service) -> None:
         self.server = server
+        #: with several services: whether a backend belongs to another service
+        self.foreign: Callable[[Backend], bool] = _nobody
         self.closed_total = 0
         self._task: asyncio.Task[None] | None = None
 
@@ -66,6 +69,8 @@ class TunnelDrainer:
             if backend is None:
                 continue
             current = runtime.backends.get(backend.id)
+            if current is None and self.foreign(backend):
+                continue  # another service's tunnel: its own drainer sees to it
             if current is not backend or backend.admin is Admin.DRAINED:
                 why = "its backend was removed" if current is not backend else "drained"
             elif backend.admin is Admin.DRAINING:
@@ -80,3 +85,7 @@ class TunnelDrainer:
             closed += 1
         self.closed_total += closed
         return closed
+
+
+def _nobody(backend: Backend) -> bool:
+    return False
