@@ -338,3 +338,47 @@ async def test_reload_swaps_routes_and_applies_each_service(
             assert await served_by("new.test") == "shop-blue-1"
     finally:
         process.stop()
+
+
+async def test_a_service_overrides_top_level_settings(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """The api's backends fail /healthz; the api checks /alive instead (its own
+    health_check.path), so it serves while the top-level path would take it out."""
+    for backend in backends:
+        if backend.name.startswith("api-"):
+            backend.health_status = 503
+    config = services_config(
+        backends, None, health_check={"enabled": True, "interval": "200ms", "rise": 1}
+    )
+    config["services"]["api"]["health_check"] = {"path": "/alive"}
+    config["services"]["shop"]["health_check"] = {"fall": 1}
+    process = AdminProxy(config, tmp_path).start()
+    try:
+        async with AdminClient(process.admin_url) as admin:
+
+            async def states(svc: str) -> dict[str, str]:
+                state = await admin.ok("GET", f"/api/v1/services/{svc}/state")
+                return {b["id"]: b["state"] for p in state["pools"].values() for b in p["backends"]}
+
+            async def all_up() -> bool:
+                merged = {**await states("api"), **await states("shop")}
+                return set(merged.values()) == {"up"}
+
+            await async_wait_for(all_up, 15, "every backend up")
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(process.url + "/", headers={"Host": "x.api.test"}) as r,
+            ):
+                assert (r.status, r.headers["X-Backend"]) == (200, "api-blue-1")
+            # the shop checks /healthz (inherited), with fall 1 (its own)
+            shop_blue = next(b for b in backends if b.name == "shop-blue-1")
+            shop_blue.health_status = 503
+
+            async def shop_blue_down() -> bool:
+                return (await states("shop"))["shop-blue-1"] == "down"
+
+            await async_wait_for(shop_blue_down, 15, "shop-blue-1 down")
+            assert set((await states("api")).values()) == {"up"}
+    finally:
+        process.stop()
