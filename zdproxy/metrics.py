@@ -231,47 +231,62 @@ class ShadowCollector(Collector):
 
 class RolloutCollector(Collector):
     """The rollout engine's figures: rollback times and the current rollout.
-    (``zdproxy_rollouts_total`` comes from the runtime's counters, above.)"""
+    (``zdproxy_rollouts_total`` comes from the runtime's counters, above.)
+    With several services (``services``), each figure has a ``service`` label."""
 
-    def __init__(self, controller: RolloutController) -> None:
+    def __init__(
+        self,
+        controller: RolloutController,
+        services: dict[str, RolloutController] | None = None,
+    ) -> None:
         self.controller = controller
+        self.services = services
 
     def describe(self) -> list[Metric]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        controller = self.controller
+        svc = [] if self.services is None else ["service"]
+        controllers: list[tuple[list[str], RolloutController]] = (
+            [([], self.controller)]
+            if self.services is None
+            else [([name], c) for name, c in self.services.items()]
+        )
         histogram = HistogramMetricFamily(
             "zdproxy_rollout_rollback_seconds",
             "Time from a failing verdict to the canary pool serving nothing (weights back "
             "and its in-flight requests finished).",
+            labels=svc,
         )
-        running = 0
-        buckets: list[tuple[str, float]] = []
-        labels = (*(repr(float(b)) for b in ROLLBACK_BUCKETS), "+Inf")
-        for label, count in zip(labels, controller.rollback_counts, strict=True):
-            running += count
-            buckets.append((label, running))
-        histogram.add_metric([], buckets, sum_value=controller.rollback_sum)
-        yield histogram
-        rollout = controller.current
-        active = rollout is not None and rollout.active
         step = GaugeMetricFamily(
-            "zdproxy_rollout_step", "Current step (1-based) of the rollout in progress; 0: none."
+            "zdproxy_rollout_step",
+            "Current step (1-based) of the rollout in progress; 0: none.",
+            labels=svc,
         )
         weight = GaugeMetricFamily(
             "zdproxy_rollout_weight",
             "Target pool's weight set by the rollout in progress.",
-            labels=["pool"],
+            labels=["pool", *svc],
         )
         phase = GaugeMetricFamily(
-            "zdproxy_rollout_phase", "1 for the latest rollout's phase.", labels=["phase"]
+            "zdproxy_rollout_phase", "1 for the latest rollout's phase.", labels=["phase", *svc]
         )
-        step.add_metric([], rollout.step + 1 if rollout is not None and active else 0)
-        if rollout is not None:
-            if active:
-                weight.add_metric([rollout.plan.to], rollout.target_weight)
-            phase.add_metric([rollout.phase.value], 1)
+        labels = (*(repr(float(b)) for b in ROLLBACK_BUCKETS), "+Inf")
+        for extra, controller in controllers:
+            running = 0
+            buckets: list[tuple[str, float]] = []
+            for label, count in zip(labels, controller.rollback_counts, strict=True):
+                running += count
+                buckets.append((label, running))
+            histogram.add_metric(extra, buckets, sum_value=controller.rollback_sum)
+            rollout = controller.current
+            active = rollout is not None and rollout.active
+            step.add_metric(extra, rollout.step + 1 if rollout is not None and active else 0)
+            if rollout is not None:
+                if active:
+                    weight.add_metric([rollout.plan.to, *extra], rollout.target_weight)
+                phase.add_metric([rollout.phase.value, *extra], 1)
+        yield histogram
         yield step
         yield weight
         yield phase

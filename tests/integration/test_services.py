@@ -268,6 +268,8 @@ async def test_per_service_api_ctl_and_metrics(backends: list[Backend], tmp_path
             shop_state = await admin.ok("GET", "/api/v1/services/shop/state")
         assert 'zdproxy_pool_weight{pool="blue",service="api"} 60.0' in metrics
         assert 'zdproxy_pool_weight{pool="blue",service="shop"} 100.0' in metrics
+        assert 'zdproxy_rollout_step{service="api"} 0.0' in metrics
+        assert 'zdproxy_rollout_rollback_seconds_count{service="shop"} 0.0' in metrics
         assert 'zdproxy_backend_up{backend="shop-blue-1",pool="blue",service="shop"} 1.0' in metrics
         assert {n: p["weight"] for n, p in shop_state["pools"].items()} == {"blue": 100, "green": 0}
     finally:

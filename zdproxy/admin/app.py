@@ -197,7 +197,8 @@ class AdminApi:
             # late-bound: the data path's sender is installed when the server starts
             self.registry.register(ShadowCollector(lambda: shadow.figures()))
         if rollouts is not None:
-            self.registry.register(RolloutCollector(rollouts))
+            controllers = {n: svc.rollouts for n, svc in self.services.items() if svc.rollouts}
+            self.registry.register(RolloutCollector(rollouts, controllers if self.named else None))
         self.spec = json.dumps(build_spec(__version__)).encode()
         self.page = (_STATIC / "index.html").read_bytes()
         #: the dashboard's assets, read once: name -> (body, content type)
