@@ -89,7 +89,13 @@ class Reloader:
     def _apply(self, old: Config, new: Config, plan: ConfigDiff, actor: str) -> dict[str, Any]:
         server = self.server
         # what needs a restart stays as it is serving
-        kept = new.model_copy(update={"listen": old.listen, "admin": old.admin, "state": old.state})
+        # (listeners too, but for the TLS settings of the same address: the files are
+        # re-read first, so that a certificate that fails now changes nothing)
+        listen = server.tls.merge(old.listen, new.listen)
+        reloaded = server.tls.reload(listen)
+        if reloaded:
+            log.info("config reload: certificates re-read for %s", ", ".join(reloaded))
+        kept = new.model_copy(update={"listen": listen, "admin": old.admin, "state": old.state})
         log_config = new.log.model_copy(
             update={
                 "format": old.log.format,

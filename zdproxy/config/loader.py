@@ -31,15 +31,16 @@ from pydantic_core import ErrorDetails
 
 from zdproxy.config.schema import (
     CROSS_FIELD_ERROR,
-    Address,
     AdminConfig,
     Config,
+    Listener,
     Listeners,
     Loc,
     PoolConfig,
     check_listeners,
     check_pool_backends,
     check_pool_weights,
+    check_redirects,
     check_shadow,
 )
 from zdproxy.errors import ZdproxyError
@@ -304,7 +305,7 @@ def _yaml_problem(filename: str, text: str, exc: yaml.YAMLError) -> ConfigProble
 
 # --- validation -----------------------------------------------------------------------
 
-_LISTENERS: TypeAdapter[tuple[Address, ...]] = TypeAdapter(Listeners)
+_LISTENERS: TypeAdapter[tuple[Listener, ...]] = TypeAdapter(Listeners)
 _T = TypeVar("_T")
 
 
@@ -335,7 +336,7 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     listen = _valid_or_none(_LISTENERS.validate_python, data.get("listen"))
     admin = _valid_or_none(AdminConfig.model_validate, data.get("admin", {}))
     if listen is not None:
-        problems += check_listeners(listen, admin)
+        problems += check_listeners(listen, admin) + check_redirects(listen)
     raw_pools = data.get("pools")
     if not isinstance(raw_pools, dict) or not raw_pools:
         return problems

@@ -1,0 +1,60 @@
+"""TLS to backends: the client contexts of pools (or backends) with ``tls``, used
+by proxied requests and by health checks. Rebuilt from the config (CA files
+re-read) at start and on every reload."""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from zdproxy.config.schema import Config, UpstreamTls
+
+ALPN = ["http/1.1"]
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsTarget:
+    context: ssl.SSLContext
+    #: the name checked in the backend's certificate and sent as SNI; None: the host
+    server_name: str | None
+    settings: UpstreamTls
+
+
+def client_context(settings: UpstreamTls) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=settings.ca)
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(ALPN)
+    return context
+
+
+class UpstreamTlsMap:
+    """Which backends are reached over TLS: a backend's own ``tls``, else its
+    pool's (backends added through the API take their pool's)."""
+
+    def __init__(self, config: Config | None = None) -> None:
+        self.backends: dict[str, UpstreamTlsTarget] = {}
+        self.pools: dict[str, UpstreamTlsTarget] = {}
+        if config is not None:
+            self._build(config)
+
+    def _build(self, config: Config) -> None:
+        contexts: dict[UpstreamTls, ssl.SSLContext] = {}
+
+        def target(settings: UpstreamTls) -> UpstreamTlsTarget:
+            context = contexts.get(settings)
+            if context is None:
+                context = contexts[settings] = client_context(settings)
+            return UpstreamTlsTarget(context, settings.server_name, settings)
+
+        for name, pool in config.pools.items():
+            if pool.tls is not None:
+                self.pools[name] = target(pool.tls)
+        for _, backend_id, spec in config.backend_ids():
+            if spec.tls is not None:
+                self.backends[backend_id] = target(spec.tls)
+
+    def lookup(self, backend_id: str, pool: str) -> UpstreamTlsTarget | None:
+        found = self.backends.get(backend_id)
+        return found if found is not None else self.pools.get(pool)
