@@ -8,6 +8,8 @@ the same wrk over https:
 
 * keep-alive: requests/s and proxy CPU per request over a few long connections
   (the cost of encrypting, once the handshake is paid);
+* plain: the same proxies over http, keep-alive, for reference (what TLS adds
+  per request is keepalive minus plain);
 * new handshake: every request on a new connection (``Connection: close``; wrk
   does not resume sessions), so each one pays a full handshake.
 
@@ -62,7 +64,9 @@ def make_certificate(directory: Path) -> tuple[Path, Path]:
     return cert, key
 
 
-def nginx_tls_conf(prefix: Path, port: int, backends: list[int], cert: Path, key: Path) -> str:
+def nginx_tls_conf(
+    prefix: Path, plain: int, port: int, backends: list[int], cert: Path, key: Path
+) -> str:
     servers = "\n".join(f"    server 127.0.0.1:{p};" for p in backends)
     return (
         _nginx_common(prefix, 4096)
@@ -76,6 +80,7 @@ def nginx_tls_conf(prefix: Path, port: int, backends: list[int], cert: Path, key
     keepalive 64;
   }}
   server {{
+    listen 127.0.0.1:{plain} backlog=4096;
     listen 127.0.0.1:{port} ssl backlog=4096;
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -86,7 +91,7 @@ def nginx_tls_conf(prefix: Path, port: int, backends: list[int], cert: Path, key
       proxy_pass http://backends;
       proxy_http_version 1.1;
       proxy_set_header Connection "";
-      proxy_set_header X-Forwarded-Proto https;
+      proxy_set_header X-Forwarded-Proto $scheme;
     }}
   }}
 }}
@@ -113,11 +118,11 @@ pools:
 
 
 def run_wrk(
-    wrk: str, load_prefix: list[str], port: int, workload: Workload, conns: int, secs: int, d: Path
+    wrk: str, load_prefix: list[str], url: str, workload: Workload, conns: int, secs: int, d: Path
 ) -> Any:
     argv = [
         *load_prefix, wrk, "-t1", f"-c{conns}", f"-d{secs}s", "--timeout", "5s", "--latency",
-        "-s", str(script_for(workload, d)), f"https://127.0.0.1:{port}/",
+        "-s", str(script_for(workload, d)), url,
     ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=secs + 30, check=False)
     if done.returncode != 0:
@@ -125,18 +130,32 @@ def run_wrk(
     return parse_wrk_output(done.stdout)
 
 
+#: (scenario, https?, workload); "plain" is the same proxy over http, for reference
+SCENARIOS = (
+    ("plain", False, Workload()),
+    ("keepalive", True, Workload()),
+    ("handshake", True, Workload(close=True)),
+)
+
+
 def measure(
-    name: str, proc: ManagedProcess, wrk: str, load_prefix: list[str], port: int, args: Any, d: Path
+    name: str,
+    proc: ManagedProcess,
+    wrk: str,
+    load_prefix: list[str],
+    ports: tuple[int, int],
+    args: Any,
+    d: Path,
 ) -> dict[str, Any]:
+    """``ports``: (plain, tls)."""
     out: dict[str, Any] = {}
-    for scenario, workload, conns in (
-        ("keepalive", Workload(), args.connections),
-        ("handshake", Workload(close=True), args.handshake_connections),
-    ):
+    for scenario, tls, workload in SCENARIOS:
+        conns = args.handshake_connections if workload.close else args.connections
+        url = f"https://127.0.0.1:{ports[1]}/" if tls else f"http://127.0.0.1:{ports[0]}/"
         # a short warm-up, then the measured run with the proxy's CPU counted
-        run_wrk(wrk, load_prefix, port, workload, conns, 1, d)
+        run_wrk(wrk, load_prefix, url, workload, conns, 1, d)
         cpu = tree_cpu_seconds(proc.pid)
-        result = run_wrk(wrk, load_prefix, port, workload, conns, args.duration, d)
+        result = run_wrk(wrk, load_prefix, url, workload, conns, args.duration, d)
         cpu = tree_cpu_seconds(proc.pid) - cpu
         figures = {
             "rps": round(result.rps, 1),
@@ -177,18 +196,18 @@ def main() -> int:
             backends.append(backend)
         ports = [b.port for b in backends]
 
-        port = free_port()
+        port, plain = free_port(), free_port()
         prefix = work / "nginx"
         prefix.mkdir()
         conf = prefix / "nginx.conf"
-        conf.write_text(nginx_tls_conf(prefix, port, ports, cert, key))
+        conf.write_text(nginx_tls_conf(prefix, plain, port, ports, cert, key))
         proc = ManagedProcess(
             "nginx", pinning.proxy() + _nginx_argv(nginx, conf, prefix), prefix / "out.log"
         )
         proc.start()
         if not wait_port(port, 10, proc):
             raise RuntimeError("nginx did not start: " + proc.log_tail())
-        results["nginx"] = measure("nginx", proc, wrk, pinning.load(), port, args, work)
+        results["nginx"] = measure("nginx", proc, wrk, pinning.load(), (plain, port), args, work)
         proc.stop()
 
         port, plain = free_port(), free_port()
@@ -200,7 +219,9 @@ def main() -> int:
         proc.start()
         if not wait_port(port, 15, proc):
             raise RuntimeError("zdproxy did not start: " + proc.log_tail())
-        results["zdproxy"] = measure("zdproxy", proc, wrk, pinning.load(), port, args, work)
+        results["zdproxy"] = measure(
+            "zdproxy", proc, wrk, pinning.load(), (plain, port), args, work
+        )
         proc.stop()
     finally:
         ManagedProcess.stop_all()
@@ -217,17 +238,23 @@ def main() -> int:
                 2,
             ),
         }
-        for scenario in ("keepalive", "handshake")
+        for scenario, _, _ in SCENARIOS
+    }
+    # what TLS adds per keep-alive request, in each proxy (CPU microseconds)
+    overhead = {
+        name: round(r["keepalive"]["cpu_us_per_request"] - r["plain"]["cpu_us_per_request"], 1)
+        for name, r in results.items()
     }
     report = {
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "settings": vars(args) | {"out": str(args.out)},
         "results": results,
         "ratios_zdproxy_over_nginx": ratios,
+        "tls_cpu_us_per_keepalive_request": overhead,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({"results": results, "ratios": ratios}, indent=2))
+    print(json.dumps({"results": results, "ratios": ratios, "tls_overhead_us": overhead}, indent=2))
     return 0
 
 
