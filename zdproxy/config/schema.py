@@ -20,6 +20,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     field_validator,
     model_validator,
 )
@@ -146,6 +147,22 @@ class ListenerTls(_Model):
         return (CertificateConfig.model_construct(cert=self.cert, key=self.key),)
 
 
+_TRUE_WORDS = frozenset({"true", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "no", "off"})
+
+
+def _redirect_https(value: Any) -> bool | int:
+    """``true``/``false`` (the words boolean keys take) or a port: one message for a
+    bad value instead of one per member of ``bool | int``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and 1 <= value <= 65535:
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"expected true, false or a port 1-65535, got {value!r}")
+
+
 class Listener(Address):
     """A data listener: ``host:port``, or a mapping ``{address: host:port, tls: ...}``
     (HTTPS), or ``{address: host:port, redirect_https: true}`` (a plain listener
@@ -154,7 +171,7 @@ class Listener(Address):
 
     tls: ListenerTls | None = None
     #: true: redirect to the port of the first TLS listener; a number: to that port
-    redirect_https: bool | Annotated[int, Field(ge=1, le=65535)] = False
+    redirect_https: Annotated[bool | int, PlainValidator(_redirect_https)] = False
 
     @model_validator(mode="before")
     @classmethod
