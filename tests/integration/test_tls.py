@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -461,3 +462,25 @@ async def test_tls_to_backends_verifies_the_ca(pki: dict[str, Any], tmp_path: Pa
         assert len(server.requests) == before  # the request never reached it
     finally:
         await server.stop()
+
+
+# ---- a client that never finishes its handshake ----------------------------------------------
+
+
+async def test_a_stalled_handshake_is_closed_after_the_header_timeout(
+    backend: Backend, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    config, port = tls_config(backend, pki["a"].config(), timeouts={"request_header": "1s"})
+
+    def stall(partial: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall(partial)
+            return sock.recv(65536)  # b"" once the proxy closes; a timeout fails the test
+
+    with running(config, tmp_path):
+        # nothing at all, then the first bytes of a ClientHello and no more
+        assert await in_thread(stall, b"") == b""
+        assert await in_thread(stall, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03") == b""
+        # the listener still serves
+        result = await in_thread(handshake, port, "a.test", client_context(pki["ca"].ca))
+        assert result.subject_cn == "a.test"

@@ -456,21 +456,15 @@ class Exchange:
         ctx = self.conn.ctx
         try:
             async with asyncio.timeout(ctx.t_connect):
+                # a pool (or backend) with tls: the handshake is part of the connect
                 tls = ctx.upstream_tls.lookup(backend.id, backend.pool)
-                if tls is None:
-                    _, upstream = await ctx.loop.create_connection(
-                        lambda: UpstreamConnection(ctx.upstreams, backend),
-                        backend.host,
-                        backend.port,
-                    )
-                else:
-                    _, upstream = await ctx.loop.create_connection(
-                        lambda: UpstreamConnection(ctx.upstreams, backend),
-                        backend.host,
-                        backend.port,
-                        ssl=tls.context,
-                        server_hostname=tls.server_name or backend.host,
-                    )
+                _, upstream = await ctx.loop.create_connection(
+                    lambda: UpstreamConnection(ctx.upstreams, backend),
+                    backend.host,
+                    backend.port,
+                    ssl=None if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_name or backend.host,
+                )
         except (OSError, TimeoutError) as exc:
             self._on_connect_failed(backend, exc)
             return
