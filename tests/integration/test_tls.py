@@ -4,6 +4,7 @@ real handshakes (Python's ssl, http.client), real backends (plain and HTTPS)."""
 from __future__ import annotations
 
 import http.client
+import shutil
 import signal
 import socket
 import ssl
@@ -484,3 +485,28 @@ async def test_a_stalled_handshake_is_closed_after_the_header_timeout(
         # the listener still serves
         result = await in_thread(handshake, port, "a.test", client_context(pki["ca"].ca))
         assert result.subject_cn == "a.test"
+
+
+# ---- a real-world client ---------------------------------------------------------------------
+
+
+async def test_curl_over_https_with_sni_and_http11(
+    backend: Backend, pki: dict[str, Any], tmp_path: Path
+) -> None:
+    curl = shutil.which("curl")
+    if curl is None:
+        pytest.skip("curl not installed")
+    config, port = tls_config(backend, certificates(pki, "a", "b"))
+    argv = [
+        curl, "-sS", "--cacert", str(pki["ca"].ca), "--resolve", f"b.test:{port}:127.0.0.1",
+        "-o", "/dev/null", "-w", "%{http_code} %{http_version} %{ssl_verify_result}",
+        f"https://b.test:{port}/curl?x=1",
+    ]  # fmt: skip
+    with running(config, tmp_path):
+        done = await in_thread(
+            lambda: subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        )
+    # verified against the CA for the name b.test (so the b certificate was served)
+    assert (done.returncode, done.stdout) == (0, "200 1.1 0"), done.stderr
+    assert backend.requests[-1]["path"] == "/curl?x=1"
+    assert backend.requests[-1]["headers"]["X-Forwarded-Proto"] == "https"
