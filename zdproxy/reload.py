@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
 from zdproxy.config.schema import Config
+from zdproxy.proxy.upstream_tls import tls_changed
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
@@ -113,7 +114,13 @@ class Reloader:
         server.config = kept
         server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
         if server.ctx is not None:
+            old_tls = server.ctx.upstream_tls
             server.ctx.apply(kept)
+            # pooled connections made with other TLS settings (plain, or another CA
+            # or name) are not reused
+            pairs = ((b.id, b.pool) for b in server.runtime.backends.values())
+            for backend_id in tls_changed(old_tls, server.ctx.upstream_tls, pairs):
+                server.upstreams.close_backend(backend_id)
         if server.health is not None:
             server.health.reconfigure(kept)
         logging.getLogger().setLevel(kept.log.level.upper())

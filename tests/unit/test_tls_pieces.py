@@ -14,6 +14,7 @@ from support_tls import Pki
 from zdproxy.config.diff import restart_needed
 from zdproxy.config.schema import Config
 from zdproxy.proxy.redirect import location
+from zdproxy.proxy.upstream_tls import UpstreamTlsMap, tls_changed
 from zdproxy.tls import ListenerTlsSet, _CertificateSet, redirect_port
 
 
@@ -21,6 +22,7 @@ from zdproxy.tls import ListenerTlsSet, _CertificateSet, redirect_port
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     ca = Pki(tmp_path_factory.mktemp("unit-pki"))
     return {
+        "ca": ca.ca,
         "a": ca.issue("a", "a.test", "a.test"),
         "b": ca.issue("b", "b.test", "b.test"),
         "cn_only": ca.issue("cn", "cn.test"),
@@ -142,3 +144,42 @@ def test_certificate_changes_apply_in_a_reload(pki: dict[str, Any], tmp_path: Pa
         tls_set.servers[("h", 443)]._set.select(None)
         is tls_set.servers[("h", 443)]._set.exact["b.test"]
     )
+
+
+def test_upstream_tls_per_backend_and_changes(pki: dict[str, Any]) -> None:
+    def pools(blue_tls: Any, own: Any = None) -> Config:
+        backend: dict[str, Any] = {"id": "b2", "address": "h:2"}
+        if own is not None:
+            backend["tls"] = own
+        return Config.model_validate(
+            {
+                "listen": "h:80",
+                "pools": {
+                    "blue": {
+                        "weight": 100,
+                        "tls": blue_tls,
+                        "backends": [{"id": "b1", "address": "h:1"}, backend],
+                    },
+                    "green": {"backends": [{"id": "g1", "address": "h:3"}]},
+                },
+            }
+        )
+
+    ca = {"ca": str(pki["ca"]), "server_name": "app.internal"}
+    tls_map = UpstreamTlsMap(pools(ca, {"verify": False}))
+    b1, b2 = tls_map.lookup("b1", "blue"), tls_map.lookup("b2", "blue")
+    assert b1 is not None and b1.server_name == "app.internal"
+    assert b1.context.verify_mode == ssl.CERT_REQUIRED and b1.context.check_hostname
+    assert b2 is not None and b2.context.verify_mode == ssl.CERT_NONE
+    assert tls_map.lookup("g1", "green") is None
+    assert (
+        tls_map.lookup("added-by-api", "blue") is b1
+        or tls_map.lookup("added-by-api", "blue") == tls_map.pools["blue"]
+    )
+    backends = [("b1", "blue"), ("b2", "blue"), ("g1", "green")]
+    same = UpstreamTlsMap(pools(ca, {"verify": False}))
+    assert tls_changed(tls_map, same, backends) == []
+    plain = UpstreamTlsMap(pools(None))
+    assert tls_changed(tls_map, plain, backends) == ["b1", "b2"]
+    other_name = UpstreamTlsMap(pools({**ca, "server_name": "x"}, {"verify": False}))
+    assert tls_changed(tls_map, other_name, backends) == ["b1"]

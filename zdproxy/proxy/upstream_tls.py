@@ -5,6 +5,7 @@ re-read) at start and on every reload."""
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from zdproxy.config.schema import Config, UpstreamTls
@@ -58,3 +59,16 @@ class UpstreamTlsMap:
     def lookup(self, backend_id: str, pool: str) -> UpstreamTlsTarget | None:
         found = self.backends.get(backend_id)
         return found if found is not None else self.pools.get(pool)
+
+
+def tls_changed(
+    old: UpstreamTlsMap, new: UpstreamTlsMap, backends: Iterable[tuple[str, str]]
+) -> list[str]:
+    """The ids among ``backends`` ((id, pool) pairs) whose TLS settings differ:
+    their pooled connections were made with the old ones."""
+    out = []
+    for backend_id, pool in backends:
+        before, after = old.lookup(backend_id, pool), new.lookup(backend_id, pool)
+        if (before and before.settings) != (after and after.settings):
+            out.append(backend_id)
+    return out
