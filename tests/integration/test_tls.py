@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 from ports import free_port
 from support import (
     Backend,
@@ -510,3 +512,40 @@ async def test_curl_over_https_with_sni_and_http11(
     assert (done.returncode, done.stdout) == (0, "200 1.1 0"), done.stderr
     assert backend.requests[-1]["path"] == "/curl?x=1"
     assert backend.requests[-1]["headers"]["X-Forwarded-Proto"] == "https"
+
+
+# ---- WebSocket over TLS ----------------------------------------------------------------------
+
+
+async def test_websocket_over_tls(pki: dict[str, Any], tmp_path: Path) -> None:
+    async def echo(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        async for message in ws:
+            await ws.send_str(f"echo {message.data} ({request.headers['X-Forwarded-Proto']})")
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/ws", echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    backend_port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", backend_port).start()
+    try:
+        pools = {"blue": {"weight": 100, "backends": [{"address": f"127.0.0.1:{backend_port}"}]}}
+        config = base_config(pools)
+        port = free_port()
+        config["listen"].append({"address": f"127.0.0.1:{port}", "tls": pki["a"].config()})
+        context = client_context(pki["ca"].ca, check_hostname=False)
+        with running(config, tmp_path):
+            async with (
+                aiohttp.ClientSession() as session,
+                session.ws_connect(f"wss://127.0.0.1:{port}/ws", ssl=context) as ws,
+            ):
+                big = "x" * 200_000  # several TLS records each way
+                for text in ("one", big):
+                    await ws.send_str(text)
+                    reply = await ws.receive(timeout=30)
+                    assert reply.data == f"echo {text} (https)"
+    finally:
+        await runner.cleanup()
