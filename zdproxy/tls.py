@@ -13,7 +13,6 @@ handshakes use the new certificates, established connections keep theirs.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,8 +23,6 @@ from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.downstream import ClientConnection
 from zdproxy.proxy.redirect import RedirectConnection
 
-log = logging.getLogger("zdproxy.error")
-
 ALPN = ["http/1.1"]
 _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
@@ -34,7 +31,7 @@ def _server_context(min_version: str) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[min_version]
     context.set_alpn_protocols(ALPN)
-    # no session state kept per client in the process; tickets resume instead
+    # no TLS compression (CRIME); the server's order of OpenSSL's default suites
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     return context
 
