@@ -181,3 +181,24 @@ def test_upstream_tls_per_backend_and_changes(pki: dict[str, Any]) -> None:
     assert tls_changed(tls_map, plain, backends) == ["b1", "b2"]
     other_name = UpstreamTlsMap(pools({**ca, "server_name": "x"}, {"verify": False}))
     assert tls_changed(tls_map, other_name, backends) == ["b1"]
+
+
+def test_unknown_keys_of_a_listener_mapping() -> None:
+    from zdproxy.config.loader import ConfigError, load_config_text
+
+    text = (
+        "listen:\n"
+        "  - 127.0.0.1:80\n"
+        "  - address: 127.0.0.1:81\n"
+        "    redirect: true\n"
+        "  - address: 127.0.0.1:82\n"
+        "    port: 1\n"
+        "    tsl: {}\n"
+        "pools: {p: {weight: 100, backends: [{address: 'h:1'}]}}\n"
+    )
+    with pytest.raises(ConfigError) as error:
+        load_config_text(text, "z.yaml")
+    assert [str(problem) for problem in error.value.problems] == [
+        "z.yaml:4: listen.1.redirect: unknown key, did you mean redirect_https?",
+        "z.yaml:5: listen.2: unknown key port: the address is address: host:port",
+    ]

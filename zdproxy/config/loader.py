@@ -486,7 +486,8 @@ def _known_keys(path: Loc) -> list[str]:
             return []
     tp = _unwrap(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
+        # a model written in the file with other keys than its fields says which
+        return list(getattr(tp, "FILE_KEYS", tp.model_fields))
     return []
 
 

@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
     AfterValidator,
@@ -169,6 +169,10 @@ class Listener(Address):
     that answers every request with a 308 to the same URL in https). An
     ``Address`` itself, so that code binding sockets needs nothing more."""
 
+    #: the keys of the mapping form, for "unknown key" messages (host and port are
+    #: written together as ``address``)
+    FILE_KEYS: ClassVar[tuple[str, ...]] = ("address", "tls", "redirect_https")
+
     tls: ListenerTls | None = None
     #: true: redirect to the port of the first TLS listener; a number: to that port
     redirect_https: Annotated[bool | int, PlainValidator(_redirect_https)] = False
@@ -182,6 +186,9 @@ class Listener(Address):
             entry = dict(value)
             if "address" not in entry:
                 raise ValueError("missing required key address (host:port)")
+            for key in ("host", "port"):
+                if key in entry:
+                    raise ValueError(f"unknown key {key}: the address is address: host:port")
             try:
                 parsed = parse_address(entry.pop("address"))
             except ValueError as exc:
