@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
 from zdproxy.config.schema import Config
+from zdproxy.proxy.upstream_tls import tls_changed
 from zdproxy.services import primary_name, route_table
 
 if TYPE_CHECKING:
@@ -97,7 +98,13 @@ class Reloader:
     def _apply(self, old: Config, new: Config, plan: ConfigDiff, actor: str) -> dict[str, Any]:
         server = self.server
         # what needs a restart stays as it is serving
-        kept = new.model_copy(update={"listen": old.listen, "admin": old.admin, "state": old.state})
+        # (listeners too, but for the TLS settings of the same address: the files are
+        # re-read first, so that a certificate that fails now changes nothing)
+        listen = server.tls.merge(old.listen, new.listen)
+        reloaded = server.tls.reload(listen)
+        if reloaded:
+            log.info("config reload: certificates re-read for %s", ", ".join(reloaded))
+        kept = new.model_copy(update={"listen": listen, "admin": old.admin, "state": old.state})
         log_config = new.log.model_copy(
             update={
                 "format": old.log.format,
@@ -126,8 +133,18 @@ class Reloader:
         server.config = kept
         server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
         if server.ctx is not None:
+            old_tls = server.ctx.upstream_tls
             server.ctx.apply(kept)
             server.ctx.routes = route_table(kept, server.services)
+            # pooled connections made with other TLS settings (plain, or another CA
+            # or name) are not reused
+            backends = (
+                (b.id, b.pool, b.service)
+                for service in server.services.values()
+                for b in service.runtime.backends.values()
+            )
+            for backend_id in tls_changed(old_tls, server.ctx.upstream_tls, backends):
+                server.upstreams.close_backend(backend_id)
         if server.health is not None:
             server.health.reconfigure(server.services[primary_name(kept)].config)
         logging.getLogger().setLevel(kept.log.level.upper())

@@ -26,12 +26,12 @@ from zdproxy.control.shadow import ShadowControl
 from zdproxy.errors import ListenError
 from zdproxy.proxy.accesslog import AccessLog
 from zdproxy.proxy.context import ProxyContext
-from zdproxy.proxy.downstream import ClientConnection
 from zdproxy.proxy.fdlimit import fd_budget
 from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 from zdproxy.reload import Reloader, ReloadResult
 from zdproxy.services import Service, build_services, primary_name, route_table
+from zdproxy.tls import ListenerTlsSet, protocol_factory
 
 if TYPE_CHECKING:
     from zdproxy.health.checker import HealthService
@@ -99,6 +99,8 @@ class ProxyServer:
         self.health: HealthService | None = None
         #: SIGHUP and POST /api/v1/reload: the config file applied in place
         self.reloader = Reloader(self)
+        #: the certificates of the TLS listeners (re-read on reload)
+        self.tls = ListenerTlsSet(config.listen)
         self._reloads: set[asyncio.Task[ReloadResult]] = set()
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -198,9 +200,16 @@ class ProxyServer:
         assert self.ctx is not None
         ctx = self.ctx
         loop = asyncio.get_running_loop()
-        for sock in self.sockets:
+        listen = self.config.listen
+        for listener, sock in zip(listen, self.sockets, strict=True):
+            context = self.tls.context_for(listener)
             server = await loop.create_server(
-                lambda: ClientConnection(ctx), sock=sock.dup(), backlog=BACKLOG
+                protocol_factory(ctx, listener, listen),
+                sock=sock.dup(),
+                backlog=BACKLOG,
+                ssl=context,
+                # a handshake gets the time a request head gets
+                ssl_handshake_timeout=self.config.timeouts.request_header if context else None,
             )
             self.servers.append(server)
 

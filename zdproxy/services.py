@@ -37,7 +37,7 @@ class Service:
         self.server = server
         self.name = name
         self.config = config
-        self.runtime = Runtime(config)
+        self.runtime = Runtime(config, service=name)
         if named:
             # audit events and default ids say which service they belong to
             self.runtime.events.service = name

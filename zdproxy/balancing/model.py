@@ -68,6 +68,7 @@ class Backend:
         "in_flight",
         "pool",
         "port",
+        "service",
         "state",
         "upstream_errors",
         "weight",
@@ -76,6 +77,8 @@ class Backend:
     def __init__(self, backend_id: str, pool: str, host: str, port: int, weight: int = 1):
         self.id = backend_id
         self.pool = pool
+        #: the service whose pool this is (pool names repeat across services)
+        self.service = "default"
         self.host = host
         self.port = port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -189,10 +189,16 @@ def diff(old: Config, new: Config) -> ConfigDiff:
     )
 
 
+def _listener_kinds(config: Config) -> list[tuple[str, int, bool, bool | int]]:
+    """The listeners as a restart changes them: a TLS listener's certificates and
+    versions are applied by a reload."""
+    return [(a.host, a.port, a.tls is not None, a.redirect_https) for a in config.listen]
+
+
 def restart_needed(old: Config, new: Config) -> list[str]:
     """Changes a reload does not apply, each with why."""
     out: list[str] = []
-    if old.listen != new.listen:
+    if _listener_kinds(old) != _listener_kinds(new):
         before = ", ".join(str(a) for a in old.listen)
         after = ", ".join(str(a) for a in new.listen)
         out.append(f"listen changes need a restart (serving {before}; the file says {after})")

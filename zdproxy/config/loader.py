@@ -32,9 +32,9 @@ from pydantic_core import ErrorDetails
 from zdproxy.config.schema import (
     CROSS_FIELD_ERROR,
     DEFAULT_SERVICE,
-    Address,
     AdminConfig,
     Config,
+    Listener,
     Listeners,
     Loc,
     PoolConfig,
@@ -44,6 +44,7 @@ from zdproxy.config.schema import (
     check_listeners,
     check_pool_backends,
     check_pool_weights,
+    check_redirects,
     check_services,
     check_shadow,
 )
@@ -359,7 +360,7 @@ def _yaml_problem(filename: str, text: str, exc: yaml.YAMLError) -> ConfigProble
 
 # --- validation -----------------------------------------------------------------------
 
-_LISTENERS: TypeAdapter[tuple[Address, ...]] = TypeAdapter(Listeners)
+_LISTENERS: TypeAdapter[tuple[Listener, ...]] = TypeAdapter(Listeners)
 _T = TypeVar("_T")
 
 
@@ -390,7 +391,7 @@ def _cross_field_problems(data: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     listen = _valid_or_none(_LISTENERS.validate_python, data.get("listen"))
     admin = _valid_or_none(AdminConfig.model_validate, data.get("admin", {}))
     if listen is not None:
-        problems += check_listeners(listen, admin)
+        problems += check_listeners(listen, admin) + check_redirects(listen)
     problems += _service_problems(data)
     raw_pools = data.get("pools")
     if not isinstance(raw_pools, dict) or not raw_pools:
@@ -577,7 +578,8 @@ def _known_keys(path: Loc) -> list[str]:
             return []
     tp = _unwrap(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return list(tp.model_fields)
+        # a model written in the file with other keys than its fields says which
+        return list(getattr(tp, "FILE_KEYS", tp.model_fields))
     return []
 
 

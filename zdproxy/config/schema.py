@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import (
     AfterValidator,
@@ -20,10 +20,13 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from zdproxy.config.tlsfiles import check_ca_file, check_cert_file, check_key_file, check_pair
 
 # A location in the config: keys and list indexes from the root, like pydantic's ``loc``.
 Loc = tuple[str | int, ...]
@@ -97,6 +100,109 @@ HostPort = Annotated[Address, BeforeValidator(parse_address)]
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CertificateConfig(_Model):
+    """One certificate (chain, PEM) and its private key (PEM, unencrypted)."""
+
+    cert: CertPath
+    key: KeyPath
+
+    @model_validator(mode="after")
+    def _key_matches(self) -> CertificateConfig:
+        check_pair(self.cert, self.key)
+        return self
+
+
+def _tls_version(value: Any) -> Any:
+    # YAML reads ``min_version: 1.2`` as a number
+    return f"{value:g}" if isinstance(value, float) else value
+
+
+class ListenerTls(_Model):
+    """TLS on a data listener: ``cert`` and ``key``, or ``certificates`` (several,
+    chosen by the name the client asks for (SNI); the first is the default)."""
+
+    cert: CertPath | None = None
+    key: KeyPath | None = None
+    certificates: tuple[CertificateConfig, ...] = ()
+    min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ListenerTls:
+        if self.certificates:
+            if self.cert is not None or self.key is not None:
+                raise ValueError("give either cert and key, or certificates, not both")
+        elif self.cert is None or self.key is None:
+            raise ValueError("needs cert and key (or a list of certificates)")
+        else:
+            check_pair(self.cert, self.key)
+        return self
+
+    def pairs(self) -> tuple[CertificateConfig, ...]:
+        """Every certificate, the default first."""
+        if self.certificates:
+            return self.certificates
+        assert self.cert is not None and self.key is not None
+        return (CertificateConfig.model_construct(cert=self.cert, key=self.key),)
+
+
+_TRUE_WORDS = frozenset({"true", "yes", "on"})
+_FALSE_WORDS = frozenset({"false", "no", "off"})
+
+
+def _redirect_https(value: Any) -> bool | int:
+    """``true``/``false`` (the words boolean keys take) or a port: one message for a
+    bad value instead of one per member of ``bool | int``."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and 1 <= value <= 65535:
+        return value
+    if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS | _FALSE_WORDS:
+        return value.strip().lower() in _TRUE_WORDS
+    raise ValueError(f"expected true, false or a port 1-65535, got {value!r}")
+
+
+class Listener(Address):
+    """A data listener: ``host:port``, or a mapping ``{address: host:port, tls: ...}``
+    (HTTPS), or ``{address: host:port, redirect_https: true}`` (a plain listener
+    that answers every request with a 308 to the same URL in https). An
+    ``Address`` itself, so that code binding sockets needs nothing more."""
+
+    #: the keys of the mapping form, for "unknown key" messages (host and port are
+    #: written together as ``address``)
+    FILE_KEYS: ClassVar[tuple[str, ...]] = ("address", "tls", "redirect_https")
+
+    tls: ListenerTls | None = None
+    #: true: redirect to the port of the first TLS listener; a number: to that port
+    redirect_https: Annotated[bool | int, PlainValidator(_redirect_https)] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_entry(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return parse_address(value)
+        if isinstance(value, dict) and "host" not in value:
+            entry = dict(value)
+            if "address" not in entry:
+                raise ValueError("missing required key address (host:port)")
+            for key in ("host", "port"):
+                if key in entry:
+                    raise ValueError(f"unknown key {key}: the address is address: host:port")
+            try:
+                parsed = parse_address(entry.pop("address"))
+            except ValueError as exc:
+                raise ValueError(f"address: {exc}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("address: expected host:port")
+            return {**parsed, **entry}
+        return value
+
+    @model_validator(mode="after")
+    def _tls_or_redirect(self) -> Listener:
+        if self.tls is not None and self.redirect_https is not False:
+            raise ValueError("a TLS listener cannot also redirect to https")
+        return self
 
 
 class AdminToken(_Model):
@@ -194,17 +300,38 @@ class HealthCheckOverride(_Model):
         return None if value is None else _check_health_path(value)
 
 
+# Certificate, key and CA files are read when the config is validated: a missing or
+# bad file is a ``zdproxy check`` error at its key, and refuses a reload.
+CertPath = Annotated[str, Field(min_length=1), AfterValidator(check_cert_file)]
+KeyPath = Annotated[str, Field(min_length=1), AfterValidator(check_key_file)]
+CaPath = Annotated[str, Field(min_length=1), AfterValidator(check_ca_file)]
+
+
+class UpstreamTls(_Model):
+    """TLS to the backends of a pool (or one backend): proxied requests and health
+    checks. ``verify`` checks the backend's certificate against ``ca`` (the system's
+    CAs without it) and the name ``server_name`` (default: the backend's host),
+    which is also sent as SNI."""
+
+    ca: CaPath | None = None
+    verify: bool = True
+    server_name: str | None = Field(default=None, min_length=1)
+
+
 class BackendConfig(_Model):
     id: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
     address: HostPort
     weight: int = Field(default=1, ge=0, le=1000)
     health_check: HealthCheckOverride | None = None
+    #: replaces the pool's ``tls`` for this backend
+    tls: UpstreamTls | None = None
 
 
 class PoolConfig(_Model):
     weight: int = Field(default=0, ge=0, le=100)
     backends: tuple[BackendConfig, ...] = ()
     health_check: HealthCheckOverride | None = None
+    tls: UpstreamTls | None = None
 
 
 class OutlierConfig(_Model):
@@ -401,7 +528,7 @@ def _check_pool_name(name: str) -> str:
 
 # ``listen`` takes one address or a list; ``pools`` maps a name to a pool. Named so that
 # the loader can validate these sections on their own for its cross-field checks.
-Listeners = Annotated[tuple[HostPort, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
+Listeners = Annotated[tuple[Listener, ...], BeforeValidator(_one_or_many), Field(min_length=1)]
 PoolName = Annotated[str, AfterValidator(_check_pool_name)]
 Pools = Annotated[dict[PoolName, PoolConfig], Field(min_length=1)]
 ServiceName = Annotated[str, AfterValidator(_check_pool_name)]
@@ -430,7 +557,7 @@ def check_listeners(listen: Sequence[Address], admin: AdminConfig | None) -> lis
         for earlier in range(index):
             other = listen[earlier]
             where = _dotted(("listen", earlier))
-            if other == address:
+            if _same(other, address):
                 message = f"duplicate listen address {address} (also at {where})"
             elif addresses_overlap(address, other):
                 message = f"{address} overlaps {other} (at {where}): {_why(address, other)}"
@@ -441,7 +568,7 @@ def check_listeners(listen: Sequence[Address], admin: AdminConfig | None) -> lis
     if admin is not None and admin.enabled:
         for index, address in enumerate(listen):
             where = _dotted(("listen", index))
-            if admin.listen == address:
+            if _same(admin.listen, address):
                 message = f"{admin.listen} is also a data listener (at {where})"
             elif addresses_overlap(admin.listen, address):
                 message = (
@@ -453,6 +580,23 @@ def check_listeners(listen: Sequence[Address], admin: AdminConfig | None) -> lis
             problems.append((("admin", "listen"), message))
             break
     return problems
+
+
+def _same(a: Address, b: Address) -> bool:
+    # a Listener (with TLS settings) and an Address are the same place when the
+    # host and port are
+    return (a.host, a.port) == (b.host, b.port)
+
+
+def check_redirects(listen: Sequence[Listener]) -> list[tuple[Loc, str]]:
+    """A ``redirect_https: true`` listener needs a TLS listener to send clients to."""
+    if any(listener.tls is not None for listener in listen):
+        return []
+    return [
+        (("listen", index, "redirect_https"), "no TLS listener to redirect to: give a port")
+        for index, listener in enumerate(listen)
+        if listener.redirect_https is True
+    ]
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -792,6 +936,7 @@ class Config(_Model):
         # One error for all of them, at the root: the loader runs the same checks on
         # the sections and reports each problem at its own key and line instead.
         problems = check_listeners(self.listen, self.admin)
+        problems += check_redirects(self.listen)
         if not self.pools and not self.services:
             problems.append((("pools",), "missing required key (or set services)"))
         if self.pools:

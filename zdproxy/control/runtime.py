@@ -90,8 +90,15 @@ class Checkpoint:
 
 
 class Runtime:
-    def __init__(self, config: Config, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: Callable[[], float] = time.monotonic,
+        service: str = "default",
+    ) -> None:
         self.config = config
+        #: the service this control plane runs (set on every backend it creates)
+        self.service = service
         self.clock = clock
         self.version = 0
         self.pool_weights: dict[str, int] = {}
@@ -171,6 +178,7 @@ class Runtime:
         self, backend_id: str, pool: str, host: str, port: int, weight: int, checked: bool
     ) -> Backend:
         backend = Backend(backend_id, pool, host, port, weight)
+        backend.service = self.service
         backend.health = Health.STARTING if checked else Health.UP
         backend.state = derive_state(backend.admin, backend.health)
         self.backends[backend_id] = backend

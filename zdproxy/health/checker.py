@@ -42,11 +42,12 @@ from zdproxy.balancing.healthsm import HealthMachine, Result
 from zdproxy.balancing.model import Backend, BackendState, Health, Snapshot
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.balancing.sticky import load_secret
-from zdproxy.config.schema import Config, HealthCheckConfig, HealthCheckOverride
+from zdproxy.config.schema import Config, HealthCheckConfig, HealthCheckOverride, UpstreamTls
 from zdproxy.control.runtime import Runtime
 from zdproxy.health.drain import TunnelDrainer
 from zdproxy.health.outlier import OutlierDetector
 from zdproxy.health.slowstart import SlowStart
+from zdproxy.proxy.upstream_tls import UpstreamTlsMap, UpstreamTlsTarget
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
@@ -82,6 +83,10 @@ def settings_for(config: Config, pool: str, backend_id: str) -> HealthCheckConfi
     return merge_settings(config.health_check, pool_override, backend_override)
 
 
+def _tls_settings(tls: UpstreamTlsTarget | None) -> UpstreamTls | None:
+    return None if tls is None else tls.settings
+
+
 @dataclass(slots=True)
 class CheckOutcome:
     passed: bool
@@ -107,19 +112,29 @@ class Probe:
         "quick_rise",
         "settings",
         "task",
+        "tls",
         "url",
     )
 
-    def __init__(self, backend: Backend, settings: HealthCheckConfig, from_start: bool) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        settings: HealthCheckConfig,
+        from_start: bool,
+        tls: UpstreamTlsTarget | None = None,
+    ) -> None:
         self.backend = backend
         self.settings = settings
+        #: the pool's (or backend's) TLS to the backend: checks go over it too
+        self.tls = tls
         # configured at process start and still starting: in service before the
         # restart, so one passing check brings it up (no 503s while a restarted
         # proxy re-checks everything); a failure asks for the full rise
         self.quick_rise = from_start and backend.health is Health.STARTING
         rise = 1 if self.quick_rise else settings.rise
         self.machine = HealthMachine(rise, settings.fall, backend.health)
-        self.url = f"http://{backend.address}{settings.path}"
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://{backend.address}{settings.path}"
         self.task: asyncio.Task[None] | None = None
         #: configured at process start (its first rise does not slow-start)
         self.from_start = from_start
@@ -160,6 +175,8 @@ class HealthChecker:
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_ids = set(runtime.backends)
+        # built from this service's own config: its pools are the only ones here
+        self.upstream_tls = UpstreamTlsMap(config)
         self.on_info: list[Any] = []
 
     # ---- life cycle ----------------------------------------------------------
@@ -204,9 +221,11 @@ class HealthChecker:
     def reconfigure(self, config: Config) -> None:
         """New settings (config reload): probes whose settings changed restart."""
         self.config = config
+        self.upstream_tls = UpstreamTlsMap(config)
         for backend_id, probe in list(self.probes.items()):
             settings = settings_for(config, probe.backend.pool, backend_id)
-            if settings != probe.settings:
+            tls = self.upstream_tls.lookup(backend_id, probe.backend.pool)
+            if settings != probe.settings or _tls_settings(tls) != _tls_settings(probe.tls):
                 self._stop_probe(backend_id)
         self.sync(self.runtime.backends)
 
@@ -230,7 +249,8 @@ class HealthChecker:
                 settings = settings_for(self.config, backend.pool, backend_id)
                 if not settings.enabled:
                     continue
-                probe = Probe(backend, settings, backend_id in self._started_ids)
+                tls = self.upstream_tls.lookup(backend_id, backend.pool)
+                probe = Probe(backend, settings, backend_id in self._started_ids, tls)
                 self.probes[backend_id] = probe
                 probe.task = self._loop.create_task(self._run(probe))
             elif probe.machine.state is not backend.health:
@@ -266,13 +286,20 @@ class HealthChecker:
         error: str | None = None
         try:
             async with asyncio.timeout(settings.timeout):
+                tls = probe.tls
                 async with session.get(
-                    probe.url, headers=headers, allow_redirects=False
+                    probe.url,
+                    headers=headers,
+                    allow_redirects=False,
+                    ssl=True if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_name,
                 ) as response:
                     status = response.status
                     await response.content.read(MAX_BODY)
         except TimeoutError:
             error = f"timeout after {settings.timeout:g}s"
+        except aiohttp.ClientConnectorCertificateError as exc:
+            error = f"tls: {exc.certificate_error}"
         except aiohttp.ClientConnectorError as exc:
             error = f"connect: {exc.os_error.strerror or exc.os_error}"
         except (aiohttp.ClientError, OSError) as exc:

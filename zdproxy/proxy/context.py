@@ -23,6 +23,7 @@ from zdproxy.config.schema import Config
 from zdproxy.http.requestid import RequestIds
 from zdproxy.http.routes import RouteTable
 from zdproxy.proxy.exchange import header_kinds
+from zdproxy.proxy.upstream_tls import UpstreamTlsMap
 
 if TYPE_CHECKING:
     from zdproxy.proxy.accesslog import AccessLog
@@ -109,6 +110,7 @@ class ProxyContext:
         "t_upstream",
         "trusted",
         "tunnels",
+        "upstream_tls",
         "upstreams",
     )
 
@@ -159,6 +161,8 @@ class ProxyContext:
 
     def apply(self, config: Config) -> None:
         """(Re)read every config-derived value; used at start and on reload."""
+        #: which backends are reached over TLS (CA files re-read on each reload)
+        self.upstream_tls = UpstreamTlsMap(config)
         t = config.timeouts
         self.t_connect = t.connect
         self.t_header = t.request_header

@@ -59,6 +59,7 @@ class ClientConnection(asyncio.Protocol):
         "lingering",
         "parser",
         "parsing",
+        "proto",
         "queue",
         "reading_paused",
         "reclaimed",
@@ -70,8 +71,11 @@ class ClientConnection(asyncio.Protocol):
         "xff_ip",
     )
 
-    def __init__(self, ctx: ProxyContext) -> None:
+    def __init__(self, ctx: ProxyContext, proto: bytes = b"http") -> None:
         self.ctx = ctx
+        #: X-Forwarded-Proto for the requests of this connection: b"https" on a TLS
+        #: listener (a value sent by a client is kept only from a trusted proxy)
+        self.proto = proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.parsing: Exchange | None = None

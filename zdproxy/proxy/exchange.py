@@ -412,7 +412,7 @@ class Exchange:
             b"\r\n",
         )
         kept = dict(self.xfwd) if (conn.trusted and self.xfwd) else {}
-        parts += (b"X-Forwarded-Proto: ", kept.get(b"x-forwarded-proto", b"http"), b"\r\n")
+        parts += (b"X-Forwarded-Proto: ", kept.get(b"x-forwarded-proto", conn.proto), b"\r\n")
         host = kept.get(b"x-forwarded-host", self.host)
         if host is not None:
             parts += (b"X-Forwarded-Host: ", host, b"\r\n")
@@ -492,8 +492,14 @@ class Exchange:
         ctx = self.conn.ctx
         try:
             async with asyncio.timeout(ctx.t_connect):
+                # a pool (or backend) with tls: the handshake is part of the connect
+                tls = ctx.upstream_tls.lookup(backend.id, backend.pool, backend.service)
                 _, upstream = await ctx.loop.create_connection(
-                    lambda: UpstreamConnection(ctx.upstreams, backend), backend.host, backend.port
+                    lambda: UpstreamConnection(ctx.upstreams, backend),
+                    backend.host,
+                    backend.port,
+                    ssl=None if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_name or backend.host,
                 )
         except (OSError, TimeoutError) as exc:
             self._on_connect_failed(backend, exc)

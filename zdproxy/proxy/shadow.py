@@ -298,8 +298,13 @@ class ShadowSender:
         response: ShadowResponse | None = None
         try:
             async with asyncio.timeout(self.timeout):
+                tls = self.ctx.upstream_tls.lookup(backend.id, backend.pool, backend.service)
                 transport, response = await loop.create_connection(
-                    lambda: ShadowResponse(head, self.compare_body), backend.host, backend.port
+                    lambda: ShadowResponse(head, self.compare_body),
+                    backend.host,
+                    backend.port,
+                    ssl=None if tls is None else tls.context,
+                    server_hostname=None if tls is None else tls.server_name or backend.host,
                 )
                 # uvloop's transports implement WriteTransport without subclassing it
                 cast(asyncio.WriteTransport, transport).write(data)
