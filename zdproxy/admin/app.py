@@ -34,6 +34,8 @@ from zdproxy.admin.auth import (
     is_loopback,
     load_tokens,
 )
+from zdproxy.admin.figures import TrafficFigures
+from zdproxy.admin.figures import read as read_figures
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
 from zdproxy.control.events import Event, describe, events_path, iso_time
@@ -62,6 +64,8 @@ log = logging.getLogger("zdproxy.admin")
 
 #: how often the runtime advances drains and removals, seconds
 TICK_SECONDS = 0.1
+#: how often the live traffic figures read the counters, seconds
+FIGURES_SECONDS = 1.0
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _TOKEN = web.RequestKey("zdproxy_token", Token)
 _STATIC = resources.files("zdproxy.admin") / "static"
@@ -168,6 +172,8 @@ class AdminApi:
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
+        #: requests/s, error rate, p99 per pool and backend (fed by the control plane)
+        self.figures = TrafficFigures()
         #: one operator change at a time: each is saved (or undone) before the next
         self._mutating = asyncio.Lock()
         self.registry = build_registry(runtime, data_path)
@@ -303,9 +309,27 @@ class AdminApi:
         return web.Response(body=self.spec, content_type="application/json")
 
     async def state(self, request: web.Request) -> web.Response:
-        return json_response(
-            state_view(
-                self.runtime, self.persistence, self.rolling, self.shadow, self.rollout_controller
+        view = state_view(
+            self.runtime,
+            self.persistence,
+            self.rolling,
+            self.shadow,
+            self.rollout_controller,
+            self.figures,
+        )
+        # who asks: the dashboard greys out its buttons for a read token
+        token = request[_TOKEN]
+        view["token"] = {"name": token.name, "role": token.role}
+        return json_response(view)
+
+    def read_figures(self, now: float) -> None:
+        """Read the traffic counters once (the control plane calls this each second)."""
+        runtime = self.runtime
+        self.figures.add(
+            read_figures(
+                now,
+                ((name, stats.totals()) for name, stats in runtime.pool_stats.items()),
+                ((backend.id, backend.codes) for backend in runtime.backends.values()),
             )
         )
 
@@ -622,6 +646,7 @@ def state_view(
     rolling: RollingUpdates | None = None,
     shadow: ShadowControl | None = None,
     rollouts: RolloutController | None = None,
+    figures: TrafficFigures | None = None,
 ) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
@@ -630,7 +655,17 @@ def state_view(
     for backend in runtime.backends.values():
         # a pool a reload removed lists its backends until they have drained
         view = pools.setdefault(backend.pool, {"weight": 0, "usable": False, "backends": []})
-        view["backends"].append(backend_view(runtime, backend))
+        backend_json = backend_view(runtime, backend)
+        if figures is not None:
+            backend_json["traffic"] = figures.backend(backend.id)
+        view["backends"].append(backend_json)
+    if figures is not None:
+        for name, view in pools.items():
+            stats = runtime.pool_stats.get(name)
+            view["traffic"] = {
+                **figures.pool(name),
+                "requests_total": stats.count if stats is not None else 0,
+            }
     store = persistence.store if persistence is not None else None
     return {
         "pid": os.getpid(),
@@ -696,6 +731,7 @@ class ControlPlane:
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     def _closing(self) -> bool:
         ctx = self.server.ctx
@@ -717,7 +753,9 @@ class ControlPlane:
 
     async def start(self, server: ProxyServer) -> None:
         _redact_aiohttp_parse_errors()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.create_task(self._tick())
+        self._sampler = loop.create_task(self._sample())
         if self.socket is not None:
             runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
             await runner.setup()
@@ -726,13 +764,24 @@ class ControlPlane:
             log.info("admin API on http://%s/", server.config.admin.listen)
 
     async def stop(self, server: ProxyServer) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
+        for task in (self._ticker, self._sampler):
+            if task is not None:
+                task.cancel()
+        self._ticker = self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         await self.persistence.close()
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # the loop's clock: the one the data path stamps its statistics with
+                self.api.read_figures(loop.time())
+            except Exception:
+                log.exception("reading the traffic figures failed")
+            await asyncio.sleep(FIGURES_SECONDS)
 
     async def _tick(self) -> None:
         runtime = self.server.runtime
