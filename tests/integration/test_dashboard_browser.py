@@ -315,10 +315,13 @@ async def test_rollout_controls_and_screenshots_under_load(
         "steps": [{"weight": 20, "pause": "10m"}, {"weight": 50}, {"weight": 100}],
         "analysis": {"interval": "2s", "min_requests": 20, "max_error_rate": 0.05},
     }
-    answer = await site.admin.call("POST", "/api/v1/rollouts", plan)
-    assert answer.status == 201, answer
+    docs = os.environ.get("ZDPROXY_DOCS_SCREENSHOTS") == "1"
     load = await Load(site.proxy.url, workers=4).start()
     try:
+        # the chart shows blue alone first, then the canary step (longer for the docs)
+        await _wait_for_chart(page, ("blue",), 20 if docs else 2)
+        answer = await site.admin.call("POST", "/api/v1/rollouts", plan)
+        assert answer.status == 201, answer
         steps = page.locator("#steps li")
         await expect(steps).to_have_count(3, timeout=WAIT_MS)
         await expect(steps.nth(0)).to_have_text("1. 20 % · hold 10 min")
@@ -331,10 +334,10 @@ async def test_rollout_controls_and_screenshots_under_load(
         # a verdict with the figures behind it
         verdict = page.locator("table.verdicts tr").nth(1)
         await expect(verdict).to_contain_text("req, errors", timeout=WAIT_MS)
-        await _wait_for_chart(page, ("blue", "green"), 5)
-        await _docs_screenshot(dashboard, "dashboard-rollout.png")
-        await page.locator("#pools").scroll_into_view_if_needed()
-        await _docs_screenshot(dashboard, "dashboard-pools.png", full=False)
+        await _wait_for_chart(page, ("blue", "green"), 40 if docs else 5)
+        await _docs_screenshot(dashboard, "dashboard-under-load.png")
+        await page.evaluate("document.getElementById('rollout').scrollIntoView()")
+        await _docs_screenshot(dashboard, "dashboard-rollout.png", full=False)
 
         await page.click("button.rollout-pause")
         await expect(page.locator("#rollout-body .phase")).to_have_text("paused", timeout=WAIT_MS)
@@ -362,7 +365,9 @@ async def _wait_for_chart(page: Any, pools: tuple[str, ...], points: int) -> Non
     for pool in pools:
         line = page.locator(f'#chart polyline[data-pool="{pool}"]')
         pattern = re.compile(rf"^\S+,\S+( \S+,\S+){{{points - 1},}}$")
-        await expect(line).to_have_attribute("points", pattern, timeout=WAIT_MS)
+        # a point a poll, a poll a second: wait for that many, with room to spare
+        timeout = WAIT_MS + points * 1500
+        await expect(line).to_have_attribute("points", pattern, timeout=timeout)
 
 
 async def _docs_screenshot(board: Dashboard, name: str, full: bool = True) -> None:

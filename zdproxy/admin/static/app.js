@@ -669,7 +669,7 @@ function brief(value) {
             value.weight !== undefined ? `${value.weight} %` : null].filter(Boolean).join(", ");
   }
   return Object.entries(value)
-    .map(([k, v]) => `${k}=${v !== null && typeof v === "object" ? "{…}" : v}`)
+    .map(([k, v]) => `${k}=${Array.isArray(v) ? `[${v.length}]` : v !== null && typeof v === "object" ? "{…}" : v}`)
     .join(" ");
 }
 
