@@ -167,14 +167,20 @@ async def test_split_asks_before_a_large_move(site: Site, dashboard: Dashboard) 
     await expect(dashboard.pool("green").locator(".pool-weight")).to_have_text("20 %")
     assert dashboard.dialogs == []
 
-    # a large one asks; dismissed, nothing changes
+    # a large one asks (50 points is large); dismissed, nothing changes
     events_before = len((await site.admin.call("GET", "/api/v1/events")).json()["events"])
     dashboard.answer_dialogs(accept=False)
-    await dashboard.set_split({"blue": 20, "green": 80})
+    await dashboard.set_split({"blue": 30, "green": 70})
     await expect(page.locator("#flash")).to_have_text("Split not applied.")
     assert len(dashboard.dialogs) == 1
-    assert "60 points" in dashboard.dialogs[0]
-    assert "blue 80 % → 20 %, green 20 % → 80 %" in dashboard.dialogs[0]
+    assert "50 points" in dashboard.dialogs[0]
+    assert "blue 80 % → 30 %, green 20 % → 70 %" in dashboard.dialogs[0]
+    # so is a small move that gives a pool everything
+    await page.click("#split-reset")
+    await expect(page.locator('#split-inputs input[data-pool="blue"]')).to_have_value("80")
+    await dashboard.set_split({"blue": 100, "green": 0})
+    await async_wait_for(lambda: len(dashboard.dialogs) == 2, 10, "the second question")
+    assert "100 % of new traffic to blue" in dashboard.dialogs[1]
     assert await site.weights() == {"blue": 80, "green": 20}
     events = (await site.admin.call("GET", "/api/v1/events")).json()["events"]
     assert len(events) == events_before
@@ -185,7 +191,8 @@ async def test_split_asks_before_a_large_move(site: Site, dashboard: Dashboard) 
     await async_wait_for(
         lambda: _weights_are(site, {"blue": 20, "green": 80}), 10, "the 20/80 split"
     )
-    assert len(dashboard.dialogs) == 2
+    assert len(dashboard.dialogs) == 3
+    assert "60 points" in dashboard.dialogs[2]
     await expect(dashboard.pool("green").locator(".pool-weight")).to_have_text(
         "80 %", timeout=WAIT_MS
     )
@@ -224,6 +231,26 @@ async def test_flip_needs_confirmation(site: Site, dashboard: Dashboard) -> None
     # and traffic follows
     async with aiohttp.ClientSession() as session, session.get(site.proxy.url + "/") as answer:
         assert answer.headers["X-Zdproxy-Pool"] == "green"
+
+
+async def test_health_detail_follows_a_failing_backend(site: Site, dashboard: Dashboard) -> None:
+    await login(dashboard)
+    row = dashboard.backend("green-2")
+    await expect(row.locator("td.health")).to_contain_text("failures 0/3 to down")
+    site.backends["green-2"].health_status = 503
+    # the failures count up to fall, then it is down and counts passes toward rise
+    await expect(row.locator("td.health")).to_contain_text(
+        re.compile(r"failures [12]/3 to down|passes 0/2 to up"), timeout=WAIT_MS
+    )
+    await expect(row.locator("td.state")).to_have_text("down", timeout=WAIT_MS)
+    await expect(row.locator("td.health")).to_contain_text("failed: status 503")
+    await expect(row.locator("td.health")).to_contain_text("passes 0/2 to up")
+    await expect(row.locator("td.health .health-error")).to_have_count(1)
+    assert (await site.admin.backend("green-2") or {})["state"] == "down"
+    site.backends["green-2"].health_status = 200
+    await expect(row.locator("td.state")).to_have_text("up", timeout=WAIT_MS)
+    await expect(row.locator("td.health")).to_contain_text("failures 0/3 to down")
+    await expect(row.locator("td.health .health-error")).to_have_count(0)
 
 
 async def test_drain_shows_draining_then_drained(site: Site, dashboard: Dashboard) -> None:
