@@ -163,6 +163,7 @@ class Load:
     statuses: dict[int, int] = field(default_factory=dict)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
+    _stopping: bool = False
 
     async def start(self) -> Load:
         self._session = aiohttp.ClientSession()
@@ -171,7 +172,7 @@ class Load:
 
     async def _run(self) -> None:
         assert self._session is not None
-        while True:
+        while not self._stopping:
             async with self._session.get(self.url + "/load") as response:
                 await response.read()
                 self.sent += 1
@@ -179,13 +180,13 @@ class Load:
             await asyncio.sleep(0.01)  # bounded: about 100 requests/s per worker at most
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._session is not None:
-            await self._session.close()
+        """Let each worker finish its request: every request sent is counted."""
+        self._stopping = True
+        try:
+            await asyncio.gather(*self._tasks)
+        finally:
+            if self._session is not None:
+                await self._session.close()
 
 
 class Dashboard:
