@@ -755,8 +755,9 @@ class ControlPlane:
         _redact_aiohttp_parse_errors()
         loop = asyncio.get_running_loop()
         self._ticker = loop.create_task(self._tick())
-        self._sampler = loop.create_task(self._sample())
         if self.socket is not None:
+            # the figures are for the state API only: no listener, no reading
+            self._sampler = loop.create_task(self._sample())
             runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
             await runner.setup()
             await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
