@@ -35,6 +35,8 @@ from zdproxy.admin.auth import (
     is_loopback,
     load_tokens,
 )
+from zdproxy.admin.figures import TrafficFigures
+from zdproxy.admin.figures import read as read_figures
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
 from zdproxy.config.schema import DEFAULT_SERVICE
@@ -65,6 +67,8 @@ log = logging.getLogger("zdproxy.admin")
 
 #: how often the runtime advances drains and removals, seconds
 TICK_SECONDS = 0.1
+#: how often the live traffic figures read the counters, seconds
+FIGURES_SECONDS = 1.0
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _TOKEN = web.RequestKey("zdproxy_token", Token)
 _STATIC = resources.files("zdproxy.admin") / "static"
@@ -189,6 +193,9 @@ class AdminApi:
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
+        #: requests/s, error rate, p99 per pool and backend, by service (fed by the
+        #: control plane)
+        self.figures = {name: TrafficFigures() for name in self.services}
         #: one operator change at a time: each is saved (or undone) before the next
         self._mutating = asyncio.Lock()
         runtimes = {name: svc.runtime for name, svc in self.services.items()}
@@ -376,11 +383,27 @@ class AdminApi:
             svc.rolling,
             self.shadow if svc.runtime is self.runtime else None,
             svc.rollouts,
+            self.figures.get(svc.name),
         )
+        # who asks: the dashboard greys out its buttons for a read token
+        token = request[_TOKEN]
+        view["token"] = {"name": token.name, "role": token.role}
         if self.named:
             view["service"] = svc.name
             view["services"] = list(self.services)
         return json_response(view)
+
+    def read_figures(self, now: float) -> None:
+        """Read the traffic counters once (the control plane calls this each second)."""
+        for name, svc in self.services.items():
+            runtime = svc.runtime
+            self.figures[name].add(
+                read_figures(
+                    now,
+                    ((pool, stats.totals()) for pool, stats in runtime.pool_stats.items()),
+                    ((backend.id, backend.codes) for backend in runtime.backends.values()),
+                )
+            )
 
     async def events(self, request: web.Request) -> web.Response:
         svc = self._service(request)
@@ -715,6 +738,7 @@ def state_view(
     rolling: RollingUpdates | None = None,
     shadow: ShadowControl | None = None,
     rollouts: RolloutController | None = None,
+    figures: TrafficFigures | None = None,
 ) -> dict[str, Any]:
     pools: dict[str, Any] = {
         name: {"weight": weight, "usable": runtime.usable(name), "backends": []}
@@ -723,7 +747,17 @@ def state_view(
     for backend in runtime.backends.values():
         # a pool a reload removed lists its backends until they have drained
         view = pools.setdefault(backend.pool, {"weight": 0, "usable": False, "backends": []})
-        view["backends"].append(backend_view(runtime, backend))
+        backend_json = backend_view(runtime, backend)
+        if figures is not None:
+            backend_json["traffic"] = figures.backend(backend.id)
+        view["backends"].append(backend_json)
+    if figures is not None:
+        for name, view in pools.items():
+            stats = runtime.pool_stats.get(name)
+            view["traffic"] = {
+                **figures.pool(name),
+                "requests_total": stats.count if stats is not None else 0,
+            }
     store = persistence.store if persistence is not None else None
     return {
         "pid": os.getpid(),
@@ -804,6 +838,7 @@ class ControlPlane:
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
 
     def _closing(self) -> bool:
         ctx = self.server.ctx
@@ -825,8 +860,11 @@ class ControlPlane:
 
     async def start(self, server: ProxyServer) -> None:
         _redact_aiohttp_parse_errors()
-        self._ticker = asyncio.get_running_loop().create_task(self._tick())
+        loop = asyncio.get_running_loop()
+        self._ticker = loop.create_task(self._tick())
         if self.socket is not None:
+            # the figures are for the state API only: no listener, no reading
+            self._sampler = loop.create_task(self._sample())
             runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
             await runner.setup()
             await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
@@ -834,14 +872,25 @@ class ControlPlane:
             log.info("admin API on http://%s/", server.config.admin.listen)
 
     async def stop(self, server: ProxyServer) -> None:
-        if self._ticker is not None:
-            self._ticker.cancel()
-            self._ticker = None
+        for task in (self._ticker, self._sampler):
+            if task is not None:
+                task.cancel()
+        self._ticker = self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
         for svc in self.services.values():
             await svc.persistence.close()
+
+    async def _sample(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                # the loop's clock: the one the data path stamps its statistics with
+                self.api.read_figures(loop.time())
+            except Exception:
+                log.exception("reading the traffic figures failed")
+            await asyncio.sleep(FIGURES_SECONDS)
 
     async def _tick(self) -> None:
         runtimes = [svc.runtime for svc in self.services.values()]

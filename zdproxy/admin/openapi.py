@@ -86,7 +86,13 @@ _SCHEMAS: dict[str, Any] = {
             "health_checks": {
                 "type": "object",
                 "nullable": True,
-                "description": "active health-check counters, when checks run",
+                "description": (
+                    "active health-check counters, when checks run: checked, health, "
+                    "consecutive_passes, consecutive_failures, rise, fall, last_status, "
+                    "last_error, last_check (Unix time), last_duration_ms, checks_total, "
+                    "check_failures_total, ejected, ejections_total, ejected_until, "
+                    "slow_start_percent"
+                ),
             },
         },
     },
@@ -160,6 +166,42 @@ _SCHEMAS: dict[str, Any] = {
             "removed": {"type": "boolean", "description": "gone already (else draining)"},
             "event": _ref("Event"),
         },
+    },
+}
+
+
+#: live figures over the last seconds (``zdproxy.admin.figures``), in the state view
+_RATES: dict[str, Any] = {
+    "window_s": {"type": "number", "description": "seconds the figures cover (up to 10)"},
+    "requests": {"type": "integer", "description": "responses in the window"},
+    "errors": {"type": "integer", "description": "5xx and proxy-side failures in the window"},
+    "requests_per_second": {"type": "number"},
+    "error_rate": {"type": "number", "minimum": 0, "maximum": 1},
+}
+_SCHEMAS["BackendTraffic"] = {
+    "type": "object",
+    "required": list(_RATES),
+    "properties": _RATES,
+}
+_SCHEMAS["PoolTraffic"] = {
+    "type": "object",
+    "required": [*_RATES, "p50_ms", "p99_ms", "requests_total"],
+    "properties": {
+        **_RATES,
+        "p50_ms": {"type": "number", "nullable": True, "description": "null: no request"},
+        "p99_ms": {"type": "number", "nullable": True, "description": "null: no request"},
+        "requests_total": {"type": "integer", "description": "responses since the start"},
+    },
+}
+_SCHEMAS["Backend"]["properties"]["traffic"] = _ref("BackendTraffic")
+_SCHEMAS["Pool"]["properties"]["traffic"] = _ref("PoolTraffic")
+_SCHEMAS["State"]["properties"]["token"] = {
+    "type": "object",
+    "description": "the token of this request: its name and role (read or write)",
+    "required": ["name", "role"],
+    "properties": {
+        "name": {"type": "string"},
+        "role": {"type": "string", "enum": ["read", "write"]},
     },
 }
 
