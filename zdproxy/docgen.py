@@ -8,12 +8,17 @@ around it is written by hand and kept as it is::
     python -m zdproxy.docgen            # rewrite both generated parts
     python -m zdproxy.docgen --check    # exit 1 if either is out of date
 
-A key's description is the docstring under its field in ``config/schema.py``.
+A key's description is the string under its field in ``config/schema.py``, read
+from the source here (pydantic's ``use_attribute_docstrings`` would do the same at
+every import of the schema, for nothing at run time).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import inspect
 import json
 import sys
 import types
@@ -72,7 +77,8 @@ def _model_keys(model: type[BaseModel], prefix: str, instance: Any) -> Iterator[
             if value is PydanticUndefined
             else _value_text(value, _is_duration(info.metadata))
         )
-        yield Key(path, _type_text(info.annotation, info.metadata), default, _description(info))
+        description = _field_docs(model).get(name, "")
+        yield Key(path, _type_text(info.annotation, info.metadata), default, description)
         nested = None if value is PydanticUndefined else value
         yield from _nested_keys(info.annotation, path, nested)
 
@@ -105,9 +111,27 @@ def _nested_keys(annotation: Any, path: str, instance: Any) -> Iterator[Key]:
             yield from _model_keys(value, f"{path}.NAME.", None)
 
 
-def _description(info: FieldInfo) -> str:
-    text = " ".join((info.description or "").split())
-    return text.replace("|", "\\|")
+@functools.cache
+def _field_docs(model: type[BaseModel]) -> dict[str, str]:
+    """Field name -> the string literal right under it in the class body (and in its
+    bases'), whitespace collapsed, ready for a table cell."""
+    docs: dict[str, str] = {}
+    for cls in reversed(model.__mro__):
+        if not (isinstance(cls, type) and issubclass(cls, BaseModel)) or cls is BaseModel:
+            continue
+        body = ast.parse(inspect.getsource(cls)).body[0]
+        assert isinstance(body, ast.ClassDef)
+        for field, after in zip(body.body, body.body[1:], strict=False):
+            if (
+                isinstance(field, ast.AnnAssign)
+                and isinstance(field.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                text = " ".join(after.value.value.split())
+                docs[field.target.id] = text.replace("|", "\\|")
+    return docs
 
 
 def _unwrap(tp: Any) -> tuple[Any, list[Any]]:

@@ -96,9 +96,9 @@ HostPort = Annotated[Address, BeforeValidator(parse_address)]
 
 
 class _Model(BaseModel):
-    # a field's docstring is its description: the config reference is generated from
-    # them (python -m zdproxy.docgen)
-    model_config = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+    # The string under a field is its description: docs/configuration.md is generated
+    # from them (python -m zdproxy.docgen reads this file; nothing is done at run time).
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
 
 class AdminToken(_Model):
