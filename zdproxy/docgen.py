@@ -353,7 +353,11 @@ def generated_block(text: str, name: str) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m zdproxy.docgen", description=__doc__)
     parser.add_argument("parts", nargs="*", help=f"any of {', '.join(TARGETS)} (default: all)")
-    parser.add_argument("--root", default=".", help="the repository root (default: .)")
+    parser.add_argument(
+        "--root",
+        default=str(Path(__file__).resolve().parent.parent),
+        help="the repository root (default: the checkout this module is in)",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 if out of date")
     args = parser.parse_args(argv)
     unknown = [name for name in args.parts if name not in TARGETS]
