@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark zdproxy against nginx and HAProxy: ``python benchmarks/run.py [--quick]``.
 
-See the README (section Benchmarks) for what it measures and how to read the results.
+See docs/benchmarks.md for what it measures and how to read the results.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ Drive a deployment (in another shell):
   zdproxy ctl flip green                             # blue/green flip
   zdproxy ctl drain blue-1
 
-A progressive rollout that judges green on live traffic (README: Progressive rollouts):
+A progressive rollout that judges green on live traffic (docs/rollouts.md):
   while true; do curl -s -o /dev/null {proxy}/; done &          # some traffic
   zdproxy ctl rollout start --to green --steps 10:20s,50:20s,100:10s --interval 2s --min-requests 20
   zdproxy ctl rollout status --watch

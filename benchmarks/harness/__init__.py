@@ -1,4 +1,4 @@
 """zdproxy benchmark harness: backends, proxies under test, load runs and reports.
 
-Entry point: ``python benchmarks/run.py`` (see the README, section Benchmarks).
+Entry point: ``python benchmarks/run.py`` (see docs/benchmarks.md).
 """

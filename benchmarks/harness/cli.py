@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/run.py",
         description="Benchmark zdproxy against nginx and HAProxy on this machine "
-        "(loopback only). See the README, section Benchmarks.",
+        "(loopback only). See docs/benchmarks.md.",
     )
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 1 round, 2 s per case, fewer connections"

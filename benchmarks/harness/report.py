@@ -246,7 +246,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Generated {machine['date']} by `{meta['command']}` "
         f"({meta['rounds']} round(s) of {meta['duration']} s per case, medians; "
         f"whole run {meta.get('elapsed_s', 0) / 60:.1f} min). "
-        "How to run and read this: [README, Benchmarks](../../README.md#benchmarks).",
+        "How to run and read this: [docs/benchmarks.md](../../docs/benchmarks.md).",
         "",
         "Absolute req/s move by 20-30 % between runs on a shared machine; compare the "
         "ratios, which are taken within one run. CPU per request is the proxy's own "

@@ -330,7 +330,7 @@ def run_lenient(vector: Vector, lenient: ProxyProcess, backend: RecordingBackend
 
 
 def test_tally(strict: ProxyProcess, lenient: ProxyProcess, backend: RecordingBackend) -> None:
-    """The counts per tier that the README (Hostile and broken HTTP) gives; vectors the
+    """The counts per tier that docs/http.md (Hostile and broken HTTP) gives; vectors the
     parametrized tests did not run (a -k selection, a lone run) are run here."""
     tally: dict[str, dict[str, int]] = {}
     for vector in VECTOR_LIST:

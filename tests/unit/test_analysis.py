@@ -201,7 +201,7 @@ def simulate_rollout(
     return PASS
 
 
-#: the number of simulated rollouts; the measured rate is in the README
+#: the number of simulated rollouts; the measured rate is in docs/rollouts.md
 RUNS = 300
 
 

@@ -5,7 +5,7 @@ The vectors are vendored in ``tests/vectors/desync-guardian/*.yaml`` (see
 same reason code (``Verdict.kind``), and a ``Verdict.reason`` that contains
 every ``required_message_items`` entry, case-insensitively.  The few cases
 where zdproxy is deliberately stricter are listed in ``DEVIATIONS`` with the
-tier and code we give instead; the README (HTTP strictness) explains each.
+tier and code we give instead; docs/http.md (HTTP strictness) explains each.
 """
 
 from __future__ import annotations

@@ -99,6 +99,8 @@ HostPort = Annotated[Address, BeforeValidator(parse_address)]
 
 
 class _Model(BaseModel):
+    # The string under a field is its description: docs/configuration.md is generated
+    # from them (python -m zdproxy.docgen reads this file; nothing is done at run time).
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
@@ -209,9 +211,13 @@ class AdminToken(_Model):
     """A named admin token: its secret comes from an environment variable or a file."""
 
     name: str = Field(min_length=1)
+    """token name, unique"""
     role: Literal["read", "write"] = "write"
+    """`read` tokens may only read"""
     env: str | None = None
+    """environment variable holding the token's secret; exactly one of `env` and `file`"""
     file: str | None = None
+    """file holding the token's secret; exactly one of `env` and `file`"""
 
     @model_validator(mode="after")
     def _one_source(self) -> AdminToken:
@@ -222,12 +228,19 @@ class AdminToken(_Model):
 
 class AdminConfig(_Model):
     listen: HostPort = Field(default_factory=lambda: Address(host="127.0.0.1", port=9901))
+    """admin API and dashboard listener; must not be a data listener"""
     enabled: bool = True
+    """`false`: no admin listener"""
     token_env: str | None = "ZDPROXY_ADMIN_TOKEN"
+    """environment variable holding the bearer token"""
     token_file: str | None = None
+    """file holding the bearer token (alternative to `token_env`); a path"""
     tokens: tuple[AdminToken, ...] = ()
+    """more named tokens; the name is the actor in the audit log"""
     max_body_bytes: int = Field(default=65536, gt=0)
+    """largest accepted API request body, bytes"""
     events_ring: int = Field(default=1000, gt=0)
+    """audit events kept in memory"""
 
     @field_validator("tokens")
     @classmethod
@@ -241,12 +254,17 @@ class AdminConfig(_Model):
 
 class EtcdConfig(_Model):
     endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
+    """etcd endpoints"""
     prefix: str = "/zdproxy/"
+    """key prefix"""
 
 
 class StateConfig(_Model):
     path: str | None = "./zdproxy-state.json"
+    """JSON file that keeps weights, drains and the rollout across restarts; `null`: memory only"""
     etcd: EtcdConfig | None = None
+    """keep state in etcd instead, shared by several instances (set `path` or `etcd`, not both) (not
+    built yet: accepted, logged as not available, state stays in memory)"""
 
     @model_validator(mode="after")
     def _one_store(self) -> StateConfig:
@@ -260,14 +278,23 @@ class HealthCheckConfig(_Model):
     (the nearer one wins for the keys it sets)."""
 
     enabled: bool = True
+    """run active checks"""
     path: str = "/healthz"
+    """path to GET; must start with `/`"""
     host: str | None = None
+    """Host header to send; `null`: the backend's address"""
     interval: PositiveDuration = 2.0
+    """time between checks"""
     jitter: float = Field(default=0.1, ge=0.0, le=1.0)
+    """each interval varies by up to this fraction, to spread checks"""
     timeout: PositiveDuration = 1.0
+    """a check not answered in time fails"""
     rise: int = Field(default=2, ge=1)
+    """consecutive passes before a backend takes traffic"""
     fall: int = Field(default=3, ge=1)
+    """consecutive failures before it is taken out"""
     expected_statuses: tuple[StatusCode, ...] = Field(default=(200, 204), min_length=1)
+    """statuses that count as a pass"""
 
     @field_validator("path")
     @classmethod
@@ -285,14 +312,23 @@ class HealthCheckOverride(_Model):
     """Per-pool or per-backend health-check keys; unset keys are inherited."""
 
     enabled: bool | None = None
+    """run active checks; unset: inherited"""
     path: str | None = None
+    """path to GET; must start with `/`; unset: inherited"""
     host: str | None = None
+    """Host header to send; `null`: the backend's address; unset: inherited"""
     interval: PositiveDuration | None = None
+    """time between checks; unset: inherited"""
     jitter: float | None = Field(default=None, ge=0.0, le=1.0)
+    """each interval varies by up to this fraction, to spread checks; unset: inherited"""
     timeout: PositiveDuration | None = None
+    """a check not answered in time fails; unset: inherited"""
     rise: int | None = Field(default=None, ge=1)
+    """consecutive passes before a backend takes traffic; unset: inherited"""
     fall: int | None = Field(default=None, ge=1)
+    """consecutive failures before it is taken out; unset: inherited"""
     expected_statuses: tuple[StatusCode, ...] | None = Field(default=None, min_length=1)
+    """statuses that count as a pass; unset: inherited"""
 
     @field_validator("path")
     @classmethod
@@ -320,44 +356,65 @@ class UpstreamTls(_Model):
 
 class BackendConfig(_Model):
     id: str | None = Field(default=None, min_length=1, pattern=r"^[A-Za-z0-9_.:-]+$")
+    """unique across all pools; letters, digits, `_ . : -`; unset: `<pool>-<n>` (n from 1)"""
     address: HostPort
+    """unique within the pool"""
     weight: int = Field(default=1, ge=0, le=1000)
+    """relative share inside the pool"""
     health_check: HealthCheckOverride | None = None
-    #: replaces the pool's ``tls`` for this backend
+    """health-check overrides for this backend"""
     tls: UpstreamTls | None = None
+    """TLS to this backend; replaces the pool's `tls`"""
 
 
 class PoolConfig(_Model):
     weight: int = Field(default=0, ge=0, le=100)
+    """percent of new traffic; **all pool weights sum to 100**"""
     backends: tuple[BackendConfig, ...] = ()
+    """the pool's backends; a pool with weight > 0 needs a backend with weight > 0"""
     health_check: HealthCheckOverride | None = None
+    """health-check overrides for this pool"""
     tls: UpstreamTls | None = None
+    """TLS to this pool's backends (proxied requests and health checks)"""
 
 
 class OutlierConfig(_Model):
     """Passive health: eject a backend after consecutive failures (Envoy-style)."""
 
     enabled: bool = True
+    """eject backends that fail real requests"""
     consecutive_5xx: int = Field(default=5, ge=1)
+    """5xx responses in a row that eject a backend"""
     consecutive_connect_failures: int = Field(default=3, ge=1)
+    """failed connects in a row that eject a backend"""
     base_ejection_time: Duration = 10.0
+    """length of the first ejection; repeated ones last longer"""
     max_ejection_time: Duration = 300.0
+    """cap on an ejection's length"""
     max_ejection_percent: int = Field(default=50, ge=0, le=100)
+    """never eject more than this percent of a pool"""
 
 
 class SlowStartConfig(_Model):
     window: Duration = 0.0
+    """a backend that comes up ramps its share over this window; `0`: at once"""
 
 
 class StickyConfig(_Model):
     mode: Literal["off", "pool", "backend", "hash"] = "off"
+    """`pool`: a client stays on the pool it first got; `backend`: on the same backend too; `hash`:
+    backend chosen by hashing `hash_on`"""
     cookie: str = Field(default="zd_affinity", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    """affinity cookie name"""
     max_age: Duration = 3600.0
+    """affinity cookie lifetime"""
     secret_env: str | None = None
-    # when mode is hash: "client_ip" or "header:NAME"
+    """environment variable with the key that signs the cookie"""
     hash_on: str = "client_ip"
-    # when a pinned pool's weight goes to zero: move at once, or after draining.timeout
+    """what `mode: hash` hashes; `client_ip` or `header:NAME`"""
     on_pool_zero: Literal["move", "drain_timeout"] = "move"
+    """when a pinned pool's weight drops to 0: move its clients at once, or after
+    `draining.timeout`"""
 
     @field_validator("hash_on")
     @classmethod
@@ -369,44 +426,65 @@ class StickyConfig(_Model):
 
 class OverrideConfig(_Model):
     enabled: bool = True
+    """honour the pool-forcing request header (`routing.header`) or cookie (`routing.cookie`)"""
     name: str = Field(min_length=1, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+    """the header's (or cookie's) name"""
 
 
 class RoutingConfig(_Model):
     header: OverrideConfig = OverrideConfig(name="X-Zdproxy-Pool")
+    """the request header that forces a pool"""
     cookie: OverrideConfig = OverrideConfig(name="zd_pool")
+    """the cookie that forces a pool"""
 
 
 class DrainingConfig(_Model):
     timeout: Duration = 30.0
-    # whether affinity-bound clients may keep reaching a draining backend until the timeout
+    """how long a draining backend's in-flight requests get"""
     sticky_until_timeout: bool = False
+    """affinity-bound clients may keep reaching a draining backend until the timeout"""
 
 
 class RetriesConfig(_Model):
     attempts: int = Field(default=2, ge=0, le=10)
+    """extra attempts on another backend; `0`: none"""
     budget_percent: float = Field(default=20.0, ge=0.0, le=100.0)
+    """retries are at most this percent of requests"""
     buffer_body_bytes: int = Field(default=65536, ge=0)
+    """request bodies up to this size are kept so they can be retried"""
 
 
 class TimeoutsConfig(_Model):
     connect: Duration = 2.0
+    """connecting to a backend"""
     request_header: Duration = 10.0
+    """client sending the request line and headers (else 408)"""
     request_body: Duration = 30.0
+    """client sending the body"""
     upstream_response: Duration = 30.0
+    """backend starting to answer (else 504)"""
     idle: Duration = 60.0
+    """idle client keep-alive connection"""
     upstream_idle: Duration = 30.0
+    """idle pooled backend connection"""
     tunnel_idle: Duration = 300.0
+    """idle `Upgrade` (WebSocket) tunnel"""
 
 
 class LimitsConfig(_Model):
     max_header_bytes: int = Field(default=65536, ge=1024)
+    """request line plus headers, bytes (else 431)"""
     max_headers: int = Field(default=100, ge=1)
-    #: a backend's response head (its 1xx heads included); over it: 502
+    """number of request headers (else 431)"""
     max_response_header_bytes: int = Field(default=65536, ge=1024)
+    """a backend's response head, bytes, its 1xx interim heads included (else 502)"""
     max_body_bytes: int = Field(default=0, ge=0)
+    """request body, bytes; `0`: unlimited (else 413)"""
     max_connections: int = Field(default=10000, ge=1)
+    """open client connections (idle keep-alive ones make room at the limit; capped by the open-file
+    limit, see [Limits](http.md#limits))"""
     max_idle_upstream_per_backend: int = Field(default=64, ge=0)
+    """idle pooled connections kept per backend"""
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -447,17 +525,25 @@ class RequestIdConfig(_Model):
     generated; sent to the backend, returned to the client, written to the access log."""
 
     enabled: bool = True
+    """keep or make a request ID per request ([details](operations.md#request-ids))"""
     header: Annotated[str, AfterValidator(_check_header_name)] = "X-Request-Id"
+    """its header (not one the proxy handles itself, such as `Host`)"""
     trust_incoming: bool = True
+    """keep a valid ID the client sent; `false`: always make a new one"""
 
 
 class HttpConfig(_Model):
-    # strict: Ambiguous requests get 400; lenient: forwarded, then both connections closed
     strictness: Literal["strict", "lenient"] = "strict"
+    """`strict`: requests rated Ambiguous or Severe get 400; `lenient`: Ambiguous ones are
+    forwarded, then both connections closed"""
     trusted_proxies: tuple[str, ...] = ()
+    """peers whose `X-Forwarded-*` headers are trusted; a list of CIDRs"""
     pool_response_header: bool = True
+    """add the pool name to every proxied response"""
     pool_response_header_name: str = "X-Zdproxy-Pool"
+    """that header's name"""
     request_id: RequestIdConfig = RequestIdConfig()
+    """request IDs ([details](operations.md#request-ids))"""
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -473,19 +559,20 @@ class HttpConfig(_Model):
 class ShadowConfig(_Model):
     """Copies of a share of live requests to a pool that takes no live traffic."""
 
-    #: the pool that gets the copies; None: no shadow traffic
     pool: str | None = None
-    #: share of live requests copied, in percent (two decimals count)
+    """the pool that gets the copies; it should take no live traffic (weight 0); a pool name"""
     percent: float = Field(default=0.0, ge=0, le=100)
-    #: requests with a larger body are not copied
+    """share of live requests copied (two decimals count)"""
     max_body_bytes: int = Field(default=65536, ge=0, le=16 * 1024 * 1024)
-    #: compare a hash of the shadow's response body with the live one's
+    """requests with a larger body are not copied; at most 16 MiB"""
     compare_body: bool = False
-    #: the header that marks a copy (value ``1``)
+    """compare a CRC-32 of the copy's response body with the live one's"""
     header: str = Field(default="X-Zdproxy-Shadow", pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
+    """marks every copy (value `1`)"""
     timeout: PositiveDuration = 5.0
-    #: copies in flight at most; more are dropped, never queued
+    """a copy's own timeout, connect to last byte"""
     max_concurrent: int = Field(default=64, ge=1, le=10000)
+    """copies in flight at most; more are dropped, never queued"""
 
 
 _TRUE_WORDS = frozenset({"true", "yes", "on", "1"})
@@ -507,13 +594,16 @@ def _access_log_format(value: Any) -> Any:
 
 class LogConfig(_Model):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """log level"""
     format: Literal["text", "json"] = "text"
-    #: off | combined | json; true means combined, false off
+    """log format (`--log-format` overrides it)"""
     access_log: Annotated[
         Literal["off", "combined", "json"], BeforeValidator(_access_log_format)
     ] = "off"
-    #: a file, opened for append; None: stderr
+    """one line per request ([format](operations.md#access-log-and-request-ids)); `true` means
+    `combined`, `false` `off`"""
     access_log_path: str | None = Field(default=None, min_length=1)
+    """file the access log is appended to; a path; `null`: stderr"""
 
 
 def _one_or_many(value: Any) -> Any:
@@ -865,26 +955,47 @@ def _backend_ids(
 
 class Config(_Model):
     listen: Listeners
+    """data listeners, one per entry; no duplicates"""
     admin: AdminConfig = AdminConfig()
+    """admin API and dashboard"""
     state: StateConfig = StateConfig()
-    #: required unless ``services`` is set (then it is the service ``default``)
+    """where runtime state is kept"""
     pools: dict[PoolName, PoolConfig] = {}
+    """pools of backends; names use letters, digits, `_ . -`; required unless
+    `services` is set (then they are the service `default`)"""
     health_check: HealthCheckConfig = HealthCheckConfig()
+    """active health checks"""
     outlier_detection: OutlierConfig = OutlierConfig()
+    """passive health checks"""
     slow_start: SlowStartConfig = SlowStartConfig()
+    """ramp-up of backends that come up"""
     sticky: StickyConfig = StickyConfig()
+    """session affinity"""
     routing: RoutingConfig = RoutingConfig()
+    """header / cookie overrides that force a pool"""
     draining: DrainingConfig = DrainingConfig()
+    """how backends drain"""
     retries: RetriesConfig = RetriesConfig()
+    """retries on another backend"""
     timeouts: TimeoutsConfig = TimeoutsConfig()
+    """client and upstream timeouts"""
     limits: LimitsConfig = LimitsConfig()
+    """size and count limits"""
     http: HttpConfig = HttpConfig()
+    """HTTP handling"""
     log: LogConfig = LogConfig()
+    """logging"""
     shadow: ShadowConfig = ShadowConfig()
+    """copies of a share of live requests to a pool
+    ([Shadow traffic](rollouts.md#shadow-traffic))"""
     shutdown_timeout: Duration = 30.0
+    """on SIGTERM/SIGINT, how long in-flight requests get to finish"""
     services: dict[ServiceName, ServiceConfig] = {}
+    """several applications behind one listener, each with its own pools (see docs/services.md)"""
     routes: tuple[RouteConfig, ...] = ()
+    """ordered routes from host and path to a service (see docs/services.md for precedence)"""
     default_service: str | None = None
+    """the service a request no route matches goes to; unset: 404 `no-route`"""
 
     def backend_ids(self) -> list[tuple[str, str, BackendConfig]]:
         """(pool, id, backend) in file order, with default ids ``<pool>-<n>`` filled in."""

@@ -3,7 +3,7 @@
 The tiers and checks follow AWS http-desync-guardian's classification of
 request heads (the vectors live in ``conformance/desync-guardian``); this is an
 independent implementation tuned for CPython, with a few deliberate, documented
-points where zdproxy is stricter (see the README, section HTTP strictness).
+points where zdproxy is stricter (see docs/http.md, section HTTP strictness).
 
 Two entry points give the same answers:
 
