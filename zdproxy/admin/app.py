@@ -154,6 +154,7 @@ class AdminApi:
         max_body: int,
         data_path: Callable[[], DataPathCounts],
         closing: Callable[[], bool],
+        frozen: Callable[[], str | None] | None = None,
         rolling: RollingUpdates | None = None,
         shadow: ShadowControl | None = None,
         rollouts: RolloutController | None = None,
@@ -168,6 +169,8 @@ class AdminApi:
         self.auth = auth
         self.max_body = max_body
         self.closing = closing
+        #: changes are refused while this says why (a hot upgrade hands the state over)
+        self.frozen = frozen
         #: one operator change at a time: each is saved (or undone) before the next
         self._mutating = asyncio.Lock()
         self.registry = build_registry(runtime, data_path)
@@ -232,6 +235,10 @@ class AdminApi:
             except AuthError as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 return error_response(exc.status, str(exc), headers)
+        if request.method in MUTATING_METHODS and self.frozen is not None:
+            reason = self.frozen()
+            if reason is not None:
+                return error_response(503, reason, {"Retry-After": "1"})
         length = request.content_length
         if length is not None and length > self.max_body:
             return error_response(413, f"request body too large (at most {self.max_body} bytes)")
@@ -688,6 +695,7 @@ class ControlPlane:
             max_body=config.admin.max_body_bytes,
             data_path=self._data_path_counts,
             closing=self._closing,
+            frozen=self._frozen,
             rolling=server.rolling,
             shadow=server.shadow,
             rollouts=server.rollouts,
@@ -700,6 +708,12 @@ class ControlPlane:
     def _closing(self) -> bool:
         ctx = self.server.ctx
         return ctx is None or ctx.closing
+
+    def _frozen(self) -> str | None:
+        """Why changes are refused now (None: they are not)."""
+        if self.server.upgrader.busy:
+            return "a hot upgrade is in progress: retry in a moment (the new process answers)"
+        return None
 
     def _data_path_counts(self) -> DataPathCounts:
         ctx = self.server.ctx
@@ -724,6 +738,13 @@ class ControlPlane:
             await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
             self._runner = runner
             log.info("admin API on http://%s/", server.config.admin.listen)
+
+    async def retire(self, server: ProxyServer) -> None:
+        """A hot upgrade succeeded: new admin connections go to the new process
+        (the listening socket stays open there), this one's requests finish."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
 
     async def stop(self, server: ProxyServer) -> None:
         if self._ticker is not None:
@@ -773,9 +794,14 @@ def install(server: ProxyServer) -> None:
             "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
         )
     plane = ControlPlane(server, tokens)
+    handover = server.handover
     if admin.enabled:  # first: a failed start leaves the saved state untouched
-        plane.socket = bind_listener(admin.listen, backlog=128)
-    plane.persistence.restore()
+        passed = handover.take_admin(str(admin.listen)) if handover is not None else None
+        plane.socket = passed or bind_listener(admin.listen, backlog=128)
+    server.admin_socket = plane.socket
+    server.persistence = plane.persistence
+    plane.persistence.restore(handover.state if handover is not None else None)
     plane.persistence.attach()
     server.start_hooks.append(plane.start)
+    server.retire_hooks.append(plane.retire)
     server.stop_hooks.append(plane.stop)

@@ -227,6 +227,9 @@ class StickyConfig(_Model):
     cookie: str = Field(default="zd_affinity", pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
     max_age: Duration = 3600.0
     secret_env: str | None = None
+    # a file holding the key (wins over secret_env); neither: a generated key,
+    # kept in the saved state and passed on by a hot upgrade
+    secret_file: str | None = Field(default=None, min_length=1)
     # when mode is hash: "client_ip" or "header:NAME"
     hash_on: str = "client_ip"
     # when a pinned pool's weight goes to zero: move at once, or after draining.timeout
