@@ -1,0 +1,451 @@
+"""Hot upgrade (SIGUSR2) with real processes, real backends and real clients.
+
+Each test starts ``zdproxy run`` (``UpgradingProxy``), sends SIGUSR2 to the
+serving process and follows the serving PID through ``GET /api/v1/state``.
+Load comes from concurrent aiohttp keep-alive clients; every request must be
+answered with a 2xx, none may fail, across one upgrade or many.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from ports import free_port
+from support import Backend, async_wait_for, in_thread
+from support_upgrade import HOST, KeepAliveLoad, UpgradingProxy, upgrade_config
+
+import zdproxy
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+async def backends() -> AsyncIterator[list[Backend]]:
+    started = [await Backend("blue-a").start(), await Backend("blue-b").start()]
+    yield started
+    for backend in started:
+        await backend.stop()
+
+
+def _pools(backends: list[Backend]) -> dict[str, Any]:
+    return {
+        "blue": {"weight": 100, "backends": [{"address": b.address} for b in backends[:1]]},
+        "green": {"weight": 0, "backends": [{"address": b.address} for b in backends[1:]]},
+    }
+
+
+async def _start(config: dict[str, Any], tmp_path: Path, **kwargs: Any) -> UpgradingProxy:
+    return await in_thread(UpgradingProxy(config, tmp_path, **kwargs).start)
+
+
+def _metric(proxy: UpgradingProxy, name: str) -> dict[str, float]:
+    import urllib.request
+
+    request = urllib.request.Request(
+        proxy.admin_url + "/metrics", headers={"Authorization": "Bearer " + _token()}
+    )
+    with urllib.request.urlopen(request, timeout=5) as response:
+        text = response.read().decode()
+    return {
+        labels: float(value)
+        for labels, value in re.findall(rf"^{name}(\{{[^}}]*\}})? (\S+)$", text, re.M)
+    }
+
+
+def _token() -> str:
+    from support_upgrade import TOKEN
+
+    return TOKEN
+
+
+async def _upgrade(proxy: UpgradingProxy) -> tuple[int, int]:
+    """SIGUSR2; (old pid, new pid) once the new one serves."""
+    old = await in_thread(proxy.serving_pid)
+    new = await in_thread(proxy.upgrade)
+    return old, new
+
+
+# ---- under load ----------------------------------------------------------------
+
+
+async def test_upgrade_under_keep_alive_load_fails_no_request(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    try:
+        async with KeepAliveLoad(proxy.url, clients=20) as load:
+            await load.wait_requests(300)
+            old, new = await _upgrade(proxy)
+            # the old process drained and left while the clients kept going
+            await in_thread(proxy.wait_exited, old)
+            await load.wait_requests(300)
+        figures = load.figures
+        assert figures.errors == [], figures.errors[:5]
+        assert figures.non_2xx == 0, figures.statuses
+        assert set(figures.backends) == {"blue-a"}
+        state = await in_thread(proxy.state)
+        assert state["pid"] == new != old and state["version"] == zdproxy.__version__
+        assert await in_thread(proxy.processes) == [new]
+        upgrades = await in_thread(_metric, proxy, "zdproxy_upgrades_total")
+        assert upgrades == {'{result="ok"}': 1.0}
+        _, events = await in_thread(proxy.api, "GET", "/api/v1/events")
+        [event] = [e for e in events["events"] if e["action"] == "process.upgrade"]
+        assert event["before"] == {"pid": old}
+        assert event["after"] == {"result": "ok", "pid": new, "version": zdproxy.__version__}
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_ten_upgrades_in_a_row_under_load(backends: list[Backend], tmp_path: Path) -> None:
+    """Ten, not twenty: each upgrade starts a Python process (about a second of
+    CPU on the shared test machine); ten show the same with half the time."""
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    seen: list[int] = [proxy.first_pid]
+    try:
+        async with KeepAliveLoad(proxy.url, clients=16) as load:
+            await load.wait_requests(100)
+            for _ in range(10):
+                old, new = await _upgrade(proxy)
+                await in_thread(proxy.wait_exited, old)
+                await load.wait_requests(50)
+                seen.append(new)
+        assert load.figures.errors == [], load.figures.errors[:5]
+        assert load.figures.non_2xx == 0, load.figures.statuses
+        assert len(set(seen)) == 11
+        assert await in_thread(proxy.processes) == [seen[-1]]
+        # the event ids go on from process to process: ten upgrades, ids in order
+        _, events = await in_thread(proxy.api, "GET", "/api/v1/events")
+        upgrades = [e for e in events["events"] if e["action"] == "process.upgrade"]
+        assert [e["after"]["pid"] for e in upgrades] == seen[1:]
+        ids = [e["id"] for e in events["events"]]
+        assert ids == sorted(set(ids))
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_a_slow_request_in_flight_on_the_old_process_completes(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            slow = asyncio.create_task(session.get(proxy.url + "/slow/5"))
+            await async_wait_for(
+                lambda: any(r["path"] == "/slow/5" for r in backends[0].requests),
+                what="the slow request at the backend",
+            )
+            old, new = await _upgrade(proxy)
+            # the new process serves, the old one waits for its request
+            async with session.get(proxy.url + "/") as response:
+                assert response.status == 200
+            assert await in_thread(proxy.processes) == sorted([old, new])
+            assert old in await in_thread(proxy.processes)
+            response = await slow
+            assert response.status == 200
+            assert await response.text() == "blue-a slow\n"
+            # answered while draining: the client is told to go elsewhere next time
+            assert response.headers["Connection"] == "close"
+            response.release()
+        await in_thread(proxy.wait_exited, old)
+    finally:
+        await in_thread(proxy.stop)
+
+
+# ---- WebSocket -----------------------------------------------------------------
+
+
+async def _ws_echo(request: web.Request) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    async for message in ws:
+        if message.type == aiohttp.WSMsgType.TEXT:
+            await ws.send_str(message.data)
+    return ws
+
+
+@pytest.fixture
+async def ws_backend() -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_get("/ws", _ws_echo)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, HOST, port).start()
+    yield port
+    await runner.cleanup()
+
+
+async def test_an_open_websocket_gets_the_drain_deadline(ws_backend: int, tmp_path: Path) -> None:
+    pools = {"blue": {"weight": 100, "backends": [{"address": f"{HOST}:{ws_backend}"}]}}
+    config = upgrade_config(pools, None, shutdown_timeout="3s")
+    proxy = await _start(config, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            old_ws = await session.ws_connect(proxy.url + "/ws")
+            await old_ws.send_str("before")
+            assert (await old_ws.receive_str()) == "before"
+            old, _ = await _upgrade(proxy)
+            # not closed at once: the tunnel on the old process still carries messages
+            await old_ws.send_str("during")
+            assert (await old_ws.receive_str()) == "during"
+            assert old in await in_thread(proxy.processes)
+            # a new WebSocket goes to the new process (its tunnel counter says so)
+            new_ws = await session.ws_connect(proxy.url + "/ws")
+            await new_ws.send_str("new")
+            assert (await new_ws.receive_str()) == "new"
+            tunnels = await in_thread(_metric, proxy, "zdproxy_tunnels_total")
+            assert tunnels == {"": 1.0}
+            # at the drain deadline (shutdown_timeout) the old tunnel is closed
+            message = await old_ws.receive(timeout=30)
+            assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            await in_thread(proxy.wait_exited, old)
+            await new_ws.send_str("still")
+            assert (await new_ws.receive_str()) == "still"
+            await new_ws.close()
+            await old_ws.close()
+    finally:
+        await in_thread(proxy.stop)
+
+
+# ---- failures ------------------------------------------------------------------
+
+
+async def test_a_new_process_with_an_invalid_config_leaves_the_old_one_serving(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    config = upgrade_config(_pools(backends), None)
+    proxy = await _start(config, tmp_path)
+    try:
+        async with KeepAliveLoad(proxy.url, clients=8) as load:
+            await load.wait_requests(100)
+            proxy.path.write_text(proxy.path.read_text() + "bogus_key: 1\n")
+            os.kill(proxy.first_pid, signal.SIGUSR2)
+            await async_wait_for(
+                lambda: "hot upgrade failed" in proxy.log(), 30, "the failure in the log"
+            )
+            await load.wait_requests(100)
+        assert load.figures.errors == [] and load.figures.non_2xx == 0
+        log = proxy.log()
+        assert re.search(r"did not start: .*zdproxy\.yaml:\d+: bogus_key: ", log), log
+        assert "this process serves on" in log
+        state = await in_thread(proxy.state)
+        assert state["pid"] == proxy.first_pid
+        assert await in_thread(proxy.processes) == [proxy.first_pid]
+        failed = await in_thread(_metric, proxy, "zdproxy_upgrades_total")
+        assert failed == {'{result="failed"}': 1.0}
+        _, events = await in_thread(proxy.api, "GET", "/api/v1/events")
+        [event] = [e for e in events["events"] if e["action"] == "process.upgrade"]
+        assert event["after"]["result"] == "failed"
+        assert any("bogus_key" in line for line in event["after"]["problems"])
+        # changes are taken again once the upgrade is over, and a fixed file upgrades
+        status, _ = await in_thread(proxy.api, "PUT", "/api/v1/split", {"blue": 90, "green": 10})
+        assert status == 200
+        proxy.write_config(config)
+        _, new = await _upgrade(proxy)
+        state = await in_thread(proxy.state)
+        assert state["pid"] == new and state["pools"]["green"]["weight"] == 10
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_a_second_sigusr2_during_an_upgrade_is_refused(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    try:
+        os.kill(proxy.first_pid, signal.SIGUSR2)
+        await async_wait_for(lambda: "starting a new process" in proxy.log(), what="the start")
+        os.kill(proxy.first_pid, signal.SIGUSR2)
+        new = await in_thread(proxy.wait_serving, lambda pid: pid != proxy.first_pid)
+        await in_thread(proxy.wait_exited, proxy.first_pid)
+        assert "refused: one is already in progress" in proxy.log()
+        assert proxy.log().count("starting a new process") == 1
+        assert await in_thread(proxy.processes) == [new]
+    finally:
+        await in_thread(proxy.stop)
+
+
+# ---- what is handed over ------------------------------------------------------------
+
+
+def _runtime_view(state: dict[str, Any]) -> dict[str, Any]:
+    return {
+        name: (pool["weight"], [(b["id"], b["admin"], b["state"]) for b in pool["backends"]])
+        for name, pool in state["pools"].items()
+    }
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["handed-over", "state-file"])
+async def test_weights_admin_states_and_added_backends_survive(
+    backends: list[Backend], tmp_path: Path, saved: bool
+) -> None:
+    pools = {
+        "blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]},
+        "green": {"weight": 0, "backends": [{"address": backends[1].address}]},
+    }
+    state_path = tmp_path / "state.json" if saved else None
+    proxy = await _start(upgrade_config(pools, state_path), tmp_path)
+    try:
+        api = proxy.api
+        assert (await in_thread(api, "PUT", "/api/v1/split", {"blue": 70, "green": 30}))[0] == 200
+        assert (await in_thread(api, "POST", "/api/v1/backends/blue-2/disable"))[0] == 200
+        added = {"pool": "green", "address": backends[0].address}
+        assert (await in_thread(api, "POST", "/api/v1/backends", added))[0] == 201
+        before = await in_thread(proxy.state)
+        _, new = await _upgrade(proxy)
+        after = await in_thread(proxy.state)
+        assert after["pid"] == new
+        assert _runtime_view(after) == _runtime_view(before)
+        assert _runtime_view(after)["blue"][0] == 70
+        assert ("green-2", "enabled", "up") in _runtime_view(after)["green"][1]
+    finally:
+        await in_thread(proxy.stop)
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["handed-over", "state-file"])
+async def test_a_pin_issued_before_the_upgrade_routes_the_same_after(
+    backends: list[Backend], tmp_path: Path, saved: bool
+) -> None:
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    state_path = tmp_path / "state.json" if saved else None
+    config = upgrade_config(pools, state_path, sticky={"mode": "backend"})
+    proxy = await _start(config, tmp_path)
+    try:
+        pins: dict[str, str] = {}
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            while set(pins.values()) != {"blue-a", "blue-b"}:
+                async with session.get(proxy.url + "/") as response:
+                    cookie = response.cookies["zd_affinity"].value
+                    pins[cookie] = (await response.text()).strip()
+            await _upgrade(proxy)
+            for cookie, backend in pins.items():
+                for _ in range(3):
+                    headers = {"Cookie": f"zd_affinity={cookie}"}
+                    async with session.get(proxy.url + "/", headers=headers) as response:
+                        assert (await response.text()).strip() == backend
+                        # a valid pin is kept, not re-issued
+                        assert "zd_affinity" not in response.cookies
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_a_configured_sticky_secret_file_signs_the_same_across_processes(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """Two separate runs (a restart without state, not an upgrade) with one
+    secret_file: a pin from the first routes the same in the second."""
+    secret = tmp_path / "sticky.key"
+    secret.write_text("a shared secret\n")
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    sticky = {"mode": "backend", "secret_file": str(secret)}
+    config = upgrade_config(pools, None, sticky=sticky)
+    pins: dict[str, str] = {}
+    proxy = await _start(config, tmp_path)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            while len(set(pins.values())) < 2:
+                async with session.get(proxy.url + "/") as response:
+                    pins[response.cookies["zd_affinity"].value] = (await response.text()).strip()
+    finally:
+        await in_thread(proxy.stop)
+    second = tmp_path / "second"
+    second.mkdir()
+    proxy = await _start(config, second)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            for cookie, backend in pins.items():
+                headers = {"Cookie": f"zd_affinity={cookie}"}
+                async with session.get(proxy.url + "/", headers=headers) as response:
+                    assert (await response.text()).strip() == backend
+                    assert "zd_affinity" not in response.cookies
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_an_unreadable_sticky_secret_file_is_one_error_and_exit_1(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    pools = {"blue": {"weight": 100, "backends": [{"address": backends[0].address}]}}
+    missing = tmp_path / "nope.key"
+    config = upgrade_config(pools, None, sticky={"mode": "pool", "secret_file": str(missing)})
+    proxy = UpgradingProxy(config, tmp_path)
+    done = await in_thread(
+        lambda: subprocess.run(
+            [sys.executable, "-m", "zdproxy.cli", "run", "-c", str(proxy.path)],
+            capture_output=True,
+            timeout=60,
+            env=proxy.env,
+        )
+    )
+    assert done.returncode == 1
+    assert f"sticky.secret_file: cannot read {missing}: No such file or directory" in (
+        done.stderr.decode()
+    )
+
+
+# ---- systemd and PID 1 --------------------------------------------------------------
+
+
+async def test_sd_notify_tells_ready_and_the_new_main_pid(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(30)
+    config = upgrade_config(_pools(backends), None)
+    proxy = await _start(config, tmp_path, env={"NOTIFY_SOCKET": str(notify_path)})
+    try:
+        first = (await in_thread(notify.recv, 4096)).decode()
+        assert first.splitlines()[:2] == ["READY=1", f"MAINPID={proxy.first_pid}"]
+        _, new = await _upgrade(proxy)
+        second = (await in_thread(notify.recv, 4096)).decode()
+        assert second.splitlines()[:2] == ["READY=1", f"MAINPID={new}"]
+    finally:
+        notify.close()
+        await in_thread(proxy.stop)
+
+
+async def test_as_pid_1_the_old_process_stays_as_a_supervisor(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """ZDPROXY_SUPERVISOR=1 makes the first process behave as PID 1 does."""
+    config = upgrade_config(_pools(backends), None)
+    proxy = await _start(config, tmp_path, env={"ZDPROXY_SUPERVISOR": "1"})
+    supervisor = proxy.first_pid
+    try:
+        async with KeepAliveLoad(proxy.url, clients=8) as load:
+            await load.wait_requests(100)
+            _, second = await _upgrade(proxy)
+            await async_wait_for(
+                lambda: f"supervising pid {second}" in proxy.log(), 30, "the supervisor"
+            )
+            # SIGUSR2 to the supervisor (what `docker kill -s USR2` does) is forwarded
+            os.kill(supervisor, signal.SIGUSR2)
+            third = await in_thread(proxy.wait_serving, lambda pid: pid not in (supervisor, second))
+            await in_thread(proxy.wait_exited, second)
+            await load.wait_requests(100)
+        assert load.figures.errors == [] and load.figures.non_2xx == 0
+        assert await in_thread(proxy.processes) == sorted([supervisor, third])
+        # SIGTERM to the supervisor ends the serving process, and then the supervisor
+        # with its status
+        os.kill(supervisor, signal.SIGTERM)
+        assert proxy.proc is not None
+        assert await in_thread(proxy.proc.wait, 60) == 0
+        await in_thread(proxy.wait_exited, third)
+        assert f"supervisor: pid {third} serves now" in proxy.log()
+    finally:
+        await in_thread(proxy.stop)
