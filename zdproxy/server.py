@@ -248,12 +248,14 @@ class ProxyServer:
                 ctx.retry_policy.record_requests(now, ctx.requests - reported)
                 reported = ctx.requests
 
-    def request_stop(self) -> None:
+    def request_stop(self, idle_grace: float = 0.0) -> None:
         if not self._stopping:
             self._stopping = True
-            asyncio.get_running_loop().create_task(self.shutdown())
+            asyncio.get_running_loop().create_task(self.shutdown(idle_grace))
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, idle_grace: float = 0.0) -> None:
+        """``idle_grace``: how long a connection waiting for its next request is
+        kept (a hot upgrade: see ``ClientConnection.shutdown``)."""
         ctx = self.ctx
         log.info("shutting down: no new connections, finishing in-flight requests")
         self._stopping = True
@@ -263,7 +265,7 @@ class ProxyServer:
         if ctx is not None:
             ctx.closing = True
             for conn in list(ctx.connections):
-                conn.shutdown()
+                conn.shutdown(idle_grace)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.shutdown_timeout
             while (ctx.connections or ctx.tunnels) and loop.time() < deadline:

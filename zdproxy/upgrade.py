@@ -67,6 +67,9 @@ ENV_SUPERVISOR = "ZDPROXY_SUPERVISOR"
 #: seconds the new process has to report ready (it runs the first health checks)
 ENV_TIMEOUT = "ZDPROXY_UPGRADE_TIMEOUT"
 UPGRADE_TIMEOUT = 60.0
+#: seconds a keep-alive connection of the old process may wait for its next
+#: request, answered with ``Connection: close``, before it is closed idle
+IDLE_GRACE = 1.0
 #: the longest hand-over line accepted (the state of thousands of backends fits)
 MAX_LINE = 64 * 1024 * 1024
 
@@ -413,7 +416,7 @@ class Upgrader:
         if self.supervisor_mode and result.pid is not None:
             assert self._notify is not None
             self.supervision = Supervisor(result.pid, self._notify)
-        server.request_stop()
+        server.request_stop(idle_grace=IDLE_GRACE)
 
     def _resume(self) -> None:
         if self.server.persistence is not None:
