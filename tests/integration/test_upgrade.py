@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -102,6 +103,43 @@ async def test_upgrade_under_keep_alive_load_fails_no_request(
         [event] = [e for e in events["events"] if e["action"] == "process.upgrade"]
         assert event["before"] == {"pid": old}
         assert event["after"] == {"result": "ok", "pid": new, "version": zdproxy.__version__}
+    finally:
+        await in_thread(proxy.stop)
+
+
+_WRK_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK %d %d %d %d %d %d\\n", summary.requests,
+    e.connect, e.read, e.write, e.timeout, e.status))
+end
+"""
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
+async def test_upgrades_under_wrk_load_cost_no_socket_error(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """wrk (30 keep-alive connections, bounded to 10 s) with three upgrades inside."""
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    script = tmp_path / "done.lua"
+    script.write_text(_WRK_DONE)
+    argv = ["wrk", "-t1", "-c30", "-d10s", "--timeout", "5s", "-s", str(script), proxy.url + "/"]
+    try:
+        wrk = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.PIPE)
+        await async_wait_for(lambda: len(backends[0].requests) > 200, what="wrk's load")
+        pids = [proxy.first_pid]
+        for _ in range(3):
+            old, new = await _upgrade(proxy)
+            await in_thread(proxy.wait_exited, old)
+            pids.append(new)
+        stdout, _ = await asyncio.wait_for(wrk.communicate(), 60)
+        assert wrk.returncode == 0
+        [line] = [x for x in stdout.decode().splitlines() if x.startswith("WRK ")]
+        requests, connect, read, write, timeout, non_2xx = map(int, line.split()[1:])
+        assert requests > 1000
+        assert (connect, read, write, timeout, non_2xx) == (0, 0, 0, 0, 0), line
+        assert len(set(pids)) == 4
     finally:
         await in_thread(proxy.stop)
 
