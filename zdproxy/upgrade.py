@@ -349,11 +349,13 @@ class Upgrader:
 
     def _state_line(self) -> bytes:
         runtime = self.server.runtime
+        health = self.server.health
         state = {
             "parent": os.getpid(),
             "runtime": runtime.export_state(),
             "events": runtime.events.list(),
             "next_event": runtime.events.next_id,
+            **(health.export() if health is not None else {}),
         }
         return json.dumps(state).encode("utf-8") + b"\n"
 

@@ -487,3 +487,80 @@ async def test_as_pid_1_the_old_process_stays_as_a_supervisor(
         assert f"supervisor: pid {third} serves now" in proxy.log()
     finally:
         await in_thread(proxy.stop)
+
+
+# ---- health verdicts and ejections ------------------------------------------------
+
+
+def _backend(state: dict[str, Any], backend_id: str) -> dict[str, Any]:
+    for pool in state["pools"].values():
+        for backend in pool["backends"]:
+            if backend["id"] == backend_id:
+                return dict(backend)
+    raise AssertionError(f"no backend {backend_id}")
+
+
+async def test_a_backend_found_down_stays_down_until_it_rises(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """The old process found blue-2 down; it answers again just before the
+    upgrade. A fresh start would take it up after one passing check (its quick
+    rise); the new process goes on from the verdict and wants ``rise`` (5)."""
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    health = {"enabled": True, "interval": "1s", "rise": 5, "fall": 1}
+    proxy = await _start(upgrade_config(pools, None, health_check=health), tmp_path)
+    try:
+        backends[1].health_status = 500
+        await async_wait_for(
+            lambda: _backend(proxy.state(), "blue-2")["health"] == "down", what="blue-2 down"
+        )
+        backends[1].health_status = 200
+        _, new = await _upgrade(proxy)
+        after = _backend(await in_thread(proxy.state), "blue-2")
+        assert after["health"] == "down"
+        assert after["health_checks"]["checks_total"] >= 1
+        assert _backend(await in_thread(proxy.state), "blue-1")["health"] == "up"
+        # and it does rise, on the new process's own checks
+        await async_wait_for(
+            lambda: _backend(proxy.state(), "blue-2")["health"] == "up", 30, "blue-2 up"
+        )
+        assert await in_thread(proxy.serving_pid) == new
+    finally:
+        await in_thread(proxy.stop)
+
+
+async def test_an_ejection_continues_in_the_new_process(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    outlier = {"consecutive_5xx": 3, "base_ejection_time": "5m", "max_ejection_percent": 50}
+    proxy = await _start(upgrade_config(pools, None, outlier_detection=outlier), tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+
+            async def ejected() -> bool:
+                async with session.get(proxy.url + "/status/500") as response:
+                    await response.read()
+                state = await in_thread(proxy.state)
+                return any(b["ejected"] for b in state["pools"]["blue"]["backends"])
+
+            await async_wait_for(ejected, what="an ejection")
+        before = await in_thread(proxy.state)
+        [out] = [b["id"] for b in before["pools"]["blue"]["backends"] if b["ejected"]]
+        until = _backend(before, out)["health_checks"]["ejected_until"]
+        _, new = await _upgrade(proxy)
+        after = await in_thread(proxy.state)
+        assert after["pid"] == new
+        assert [b["id"] for b in after["pools"]["blue"]["backends"] if b["ejected"]] == [out]
+        checks = _backend(after, out)["health_checks"]
+        assert checks["ejections_total"] == 1
+        # the same end (to the clock's rounding), not a fresh five minutes
+        assert abs(checks["ejected_until"] - until) < 5
+        # and traffic avoids it: every answer comes from the other backend
+        other = {"blue-1": "blue-a", "blue-2": "blue-b"}["blue-2" if out == "blue-1" else "blue-1"]
+        async with aiohttp.ClientSession() as session:
+            for _ in range(10):
+                async with session.get(proxy.url + "/") as response:
+                    assert (await response.text()).strip() == other
+    finally:
+        await in_thread(proxy.stop)

@@ -425,6 +425,9 @@ class HealthService:
         ctx.observer = self.outlier
         ctx.retry_policy = self.retry_budget
         self.outlier.start(loop)
+        if server.handover is not None:
+            # before the first checks: they continue from the old process's verdicts
+            self.adopt(server.handover.state)
         self.slow_start.start(loop)
         self.tunnels.start(loop)
         await self.checker.start(loop)
@@ -447,6 +450,37 @@ class HealthService:
         self.slow_start.stop()
         self.outlier.stop()
         await self.checker.stop()
+
+    def export(self) -> dict[str, Any]:
+        """Health verdicts and ejections, for a hot upgrade's hand-over."""
+        return {
+            "health": {
+                backend_id: {"address": backend.address, "health": backend.health.value}
+                for backend_id, backend in self.runtime.backends.items()
+                if self.runtime.checked.get(backend_id) and backend.health is not Health.STARTING
+            },
+            "ejections": self.outlier.export(),
+        }
+
+    def adopt(self, handed: Mapping[str, Any]) -> None:
+        """The old process's verdicts: a backend it found up stays up until ``fall``
+        failures, one it found down needs ``rise`` passes (instead of the quick
+        single-pass rise of a fresh start)."""
+        verdicts = handed.get("health")
+        if isinstance(verdicts, dict):
+            for backend_id, item in verdicts.items():
+                backend = self.runtime.backends.get(backend_id)
+                if (
+                    backend is None
+                    or not isinstance(item, dict)
+                    or not self.runtime.checked.get(backend_id)
+                ):
+                    continue
+                if item.get("address") != backend.address:
+                    continue
+                if item.get("health") in (Health.UP.value, Health.DOWN.value):
+                    self.runtime.set_health(backend_id, Health(item["health"]))
+        self.outlier.adopt(handed.get("ejections"))
 
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (after the runtime took its pools and backends)."""
