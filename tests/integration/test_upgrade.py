@@ -564,3 +564,42 @@ async def test_an_ejection_continues_in_the_new_process(
                     assert (await response.text()).strip() == other
     finally:
         await in_thread(proxy.stop)
+
+
+# ---- the admin API and zdproxy ctl ------------------------------------------------------
+
+
+async def test_ctl_upgrade_answers_once_the_new_process_serves(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    import subprocess
+    import sys
+
+    config = upgrade_config(_pools(backends), None)
+    proxy = await _start(config, tmp_path)
+    env = {**proxy.env, "ZDPROXY_ADMIN_URL": proxy.admin_url}
+    argv = [sys.executable, "-m", "zdproxy.cli", "ctl"]
+    try:
+        done = await in_thread(
+            lambda: subprocess.run([*argv, "upgrade"], capture_output=True, env=env, timeout=120)
+        )
+        assert done.returncode == 0, done.stderr
+        new = await in_thread(proxy.serving_pid)
+        assert done.stdout.decode() == (
+            f"upgraded: pid {new} serves, pid {proxy.first_pid} drains\n"
+        )
+        await in_thread(proxy.wait_exited, proxy.first_pid)
+        # an invalid file: 500 with the check lines, exit 1, the process serves on
+        proxy.path.write_text(proxy.path.read_text() + "bogus_key: 1\n")
+        status, body = await in_thread(proxy.api, "POST", "/api/v1/upgrade", {})
+        assert status == 500
+        assert body["error"].startswith("the new process (pid ")
+        assert any(re.search(r"zdproxy\.yaml:\d+: bogus_key: ", p) for p in body["problems"])
+        done = await in_thread(
+            lambda: subprocess.run([*argv, "upgrade"], capture_output=True, env=env, timeout=120)
+        )
+        assert done.returncode == 1 and b"did not start" in done.stderr
+        assert await in_thread(proxy.serving_pid) == new
+        assert await in_thread(proxy.processes) == [new]
+    finally:
+        await in_thread(proxy.stop)

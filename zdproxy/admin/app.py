@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 
     from zdproxy.reload import ReloadResult
     from zdproxy.server import ProxyServer
+    from zdproxy.upgrade import UpgradeResult
 
 log = logging.getLogger("zdproxy.admin")
 
@@ -142,6 +143,10 @@ def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: 
     return exc.reason
 
 
+#: the one change taken while a hot upgrade is in progress (it answers 409 itself)
+_UPGRADE = "/api/v1/upgrade"
+
+
 class AdminApi:
     """Request handlers; everything they need is passed in, nothing is global."""
 
@@ -159,9 +164,11 @@ class AdminApi:
         shadow: ShadowControl | None = None,
         rollouts: RolloutController | None = None,
         reload: Callable[[str], Awaitable[ReloadResult]] | None = None,
+        upgrade: Callable[[str], Awaitable[UpgradeResult]] | None = None,
     ) -> None:
         self.runtime = runtime
         self.reload_config = reload
+        self.upgrade_process = upgrade
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -215,6 +222,7 @@ class AdminApi:
         r.add_put("/api/v1/shadow", self.shadow_set)
         r.add_delete("/api/v1/shadow", self.shadow_clear)
         r.add_post("/api/v1/reload", self.reload)
+        r.add_post("/api/v1/upgrade", self.upgrade)
         r.add_post("/api/v1/rollouts", self.start_rollout)
         r.add_get("/api/v1/rollouts", self.rollout_history)
         r.add_get("/api/v1/rollouts/current", self.current_rollout)
@@ -235,7 +243,7 @@ class AdminApi:
             except AuthError as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 return error_response(exc.status, str(exc), headers)
-        if request.method in MUTATING_METHODS and self.frozen is not None:
+        if request.method in MUTATING_METHODS and self.frozen is not None and path != _UPGRADE:
             reason = self.frozen()
             if reason is not None:
                 return error_response(503, reason, {"Retry-After": "1"})
@@ -466,6 +474,21 @@ class AdminApi:
         if problem is not None:
             answer["save_error"] = problem
         return json_response(answer)
+
+    # ---- hot upgrade ------------------------------------------------------------
+
+    async def upgrade(self, request: web.Request) -> web.Response:
+        """A hot upgrade, as SIGUSR2: 200 once the new process serves (this one
+        then drains), 409 when one is in progress, 500 when it failed."""
+        if self.upgrade_process is None:
+            raise ApiError(501, "hot upgrade is not available")
+        await self._body(request, frozenset())
+        outcome = await self.upgrade_process(request[_TOKEN].name)
+        if outcome.result == "refused":
+            raise ApiError(409, outcome.reason)
+        if outcome.result != "ok":
+            return json_response({"error": outcome.reason, "problems": outcome.problems}, 500)
+        return json_response({"result": "ok", "pid": outcome.pid, "previous_pid": os.getpid()})
 
     # ---- mutations ----------------------------------------------------------
 
@@ -700,6 +723,7 @@ class ControlPlane:
             shadow=server.shadow,
             rollouts=server.rollouts,
             reload=server.reloader.reload,
+            upgrade=server.upgrader.upgrade,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
