@@ -206,7 +206,7 @@ class UpgradingProxy:
 class LoadFigures:
     statuses: Counter[int] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
-    #: the serving PID seen in the X-Served-By... (not available) -> backends seen
+    #: answers by body (the backend's name)
     backends: Counter[str] = field(default_factory=Counter)
 
     @property
@@ -220,18 +220,23 @@ class LoadFigures:
 
 class KeepAliveLoad:
     """``clients`` concurrent keep-alive clients (one aiohttp session, a connection
-    each) sending GET requests back to back until ``stop``."""
+    each; or a new connection per request) sending GET requests back to back
+    until the ``async with`` block ends."""
 
-    def __init__(self, url: str, clients: int = 20, path: str = "/") -> None:
+    def __init__(
+        self, url: str, clients: int = 20, path: str = "/", new_connections: bool = False
+    ) -> None:
         self.url = url + path
         self.clients = clients
+        #: a new connection for every request (``Connection: close``)
+        self.new_connections = new_connections
         self.figures = LoadFigures()
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> KeepAliveLoad:
-        connector = aiohttp.TCPConnector(limit=self.clients, force_close=False)
+        connector = aiohttp.TCPConnector(limit=self.clients, force_close=self.new_connections)
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=30)
         )

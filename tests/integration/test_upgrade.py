@@ -107,6 +107,27 @@ async def test_upgrade_under_keep_alive_load_fails_no_request(
         await in_thread(proxy.stop)
 
 
+async def test_new_connections_during_upgrades_are_never_refused_or_reset(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """A new connection for every request: connections land in the shared
+    accept backlog while the old process stops accepting; the new process
+    accepts them (a reset or a refusal is an error here: aiohttp retries only
+    on a reused connection)."""
+    proxy = await _start(upgrade_config(_pools(backends), None), tmp_path)
+    try:
+        async with KeepAliveLoad(proxy.url, clients=16, new_connections=True) as load:
+            await load.wait_requests(100)
+            for _ in range(3):
+                old, _ = await _upgrade(proxy)
+                await in_thread(proxy.wait_exited, old)
+                await load.wait_requests(100)
+        assert load.figures.errors == [], load.figures.errors[:5]
+        assert load.figures.non_2xx == 0, load.figures.statuses
+    finally:
+        await in_thread(proxy.stop)
+
+
 _WRK_DONE = """
 done = function(summary, latency, requests)
   local e = summary.errors
