@@ -305,11 +305,15 @@ class Upgrader:
             proc = self._spawn(child)
         finally:
             child.close()
-        with parent:
-            parent.setblocking(False)
-            loop = asyncio.get_running_loop()
-            await loop.sock_sendall(parent, self._state_line())
-            reply = await self._await_reply(parent, proc)
+        try:
+            with parent:
+                parent.setblocking(False)
+                loop = asyncio.get_running_loop()
+                await loop.sock_sendall(parent, self._state_line())
+                reply = await self._await_reply(parent, proc)
+        except BaseException:
+            _end_child(proc)
+            raise
         if reply.result != "ok":
             _end_child(proc)
         return reply
@@ -379,7 +383,7 @@ class Upgrader:
             except TimeoutError:
                 continue
             if not chunk:
-                return self._died(proc)
+                return await self._died(proc)
             buffer += chunk
         reply = json.loads(buffer.split(b"\n", 1)[0])
         if "ready" in reply:
@@ -390,10 +394,14 @@ class Upgrader:
         )
         return UpgradeResult("failed", reason, proc.pid, problems)
 
-    def _died(self, proc: subprocess.Popen[bytes]) -> UpgradeResult:
-        try:
-            code = proc.wait(5)
-        except subprocess.TimeoutExpired:
+    async def _died(self, proc: subprocess.Popen[bytes]) -> UpgradeResult:
+        """The channel closed without an answer: the new process is exiting."""
+        for _ in range(100):
+            if proc.poll() is not None:
+                break
+            await asyncio.sleep(0.05)
+        code = proc.poll()
+        if code is None:
             return UpgradeResult(
                 "failed",
                 f"the new process (pid {proc.pid}) closed the "

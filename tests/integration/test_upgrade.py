@@ -626,3 +626,30 @@ async def test_ctl_upgrade_answers_once_the_new_process_serves(
         assert await in_thread(proxy.processes) == [new]
     finally:
         await in_thread(proxy.stop)
+
+
+async def test_a_new_process_that_exits_before_ready_leaves_the_old_one_serving(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """The sticky secret file is gone at upgrade time: the new process logs it and
+    exits 1 without a word on the channel; the old one says so and serves on."""
+    secret = tmp_path / "sticky.key"
+    secret.write_text("secret\n")
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    sticky = {"mode": "backend", "secret_file": str(secret)}
+    proxy = await _start(upgrade_config(pools, None, sticky=sticky), tmp_path)
+    try:
+        secret.unlink()
+        status, body = await in_thread(proxy.api, "POST", "/api/v1/upgrade", {})
+        assert status == 500
+        assert re.fullmatch(
+            r"the new process \(pid \d+\) exited with status 1 before it was ready "
+            r"\(see its log lines above\)",
+            body["error"],
+        ), body
+        assert "sticky.secret_file: cannot read" in proxy.log()
+        assert await in_thread(proxy.processes) == [proxy.first_pid]
+        async with aiohttp.ClientSession() as session, session.get(proxy.url + "/") as response:
+            assert response.status == 200
+    finally:
+        await in_thread(proxy.stop)
