@@ -653,3 +653,21 @@ async def test_a_new_process_that_exits_before_ready_leaves_the_old_one_serving(
             assert response.status == 200
     finally:
         await in_thread(proxy.stop)
+
+
+async def test_a_new_process_not_ready_in_time_is_ended_and_the_old_one_serves(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    """ZDPROXY_UPGRADE_TIMEOUT=0.2: no Python process starts that fast."""
+    config = upgrade_config(_pools(backends), None)
+    proxy = await _start(config, tmp_path, env={"ZDPROXY_UPGRADE_TIMEOUT": "0.2"})
+    try:
+        status, body = await in_thread(proxy.api, "POST", "/api/v1/upgrade", {})
+        assert status == 500
+        assert re.fullmatch(
+            r"the new process \(pid (\d+)\) was not ready within 0\.2s", body["error"]
+        ), body
+        assert await in_thread(proxy.processes) == [proxy.first_pid]
+        assert await in_thread(proxy.serving_pid) == proxy.first_pid
+    finally:
+        await in_thread(proxy.stop)
