@@ -671,3 +671,51 @@ async def test_a_new_process_not_ready_in_time_is_ended_and_the_old_one_serves(
         assert await in_thread(proxy.serving_pid) == proxy.first_pid
     finally:
         await in_thread(proxy.stop)
+
+
+async def test_the_generated_sticky_key_survives_a_restart_and_a_configured_one_is_not_saved(
+    backends: list[Backend], tmp_path: Path
+) -> None:
+    import json
+
+    pools = {"blue": {"weight": 100, "backends": [{"address": b.address} for b in backends]}}
+    state_path = tmp_path / "state.json"
+    config = upgrade_config(pools, state_path, sticky={"mode": "backend"})
+    pins: dict[str, str] = {}
+    proxy = await _start(config, tmp_path)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            while len(set(pins.values())) < 2:
+                async with session.get(proxy.url + "/") as response:
+                    pins[response.cookies["zd_affinity"].value] = (await response.text()).strip()
+    finally:
+        await in_thread(proxy.stop)
+    assert len(json.loads(state_path.read_text())["sticky"]["key"]) == 64
+    second = tmp_path / "second"
+    second.mkdir()
+    proxy = await _start(config, second)
+    try:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            for cookie, backend in pins.items():
+                headers = {"Cookie": f"zd_affinity={cookie}"}
+                async with session.get(proxy.url + "/", headers=headers) as response:
+                    assert (await response.text()).strip() == backend
+                    assert "zd_affinity" not in response.cookies
+    finally:
+        await in_thread(proxy.stop)
+    # a key from the environment is never written to the state file
+    third = tmp_path / "third"
+    third.mkdir()
+    state_path.unlink()
+    sticky = {"mode": "backend", "secret_env": "UPGRADE_TEST_STICKY"}
+    config = upgrade_config(pools, state_path, sticky=sticky)
+    proxy = await _start(config, third, env={"UPGRADE_TEST_STICKY": "from the environment"})
+    try:
+        status, _ = await in_thread(proxy.api, "POST", "/api/v1/backends/blue-2/drain")
+        assert status == 200
+    finally:
+        await in_thread(proxy.stop)
+    saved = json.loads(state_path.read_text())
+    # (saved: the drain was written, and with it the null sticky section)
+    assert saved["admin"]["blue-2"] in ("draining", "drained")
+    assert saved["sticky"] is None
