@@ -102,8 +102,12 @@ class ProxyServer:
         #: hot upgrade passes the one on and pauses the other
         self.admin_socket: socket.socket | None = None
         self.persistence: Persistence | None = None
-        #: run when a hot upgrade succeeded, before draining: control tasks stop
-        #: (the new process runs them), the admin listener stops accepting
+        #: a hot upgrade: control tasks that change the state (rollouts, rolling
+        #: updates) pause while it is handed over, resume if the upgrade fails;
+        #: once it succeeded, the retire hooks run before draining (the admin
+        #: listener stops accepting)
+        self.pause_hooks: list[Hook] = []
+        self.resume_hooks: list[Hook] = []
         self.retire_hooks: list[Hook] = []
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
@@ -379,9 +383,9 @@ def _install_optional_parts(server: ProxyServer) -> None:
     driver = RolloutDriver(server.rollouts)
     server.start_hooks.append(driver.start)
     server.stop_hooks.append(driver.stop)
-    # after a hot upgrade the new process steps rollouts and rolling updates
-    server.retire_hooks.append(driver.stop)
-    server.retire_hooks.append(_stop_rolling)
+    # during a hot upgrade nothing steps: the new process goes on from the state
+    server.pause_hooks.extend([driver.stop, _stop_rolling])
+    server.resume_hooks.extend([driver.start, _start_rolling])
 
 
 async def _start_rolling(server: ProxyServer) -> None:

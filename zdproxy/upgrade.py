@@ -269,7 +269,7 @@ class Upgrader:
             log.error("hot upgrade failed, this process serves on: %s", result.reason)
             for line in result.problems:
                 log.error("%s", line)
-            self._resume()
+            await self._resume()
             self.busy = False
         return self._count(result)
 
@@ -295,6 +295,7 @@ class Upgrader:
 
     async def _attempt(self) -> UpgradeResult:
         server = self.server
+        await _run_hooks(server, server.pause_hooks)
         persistence = server.persistence
         if persistence is not None:
             # the new process reads the state file: it must be complete and stay so
@@ -418,19 +419,25 @@ class Upgrader:
     async def _retire(self, result: UpgradeResult) -> None:
         """The new process serves: hand everything over to it and drain."""
         server = self.server
-        for hook in server.retire_hooks:
-            try:
-                await hook(server)
-            except Exception:
-                log.exception("error while handing over")
+        await _run_hooks(server, server.retire_hooks)
         if self.supervisor_mode and result.pid is not None:
             assert self._notify is not None
             self.supervision = Supervisor(result.pid, self._notify)
         server.request_stop(idle_grace=IDLE_GRACE)
 
-    def _resume(self) -> None:
-        if self.server.persistence is not None:
-            self.server.persistence.resume()
+    async def _resume(self) -> None:
+        server = self.server
+        if server.persistence is not None:
+            server.persistence.resume()
+        await _run_hooks(server, server.resume_hooks)
+
+
+async def _run_hooks(server: ProxyServer, hooks: list[Any]) -> None:
+    for hook in hooks:
+        try:
+            await hook(server)
+        except Exception:
+            log.exception("hot upgrade: error in %s", getattr(hook, "__qualname__", hook))
 
 
 def _end_child(proc: subprocess.Popen[bytes]) -> None:

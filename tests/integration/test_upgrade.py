@@ -719,3 +719,34 @@ async def test_the_generated_sticky_key_survives_a_restart_and_a_configured_one_
     # (saved: the drain was written, and with it the null sticky section)
     assert saved["admin"]["blue-2"] in ("draining", "drained")
     assert saved["sticky"] is None
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["handed-over", "state-file"])
+async def test_a_rollout_in_progress_goes_on_in_the_new_process(
+    backends: list[Backend], tmp_path: Path, saved: bool
+) -> None:
+    state_path = tmp_path / "state.json" if saved else None
+    proxy = await _start(upgrade_config(_pools(backends), state_path), tmp_path)
+    try:
+        body = {
+            "to": "green",
+            "steps": [{"weight": 20, "pause": "10m"}, {"weight": 100}],
+            "analysis": {"interval": "300ms", "min_requests": 1000000},
+        }
+        status, started = await in_thread(proxy.api, "POST", "/api/v1/rollouts", body)
+        assert status in (200, 201), started
+        _, before = await in_thread(proxy.api, "GET", "/api/v1/rollouts/current")
+        _, new = await _upgrade(proxy)
+        _, after = await in_thread(proxy.api, "GET", "/api/v1/rollouts/current")
+        keys = ("id", "to", "phase", "step", "step_weight")
+        assert {k: after["rollout"][k] for k in keys} == {k: before["rollout"][k] for k in keys}
+        assert after["rollout"]["step_weight"] == 20
+        state = await in_thread(proxy.state)
+        assert state["pid"] == new and state["pools"]["green"]["weight"] == 20
+        # and it is driven by the new process: abort goes back to blue
+        status, _ = await in_thread(proxy.api, "POST", "/api/v1/rollouts/current/abort", {})
+        assert status == 200
+        state = await in_thread(proxy.state)
+        assert state["pools"]["blue"]["weight"] == 100
+    finally:
+        await in_thread(proxy.stop)
