@@ -384,7 +384,7 @@ def _install_optional_parts(server: ProxyServer) -> None:
     server.start_hooks.append(driver.start)
     server.stop_hooks.append(driver.stop)
     # during a hot upgrade nothing steps: the new process goes on from the state
-    server.pause_hooks.extend([driver.stop, _stop_rolling])
+    server.pause_hooks.extend([driver.pause, _stop_rolling])
     server.resume_hooks.extend([driver.start, _start_rolling])
 
 
