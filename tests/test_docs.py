@@ -22,18 +22,6 @@ DOCS = ROOT / "docs"
 CONFIGURATION = DOCS / "configuration.md"
 API = DOCS / "api.md"
 
-#: pages other branches add (dashboard, TLS, services, upgrades, the systemd unit):
-#: a link to one of them may point nowhere until those branches are merged, and
-#: nowhere else. Empty this once they are in.
-FROM_OTHER_BRANCHES = frozenset(
-    {
-        "docs/dashboard.md",
-        "docs/tls.md",
-        "docs/services.md",
-        "docs/upgrades.md",
-        "packaging/systemd",
-    }
-)
 #: dotted names in the docs that look like config keys but are not: audit event actions
 NOT_CONFIG_KEYS = frozenset({"shadow.set", "shadow.clear"})
 
@@ -181,7 +169,7 @@ def link_problem(page: Path, target: str) -> str | None:
     destination = (page.parent / unquote(file_part)).resolve() if file_part else page
     relative = destination.relative_to(ROOT).as_posix() if destination.is_relative_to(ROOT) else ""
     if not destination.exists():
-        return None if relative.rstrip("/") in FROM_OTHER_BRANCHES else "no such file"
+        return "no such file"
     if anchor and destination.suffix == ".md" and anchor not in anchors(destination.read_text()):
         return f"no heading #{anchor} in {relative}"
     return None
@@ -209,6 +197,3 @@ def test_every_docs_page_is_linked_from_the_index_and_the_readme() -> None:
         if page.name != "index.md":
             assert f"]({page.name})" in index, page.name
             assert f"](docs/{page.name})" in readme, page.name
-    for relative in FROM_OTHER_BRANCHES:
-        if relative.startswith("docs/"):
-            assert f"]({relative})" in readme, relative

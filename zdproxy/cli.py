@@ -52,6 +52,7 @@ def _run_loop(coro: Any) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from zdproxy.config.loader import ConfigError, load_config
     from zdproxy.server import serve
+    from zdproxy.upgrade import Handover, report_start_failure
 
     try:
         config = load_config(args.config)
@@ -59,12 +60,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         setup_logging(args.log_format)
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        # started by a hot upgrade: the old process logs why and serves on
+        report_start_failure([str(problem) for problem in exc.problems])
         return 1
     setup_logging(args.log_format or config.log.format, config.log.level)
-    return _serve(serve(config, args.config))
+    handover = Handover.from_environ()
+    server: list[Any] = []
+
+    async def run() -> int:
+        server.append(await serve(config, args.config, handover))
+        return 0
+
+    code = _serve(run(), handover)
+    supervision = server[0].upgrader.supervision if server else None
+    if supervision is not None:
+        # PID 1 after a hot upgrade: the container lives as long as the new process
+        code = supervision.run()
+    return code
 
 
-def _serve(coro: Any) -> int:
+def _serve(coro: Any, handover: Any = None) -> int:
     """Run the server; a listener that cannot be bound, or an access log that
     cannot be opened, is one line and exit 1."""
     from zdproxy.errors import ListenError
@@ -74,6 +89,8 @@ def _serve(coro: Any) -> int:
         return _run_loop(coro)
     except (ListenError, AccessLogError) as exc:
         print(f"zdproxy: {exc}", file=sys.stderr)
+        if handover is not None:
+            handover.report({"failed": [str(exc)]})
         return 1
 
 

@@ -563,6 +563,15 @@ def cmd_services(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
     return result
 
 
+def cmd_upgrade(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
+    # answered once the new process serves: after its first health checks
+    client.timeout = max(client.timeout, 90.0)
+    result = client.call("POST", "/api/v1/upgrade")
+    if not args.json:
+        out.write(f"upgraded: pid {result['pid']} serves, pid {result['previous_pid']} drains\n")
+    return result
+
+
 # ---- parser -------------------------------------------------------------------
 
 
@@ -594,6 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "pools, weights, backends, states and in-flight requests")
     add("reload", cmd_reload, "re-read the config file and apply it in place (as SIGHUP)")
     add("services", cmd_services, "the services, their pool weights and backend counts")
+    add("upgrade", cmd_upgrade, "hot upgrade to a new process of the installed code (as SIGUSR2)")
     p = add("split", cmd_split, "set the traffic split, e.g. split blue=90 green=10")
     p.add_argument("weights", nargs="+", metavar="POOL=PCT")
     p.add_argument("--force", action="store_true", help="even to a pool with no usable backend")

@@ -189,6 +189,14 @@ class ZdproxyCollector(Collector):
         for result, count in runtime.config_reloads.items():
             reloads.add_metric([result], count)
         yield reloads
+        upgrades = CounterMetricFamily(
+            "zdproxy_upgrades",
+            "Hot upgrades (SIGUSR2), by result: ok counts in the new process.",
+            labels=["result"],
+        )
+        for result, count in runtime.upgrades.items():
+            upgrades.add_metric([result], count)
+        yield upgrades
 
 
 class ShadowCollector(Collector):

@@ -13,7 +13,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
 from zdproxy.balancing.model import Backend, BackendState, Snapshot
@@ -32,8 +32,10 @@ from zdproxy.proxy.upstream import UpstreamPools
 from zdproxy.reload import Reloader, ReloadResult
 from zdproxy.services import Service, build_services, primary_name, route_table
 from zdproxy.tls import ListenerTlsSet, protocol_factory
+from zdproxy.upgrade import Handover, Upgrader, notify_ready
 
 if TYPE_CHECKING:
+    from zdproxy.control.store import Persistence
     from zdproxy.health.checker import HealthService
 
 log = logging.getLogger("zdproxy.error")
@@ -102,6 +104,21 @@ class ProxyServer:
         #: the certificates of the TLS listeners (re-read on reload)
         self.tls = ListenerTlsSet(config.listen)
         self._reloads: set[asyncio.Task[ReloadResult]] = set()
+        #: SIGUSR2: hot upgrade to a new process
+        self.upgrader = Upgrader(self)
+        #: set in a process started by a hot upgrade: the sockets and state passed to it
+        self.handover: Handover | None = None
+        #: the admin listener and the state persistence (set by the admin part): a
+        #: hot upgrade passes the one on and pauses the other
+        self.admin_socket: socket.socket | None = None
+        self.persistences: list[Persistence] = []
+        #: a hot upgrade: control tasks that change the state (rollouts, rolling
+        #: updates) pause while it is handed over, resume if the upgrade fails;
+        #: once it succeeded, the retire hooks run before draining (the admin
+        #: listener stops accepting)
+        self.pause_hooks: list[Hook] = []
+        self.resume_hooks: list[Hook] = []
+        self.retire_hooks: list[Hook] = []
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
         self.start_hooks: list[Hook] = []
@@ -148,13 +165,20 @@ class ProxyServer:
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
-    def bind(self) -> None:
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def bind(self, sockets: Mapping[str, socket.socket] | None = None) -> None:
         """Bind the data listeners (once): before anything else starts, so that a
-        port in use ends the start with one line and nothing changed on disk."""
+        port in use ends the start with one line and nothing changed on disk.
+        ``sockets`` (address -> listening socket) are used instead of binding
+        where the address matches: a hot upgrade passes them on."""
         if self.sockets:
             return
         for address in self.config.listen:
-            self.sockets.append(bind_listener(address))
+            passed = sockets.get(str(address)) if sockets is not None else None
+            self.sockets.append(passed if passed is not None else bind_listener(address))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -269,12 +293,14 @@ class ProxyServer:
                 ctx.retry_policy.record_requests(now, ctx.requests - reported)
                 reported = ctx.requests
 
-    def request_stop(self) -> None:
+    def request_stop(self, idle_grace: float = 0.0) -> None:
         if not self._stopping:
             self._stopping = True
-            asyncio.get_running_loop().create_task(self.shutdown())
+            asyncio.get_running_loop().create_task(self.shutdown(idle_grace))
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, idle_grace: float = 0.0) -> None:
+        """``idle_grace``: how long a connection waiting for its next request is
+        kept (a hot upgrade: see ``ClientConnection.shutdown``)."""
         ctx = self.ctx
         log.info("shutting down: no new connections, finishing in-flight requests")
         self._stopping = True
@@ -284,7 +310,7 @@ class ProxyServer:
         if ctx is not None:
             ctx.closing = True
             for conn in list(ctx.connections):
-                conn.shutdown()
+                conn.shutdown(idle_grace)
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.config.shutdown_timeout
             while (ctx.connections or ctx.tunnels) and loop.time() < deadline:
@@ -320,9 +346,11 @@ class ProxyServer:
         self.install_reload_signal()
 
     def install_reload_signal(self) -> None:
-        """SIGHUP reloads (early: the listeners are bound before the start ends,
-        and a SIGHUP then must not kill the process)."""
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload_on_signal)
+        """SIGHUP reloads, SIGUSR2 upgrades (early: the listeners are bound before
+        the start ends, and a signal then must not kill the process)."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload_on_signal)
+        loop.add_signal_handler(signal.SIGUSR2, self.upgrader.on_signal)
 
     def reload_on_signal(self) -> None:
         """SIGHUP: reload the config file in place (queued behind one running)."""
@@ -338,16 +366,31 @@ class ProxyServer:
             self.ctx.access_log.reopen()
 
 
-async def serve(config: Config, config_path: str | None = None) -> int:
+async def serve(
+    config: Config, config_path: str | None = None, handover: Handover | None = None
+) -> ProxyServer:
+    """Serve until stopped; the server is returned for what follows its end (a
+    supervisor after a hot upgrade as PID 1). ``handover``: this process was
+    started by a hot upgrade, with these sockets and state."""
     server = ProxyServer(config, config_path)
-    server.bind()
+    server.handover = handover
+    if handover is not None:
+        server.bind(handover.take_listeners([str(a) for a in config.listen]))
+    else:
+        server.bind()
     server.install_reload_signal()
     _install_optional_parts(server)
+    if handover is not None:
+        handover.close_unused()
     await server.start()
     server.install_signal_handlers()
     log.info("zdproxy %s serving (pid %d)", _version(), os.getpid())
+    if handover is not None:
+        server.upgrader.took_over(handover)
+        handover.report({"ready": os.getpid()})
+    notify_ready()
     await server.wait_stopped()
-    return 0
+    return server
 
 
 def _install_optional_parts(server: ProxyServer) -> None:
@@ -383,6 +426,11 @@ def _install_optional_parts(server: ProxyServer) -> None:
         driver = RolloutDriver(service.rollouts)
         server.start_hooks.append(driver.start)
         server.stop_hooks.append(driver.stop)
+        # during a hot upgrade nothing steps: the new process goes on from the state
+        server.pause_hooks.append(driver.pause)
+        server.resume_hooks.append(driver.start)
+    server.pause_hooks.append(_stop_rolling)
+    server.resume_hooks.append(_start_rolling)
 
 
 async def _start_rolling(server: ProxyServer) -> None:

@@ -27,14 +27,9 @@ from support_browser import (
     Load,
     Site,
     chromium,
-    chromium_path,
     running_site,
 )
 from support_control import READ_TOKEN, TOKEN
-
-pytestmark = pytest.mark.skipif(
-    chromium_path() is None, reason="no chromium (bash scripts/system-deps installs it)"
-)
 
 #: what the page shows for a figure it has no value for (an en dash)
 NO_VALUE = "\u2013"

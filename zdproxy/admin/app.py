@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 
     from zdproxy.reload import ReloadResult
     from zdproxy.server import ProxyServer
+    from zdproxy.upgrade import UpgradeResult
 
 log = logging.getLogger("zdproxy.admin")
 
@@ -149,6 +150,10 @@ def _http_error_message(exc: web.HTTPException, request: web.Request, max_body: 
     return exc.reason
 
 
+#: the one change taken while a hot upgrade is in progress (it answers 409 itself)
+_UPGRADE = "/api/v1/upgrade"
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceApi:
     """What the API needs of one service's control plane."""
@@ -172,11 +177,13 @@ class AdminApi:
         max_body: int,
         data_path: Callable[[], DataPathCounts],
         closing: Callable[[], bool],
+        frozen: Callable[[], str | None] | None = None,
         rolling: RollingUpdates | None = None,
         shadow: ShadowControl | None = None,
         rollouts: RolloutController | None = None,
         reload: Callable[[str], Awaitable[ReloadResult]] | None = None,
         services: dict[str, ServiceApi] | None = None,
+        upgrade: Callable[[str], Awaitable[UpgradeResult]] | None = None,
     ) -> None:
         self.runtime = runtime
         #: the control plane of each service; without ``services``, one named default
@@ -186,6 +193,7 @@ class AdminApi:
             self.primary = next(s for s in services.values() if s.runtime is runtime)
         self.services = services if services is not None else {DEFAULT_SERVICE: self.primary}
         self.reload_config = reload
+        self.upgrade_process = upgrade
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -196,6 +204,8 @@ class AdminApi:
         #: requests/s, error rate, p99 per pool and backend, by service (fed by the
         #: control plane)
         self.figures = {name: TrafficFigures() for name in self.services}
+        #: changes are refused while this says why (a hot upgrade hands the state over)
+        self.frozen = frozen
         #: one operator change at a time: each is saved (or undone) before the next
         self._mutating = asyncio.Lock()
         runtimes = {name: svc.runtime for name, svc in self.services.items()}
@@ -232,6 +242,7 @@ class AdminApi:
         r.add_put("/api/v1/shadow", self.shadow_set)
         r.add_delete("/api/v1/shadow", self.shadow_clear)
         r.add_post("/api/v1/reload", self.reload)
+        r.add_post("/api/v1/upgrade", self.upgrade)
         return app
 
     def _service_routes(self, r: web.UrlDispatcher, base: str) -> None:
@@ -305,6 +316,10 @@ class AdminApi:
             except AuthError as exc:
                 headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
                 return error_response(exc.status, str(exc), headers)
+        if request.method in MUTATING_METHODS and self.frozen is not None and path != _UPGRADE:
+            reason = self.frozen()
+            if reason is not None:
+                return error_response(503, reason, {"Retry-After": "1"})
         length = request.content_length
         if length is not None and length > self.max_body:
             return error_response(413, f"request body too large (at most {self.max_body} bytes)")
@@ -569,6 +584,21 @@ class AdminApi:
             answer["save_error"] = problem
         return json_response(answer)
 
+    # ---- hot upgrade ------------------------------------------------------------
+
+    async def upgrade(self, request: web.Request) -> web.Response:
+        """A hot upgrade, as SIGUSR2: 200 once the new process serves (this one
+        then drains), 409 when one is in progress, 500 when it failed."""
+        if self.upgrade_process is None:
+            raise ApiError(501, "hot upgrade is not available")
+        await self._body(request, frozenset())
+        outcome = await self.upgrade_process(request[_TOKEN].name)
+        if outcome.result == "refused":
+            raise ApiError(409, outcome.reason)
+        if outcome.result != "ok":
+            return json_response({"error": outcome.reason, "problems": outcome.problems}, 500)
+        return json_response({"result": "ok", "pid": outcome.pid, "previous_pid": os.getpid()})
+
     # ---- mutations ----------------------------------------------------------
 
     async def _mutate(self, svc: ServiceApi, change: Callable[[], _T]) -> _T:
@@ -829,11 +859,13 @@ class ControlPlane:
             max_body=config.admin.max_body_bytes,
             data_path=self._data_path_counts,
             closing=self._closing,
+            frozen=self._frozen,
             rolling=server.rolling,
             shadow=server.shadow,
             rollouts=server.rollouts,
             reload=server.reloader.reload,
             services=self.services if named else None,
+            upgrade=server.upgrader.upgrade,
         )
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
@@ -843,6 +875,12 @@ class ControlPlane:
     def _closing(self) -> bool:
         ctx = self.server.ctx
         return ctx is None or ctx.closing
+
+    def _frozen(self) -> str | None:
+        """Why changes are refused now (None: they are not)."""
+        if self.server.upgrader.busy:
+            return "a hot upgrade is in progress: retry in a moment (the new process answers)"
+        return None
 
     def _data_path_counts(self) -> DataPathCounts:
         ctx = self.server.ctx
@@ -870,6 +908,13 @@ class ControlPlane:
             await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
             self._runner = runner
             log.info("admin API on http://%s/", server.config.admin.listen)
+
+    async def retire(self, server: ProxyServer) -> None:
+        """A hot upgrade succeeded: new admin connections go to the new process
+        (the listening socket stays open there), this one's requests finish."""
+        if self._runner is not None:
+            for site in list(self._runner.sites):
+                await site.stop()
 
     async def stop(self, server: ProxyServer) -> None:
         for task in (self._ticker, self._sampler):
@@ -932,10 +977,15 @@ def install(server: ProxyServer) -> None:
             "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
         )
     plane = ControlPlane(server, tokens)
+    handover = server.handover
     if admin.enabled:  # first: a failed start leaves the saved state untouched
-        plane.socket = bind_listener(admin.listen, backlog=128)
+        passed = handover.take_admin(str(admin.listen)) if handover is not None else None
+        plane.socket = passed or bind_listener(admin.listen, backlog=128)
+    server.admin_socket = plane.socket
     for svc in plane.services.values():
-        svc.persistence.restore()
+        server.persistences.append(svc.persistence)
+        svc.persistence.restore(handover.service_state(svc.name) if handover is not None else None)
         svc.persistence.attach()
     server.start_hooks.append(plane.start)
+    server.retire_hooks.append(plane.retire)
     server.stop_hooks.append(plane.stop)

@@ -528,6 +528,36 @@ _SCHEMAS["ReloadRefused"] = {
     },
 }
 
+_SCHEMAS["UpgradeResult"] = {
+    "type": "object",
+    "required": ["result", "pid", "previous_pid"],
+    "properties": {
+        "result": {"type": "string", "enum": ["ok"]},
+        "pid": {"type": "integer", "description": "the new process, which serves now"},
+        "previous_pid": {"type": "integer", "description": "this process, which drains"},
+    },
+}
+
+_UPGRADE_PATH = {
+    "post": {
+        "operationId": "upgrade",
+        "summary": "Hot upgrade, as SIGUSR2: a new process takes over the listening sockets "
+        "and the state; answered once it serves (or failed)",
+        "requestBody": _EMPTY_BODY,
+        "responses": {
+            "200": _json(_ref("UpgradeResult"), "The new process serves; this one drains"),
+            **{k: v for k, v in _MUTATION_ERRORS.items() if k in ("400", "401", "403", "405")},
+            "409": _error("Refused: an upgrade is already in progress, or shutting down"),
+            **{k: v for k, v in _MUTATION_ERRORS.items() if k in ("413",)},
+            "500": _json(
+                _ref("ReloadRefused"),
+                "The new process failed before it was ready (why, and the `zdproxy check` "
+                "lines of an invalid config); this process serves on",
+            ),
+        },
+    }
+}
+
 _RELOAD_PATH = {
     "post": {
         "operationId": "reload",
@@ -878,6 +908,7 @@ def _build_spec(version: str) -> dict[str, Any]:
                 }
             },
             "/api/v1/reload": _RELOAD_PATH,
+            "/api/v1/upgrade": _UPGRADE_PATH,
             "/api/v1/rollouts/current/pause": _rollout_action(
                 "pause", "Hold the current step (analysis keeps judging)"
             ),

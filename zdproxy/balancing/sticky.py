@@ -15,7 +15,8 @@ of decoded values makes the common case a dict lookup. The cache holds forged
 values too (as None), and is bounded: it is simply emptied when full.
 
 Several zdproxy instances behind one address must share the secret
-(``sticky.secret_env``); otherwise each signs with its own random key and a
+(``sticky.secret_env`` or ``secret_file``); otherwise each signs with its own
+generated key (kept in the saved state and passed on by a hot upgrade) and a
 client moving between instances is re-pinned each time.
 """
 

@@ -410,6 +410,9 @@ class StickyConfig(_Model):
     """affinity cookie lifetime"""
     secret_env: str | None = None
     """environment variable with the key that signs the cookie"""
+    secret_file: str | None = Field(default=None, min_length=1)
+    """a file holding the key that signs the cookie (wins over `secret_env`); neither:
+    a generated key, kept in the saved state and passed on by a hot upgrade"""
     hash_on: str = "client_ip"
     """what `mode: hash` hashes; `client_ip` or `header:NAME`"""
     on_pool_zero: Literal["move", "drain_timeout"] = "move"

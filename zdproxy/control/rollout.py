@@ -1097,6 +1097,13 @@ class RolloutDriver:
     async def start(self, server: Any = None) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
+    async def pause(self, server: Any = None) -> None:
+        """Stop ticking (a hot upgrade hands the state over); webhooks already
+        sent finish. ``start`` ticks again."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
     async def stop(self, server: Any = None) -> None:
         if self._task is not None:
             self._task.cancel()

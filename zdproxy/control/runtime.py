@@ -128,6 +128,9 @@ class Runtime:
         #: zdproxy_rollouts_total and zdproxy_config_reloads_total, by result
         self.rollout_results: dict[str, int] = {}
         self.config_reloads: dict[str, int] = {}
+        #: zdproxy_upgrades_total, by result: "ok" in the process that took over,
+        #: "failed" and "refused" in the one that stayed
+        self.upgrades: dict[str, int] = {}
         #: the rollout engine's persisted part (plan, progress, history); opaque here
         self.rollout_state: dict[str, Any] | None = None
         #: asked before an operator's split or flip: raises ``Conflict`` to refuse it

@@ -20,11 +20,11 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
-from zdproxy.control.events import append_line, encode, read_tail
+from zdproxy.control.events import Event, append_line, encode, read_tail
 from zdproxy.errors import ZdproxyError
 
 if TYPE_CHECKING:
@@ -287,19 +287,31 @@ class Persistence:
         self.store = store
         self.events_file = events_file
         self.writer = writer or BackgroundWriter()
+        #: while a hot upgrade hands over: nothing is written (see ``pause``)
+        self.paused = False
+        self._held: list[Event] = []
 
     @property
     def last_error(self) -> str | None:
         return self.writer.last_error
 
-    def restore(self) -> bool:
-        """Load and merge the saved state; True when there was one."""
+    def restore(self, handed: Mapping[str, Any] | None = None) -> bool:
+        """Load and merge the saved state; True when there was one. ``handed``: the
+        state line of a hot upgrade (``upgrade.Upgrader``), used where there is no
+        file (the old process flushed the file and stopped writing it first)."""
+        events = self.runtime.events
         if self.events_file is not None:
-            self.runtime.events.preload(
-                read_tail(self.events_file, self.runtime.config.admin.events_ring)
-            )
+            events.preload(read_tail(self.events_file, self.runtime.config.admin.events_ring))
+        elif handed is not None:
+            events.preload(handed.get("events") or [])
+        if handed is not None:
+            # ids go on from the old process's, even with its newest events not on disk
+            events.next_id = max(events.next_id, int(handed.get("next_event") or 1))
         if self.store is None:
-            return False
+            if handed is None or handed.get("runtime") is None:
+                return False
+            self.runtime.restore(check_state(handed["runtime"]))
+            return True
         state = self.store.load()
         if state is None:
             return False
@@ -310,13 +322,32 @@ class Persistence:
 
     def attach(self) -> None:
         if self.store is not None:
-            store = self.store
-            self.runtime.subscribe_state(lambda state: self.writer.save_state(store, state))
+            self.runtime.subscribe_state(self._save)
         if self.events_file is not None:
-            path = self.events_file
-            self.runtime.events.subscribe(
-                lambda event: self.writer.submit(append_line, path, encode(event))
-            )
+            self.runtime.events.subscribe(self._append)
+
+    def _save(self, state: dict[str, Any]) -> None:
+        if self.store is not None and not self.paused:
+            self.writer.save_state(self.store, state)
+
+    def _append(self, event: Event) -> None:
+        if self.paused:
+            self._held.append(event)
+        elif self.events_file is not None:
+            self.writer.submit(append_line, self.events_file, encode(event))
+
+    def pause(self) -> None:
+        """Stop writing (a hot upgrade: the new process owns the files from now
+        on); events are held for ``resume``."""
+        self.paused = True
+
+    def resume(self) -> None:
+        """Write again (the hot upgrade failed): the current state, the held events."""
+        self.paused = False
+        self._save(self.runtime.export_state())
+        held, self._held = self._held, []
+        for event in held:
+            self._append(event)
 
     async def flush(self) -> None:
         await self.writer.flush()

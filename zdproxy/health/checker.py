@@ -28,10 +28,12 @@ server's start and stop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -42,7 +44,13 @@ from zdproxy.balancing.healthsm import HealthMachine, Result
 from zdproxy.balancing.model import Backend, BackendState, Health, Snapshot
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.balancing.sticky import load_secret
-from zdproxy.config.schema import Config, HealthCheckConfig, HealthCheckOverride, UpstreamTls
+from zdproxy.config.schema import (
+    Config,
+    HealthCheckConfig,
+    HealthCheckOverride,
+    StickyConfig,
+    UpstreamTls,
+)
 from zdproxy.control.runtime import Runtime
 from zdproxy.health.drain import TunnelDrainer
 from zdproxy.health.outlier import OutlierDetector
@@ -390,34 +398,71 @@ class HealthService:
         self.outlier = OutlierDetector(runtime, config.outlier_detection)
         self.retry_budget = RetryBudget(config.retries.budget_percent)
         self.tunnels = TunnelDrainer(server)
-        secret, from_env = load_secret(config.sticky.secret_env, os.environ)
-        if config.sticky.mode in ("pool", "backend") and not from_env:
+        try:
+            secret, source = sticky_secret(config.sticky, os.environ)
+        except (OSError, ValueError) as exc:
+            log.error("cannot start: %s", exc)
+            raise SystemExit(1) from None
+        signs = config.sticky.mode in ("pool", "backend")
+        if signs and source == "generated":
             if config.sticky.secret_env:
                 log.warning(
                     "sticky.secret_env names %s, which is not set: affinity cookies are "
-                    "signed with a random key of this process",
+                    "signed with a generated key",
                     config.sticky.secret_env,
                 )
             else:
                 log.info(
-                    "affinity cookies are signed with a random key of this process; set "
-                    "sticky.secret_env when several zdproxy instances serve one site"
+                    "affinity cookies are signed with a generated key, kept in the saved "
+                    "state and passed on by a hot upgrade; set sticky.secret_env or "
+                    "secret_file when several zdproxy instances serve one site"
                 )
         self._secret = secret
+        self._secret_source = source
+        #: a generated key not yet in the saved state: saved once serving
+        self._save_secret = signs and source == "generated"
+        runtime.add_state_section("sticky", self._export_secret, self._restore_secret)
         server.selector.configure(config.sticky, config.draining, secret)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_pending = False
         self._ejected_seen: dict[str, bool] = {}
         runtime.subscribe(self._on_snapshot)
 
+    def _export_secret(self) -> dict[str, str] | None:
+        """A generated key goes into the saved state (and a hot upgrade's hand-over):
+        pins survive restarts and upgrades. A configured one is never written."""
+        if self._secret_source != "generated":
+            return None
+        return {"key": self._secret.hex()}
+
+    def _restore_secret(self, saved: Any) -> None:
+        if self._secret_source != "generated" or not isinstance(saved, dict):
+            return
+        try:
+            key = bytes.fromhex(str(saved.get("key")))
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            log.warning("saved state: the sticky key is not 32 hex bytes; a new one is used")
+            return
+        self._secret = key
+        self._save_secret = False
+        self.server.selector.configure(self.server.config.sticky, self.server.config.draining, key)
+
     async def start(self, server: ProxyServer) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        if self._save_secret:
+            self._save_secret = False
+            self.runtime.state_changed()
         ctx = server.ctx
         assert ctx is not None
         ctx.observer = self.outlier
         ctx.retry_policy = self.retry_budget
         self.outlier.start(loop)
+        if server.handover is not None:
+            # before the first checks: they continue from the old process's verdicts
+            self.adopt(server.handover.state)
         self.slow_start.start(loop)
         self.tunnels.start(loop)
         await self.checker.start(loop)
@@ -441,6 +486,37 @@ class HealthService:
         self.outlier.stop()
         await self.checker.stop()
 
+    def export(self) -> dict[str, Any]:
+        """Health verdicts and ejections, for a hot upgrade's hand-over."""
+        return {
+            "health": {
+                backend_id: {"address": backend.address, "health": backend.health.value}
+                for backend_id, backend in self.runtime.backends.items()
+                if self.runtime.checked.get(backend_id) and backend.health is not Health.STARTING
+            },
+            "ejections": self.outlier.export(),
+        }
+
+    def adopt(self, handed: Mapping[str, Any]) -> None:
+        """The old process's verdicts: a backend it found up stays up until ``fall``
+        failures, one it found down needs ``rise`` passes (instead of the quick
+        single-pass rise of a fresh start)."""
+        verdicts = handed.get("health")
+        if isinstance(verdicts, dict):
+            for backend_id, item in verdicts.items():
+                backend = self.runtime.backends.get(backend_id)
+                if (
+                    backend is None
+                    or not isinstance(item, dict)
+                    or not self.runtime.checked.get(backend_id)
+                ):
+                    continue
+                if item.get("address") != backend.address:
+                    continue
+                if item.get("health") in (Health.UP.value, Health.DOWN.value):
+                    self.runtime.set_health(backend_id, Health(item["health"]))
+        self.outlier.adopt(handed.get("ejections"))
+
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config (after the runtime took its pools and backends)."""
         self.checker.reconfigure(config)
@@ -449,10 +525,15 @@ class HealthService:
         self.retry_budget = RetryBudget(config.retries.budget_percent)
         if self.server.ctx is not None:
             self.server.ctx.retry_policy = self.retry_budget
-        secret, from_env = load_secret(config.sticky.secret_env, os.environ)
-        if from_env:
-            self._secret = secret
-        # else the process's random key stays: pins survive the reload
+        try:
+            secret, source = sticky_secret(config.sticky, os.environ)
+        except (OSError, ValueError) as exc:
+            log.error("config reload: %s; the sticky key in use stays", exc)
+        else:
+            if source != "generated":
+                self._secret, self._secret_source = secret, source
+            # else the key in use stays (generated, saved or configured before):
+            # pins survive the reload
         self.server.selector.configure(config.sticky, config.draining, self._secret)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
@@ -494,6 +575,25 @@ class HealthService:
 
     def _info_changed(self, backend_id: str) -> None:
         self.runtime.set_health_info(backend_id, self.backend_info(backend_id))
+
+
+def sticky_secret(sticky: StickyConfig, environ: Mapping[str, str]) -> tuple[bytes, str]:
+    """The key that signs affinity cookies and where it came from: ``"file"``
+    (``sticky.secret_file``), ``"env"`` (``sticky.secret_env``) or ``"generated"``
+    (random; the saved state or a hot upgrade's hand-over may replace it).
+    Raises ``OSError`` or ``ValueError`` naming a secret file that cannot be used."""
+    path = sticky.secret_file
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise OSError(f"sticky.secret_file: cannot read {path}: {exc.strerror}") from None
+        if not value:
+            raise ValueError(f"sticky.secret_file: {path} is empty")
+        return hashlib.sha256(value).digest(), "file"
+    secret, from_env = load_secret(sticky.secret_env, environ)
+    return secret, "env" if from_env else "generated"
 
 
 def install(server: ProxyServer) -> None:

@@ -110,6 +110,48 @@ class OutlierDetector:
                 self.policy.release(backend.id, now)
                 self.runtime.set_ejected(backend.id, False)
 
+    # ---- hot upgrade -----------------------------------------------------------
+
+    def export(self) -> dict[str, dict[str, Any]]:
+        """Ejections in progress, for a hot upgrade's hand-over: by backend id,
+        the pool, the seconds left and the ejection counts (the backoff goes on)."""
+        loop = self._loop
+        now = loop.time() if loop is not None else 0.0
+        return {
+            backend_id: {
+                "pool": record.pool,
+                "remaining": round(record.ejected_until - now, 3),
+                "ejections": record.ejections,
+                "ejections_total": record.ejections_total,
+            }
+            for backend_id, record in self.policy.records.items()
+            if record.ejected_until is not None
+        }
+
+    def adopt(self, handed: Any) -> None:
+        """Take over the old process's ejections (after ``start``): out of rotation
+        for the rest of their time, as if this process had ejected them."""
+        if not isinstance(handed, dict) or self._loop is None:
+            return
+        now = self._loop.time()
+        for backend_id, item in handed.items():
+            backend = self.runtime.backends.get(backend_id)
+            if backend is None or not isinstance(item, dict) or item.get("pool") != backend.pool:
+                continue
+            try:
+                remaining = float(item["remaining"])
+                ejections = int(item["ejections"])
+                total = int(item["ejections_total"])
+            except (KeyError, TypeError, ValueError):
+                continue
+            if remaining <= 0:
+                continue
+            record = self.policy.track(backend_id, backend.pool)
+            record.ejections, record.ejections_total = ejections, total
+            record.ejected_until = now + remaining
+            self.runtime.set_ejected(backend_id, True)
+            self._wake_at(record.ejected_until)
+
     # ---- for the admin API ---------------------------------------------------
 
     def info(self, backend_id: str) -> dict[str, Any]:

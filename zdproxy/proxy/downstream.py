@@ -508,8 +508,18 @@ class ClientConnection(asyncio.Protocol):
         elif kind in (LINGER, RECLAIMED) and self.transport is not None:
             self.transport.abort()
 
-    def shutdown(self) -> None:
-        """Graceful stop: idle connections close now, busy ones after their response."""
+    def shutdown(self, grace: float = 0.0) -> None:
+        """Graceful stop: idle connections close now, busy ones after their response.
+
+        With ``grace`` (a hot upgrade), a connection waiting for a request stays
+        open that much longer: a busy keep-alive client sends its next request
+        within it and gets ``Connection: close`` on the answer, instead of
+        racing its request against our close (which it would see as a reset).
+        """
         self.closing = True
         if not self.queue and self.parsing is None and self.tunnel is None:
+            waiting = self.idle or (self.deadline_kind == HEADER and self.head_bytes == 0)
+            if grace > 0 and waiting:
+                self.deadline = min(self.deadline, self.ctx.now + grace)
+                return
             self._close_after_flush()
