@@ -93,6 +93,8 @@ def _child(tp: Any, part: str) -> Any:
     tp = _bare(tp)
     if isinstance(tp, type) and issubclass(tp, BaseModel) and tp is not Address:
         field = tp.model_fields.get(part)
+        if field is None and part in getattr(tp, "FILE_KEYS", ()):
+            return Address  # a listener's address: its host and port as one key
         return None if field is None else field.annotation
     if get_origin(tp) is tuple and part.isdigit():
         return get_args(tp)[0]

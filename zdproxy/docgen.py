@@ -25,7 +25,7 @@ import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, ForwardRef, Literal, Union, get_args, get_origin, get_type_hints
 
 import annotated_types
 from pydantic import BaseModel
@@ -36,9 +36,12 @@ from zdproxy.config.schema import (
     Address,
     Config,
     HealthCheckOverride,
+    _check_header_name,
+    _check_pool_name,
     _one_or_many,
     parse_duration,
 )
+from zdproxy.config.tlsfiles import check_ca_file, check_cert_file, check_key_file
 
 BEGIN = "<!-- BEGIN GENERATED: {name} (python -m zdproxy.docgen; do not edit by hand) -->"
 END = "<!-- END GENERATED: {name} -->"
@@ -48,6 +51,16 @@ _SAME_KEYS_AS: dict[type[BaseModel], str] = {HealthCheckOverride: "health_check"
 #: the header-token pattern several keys share
 _TOKEN_PATTERNS = ("^[!#$%&'*+.^_`|~0-9A-Za-z-]+$", "^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 _PLURALS = {"address": "addresses", "status": "statuses"}
+#: what a string checked by one of these validators is
+_STRING_KINDS: dict[Any, str] = {
+    _check_header_name: "header name",
+    _check_pool_name: "name",
+    check_cert_file: "file path",
+    check_key_file: "file path",
+    check_ca_file: "file path",
+}
+#: integers whose bounds say what they are
+_INT_KINDS = {" 100-599": "status", " 1-65535": "port"}
 
 
 @dataclass(frozen=True)
@@ -69,8 +82,15 @@ def config_keys() -> list[Key]:
 
 
 def _model_keys(model: type[BaseModel], prefix: str, instance: Any) -> Iterator[Key]:
-    for name, info in model.model_fields.items():
+    # a model written in the file with other keys than its fields (a listener's
+    # ``address``) lists those: they are the keys a user can write
+    for name in getattr(model, "FILE_KEYS", model.model_fields):
         path = f"{prefix}{name}"
+        info = model.model_fields.get(name)
+        if info is None:
+            yield _address_key(model, path)
+            continue
+        annotation = _annotation(model, name, info)
         value = _default_value(info, instance, name)
         default = (
             "**required**"
@@ -78,9 +98,29 @@ def _model_keys(model: type[BaseModel], prefix: str, instance: Any) -> Iterator[
             else _value_text(value, _is_duration(info.metadata))
         )
         description = _field_docs(model).get(name, "")
-        yield Key(path, _type_text(info.annotation, info.metadata), default, description)
+        type_text = _type_text(annotation, info.metadata)
+        child = _child_model(annotation, path)
+        if child is not None and not _listed_at(*child):
+            type_text += f" (keys of `{_homes()[child[0]][1]}`)"
+        yield Key(path, type_text, default, description)
         nested = None if value is PydanticUndefined else value
-        yield from _nested_keys(info.annotation, path, nested)
+        yield from _nested_keys(annotation, path, nested)
+
+
+def _address_key(model: type[BaseModel], path: str) -> Key:
+    """The one key an ``Address`` subclass's ``host`` and ``port`` are written as."""
+    if not issubclass(model, Address):
+        raise TypeError(f"{model.__name__}: a file key that is no field must be its address")
+    description = " ".join((Address.__doc__ or "").split()).replace("``", "`").rstrip(".")
+    return Key(path, "address", "**required**", description)
+
+
+def _annotation(model: type[BaseModel], name: str, info: FieldInfo) -> Any:
+    """The field's type; one written before its alias was defined is left as a
+    ``ForwardRef`` by pydantic and resolved here."""
+    if isinstance(info.annotation, ForwardRef):
+        return get_type_hints(model, include_extras=True)[name]
+    return info.annotation
 
 
 def _default_value(info: FieldInfo, instance: Any, name: str) -> Any:
@@ -94,21 +134,63 @@ def _default_value(info: FieldInfo, instance: Any, name: str) -> Any:
 
 
 def _nested_keys(annotation: Any, path: str, instance: Any) -> Iterator[Key]:
+    child = _child_model(annotation, path)
+    if child is None or not _listed_at(*child):
+        return  # no keys below, or listed at the model's home
+    model, where = child
+    yield from _model_keys(model, f"{where}.", instance if where == path else None)
+
+
+def _child_model(annotation: Any, path: str) -> tuple[type[BaseModel], str] | None:
+    """The model whose keys sit below ``path``, and the path they hang from
+    (``path``, ``path[]`` for a list's items, ``path.NAME`` for a mapping's values);
+    None for a scalar, an ``Address`` or a model documented elsewhere by name."""
     tp, _meta = _unwrap(annotation)
     tp = _optional(tp) or tp
-    if isinstance(tp, type) and issubclass(tp, BaseModel) and tp is not Address:
-        if tp not in _SAME_KEYS_AS:
-            yield from _model_keys(tp, f"{path}.", instance)
-        return
     origin, args = get_origin(tp), get_args(tp)
+    where = path
     if origin is tuple and args:
-        item, _ = _unwrap(args[0])
-        if isinstance(item, type) and issubclass(item, BaseModel) and item is not Address:
-            yield from _model_keys(item, f"{path}[].", None)
+        tp, where = _unwrap(args[0])[0], f"{path}[]"
     elif origin is dict and args:
-        value, _ = _unwrap(args[1])
-        if isinstance(value, type) and issubclass(value, BaseModel):
-            yield from _model_keys(value, f"{path}.NAME.", None)
+        tp, where = _unwrap(args[1])[0], f"{path}.NAME"
+    if not (isinstance(tp, type) and issubclass(tp, BaseModel)):
+        return None
+    if tp is Address or tp in _SAME_KEYS_AS:
+        return None
+    return tp, where
+
+
+def _depth(where: str) -> int:
+    return where.count(".") + where.count("[]")
+
+
+def _listed_at(model: type[BaseModel], where: str) -> bool:
+    """Whether ``model``'s keys are listed under ``where``: where it sits least deep
+    (``routing.header`` and ``routing.cookie`` both: same keys, other defaults).
+    Deeper (a service's pools, its overrides of top-level sections, a backend's
+    ``tls``) its row names the home instead of repeating the keys, whose defaults
+    would be wrong there anyway (an unset override key is inherited)."""
+    return _depth(where) == _homes()[model][0]
+
+
+@functools.cache
+def _homes() -> dict[type[BaseModel], tuple[int, str]]:
+    """Model -> (its least depth, the first path at that depth)."""
+    found: dict[type[BaseModel], tuple[int, str]] = {}
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, info in model.model_fields.items():
+            child = _child_model(_annotation(model, name, info), f"{prefix}{name}")
+            if child is None:
+                continue
+            sub, where = child
+            depth = _depth(where)
+            if sub not in found or depth < found[sub][0]:
+                found[sub] = (depth, where)
+            walk(sub, f"{where}.")
+
+    walk(Config, "")
+    return found
 
 
 @functools.cache
@@ -159,17 +241,26 @@ def _type_text(annotation: Any, metadata: Sequence[Any]) -> str:
     metadata = [*metadata, *inner]
     inner_tp = _optional(tp)
     if inner_tp is not None:
-        return f"{_type_text(inner_tp, metadata)} or null"
+        text = _type_text(inner_tp, metadata)
+        return f"{text}, or null" if "," in text else f"{text} or null"
     if any(getattr(m, "func", None) is _one_or_many for m in metadata):
         item = _type_text(get_args(tp)[0], [])
+        if " or " in item:
+            return f"{item}, or a list of them"
         return f"{item} or list of {_plural(item)}"
     origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_text(arg, []) for arg in args)
     if origin is tuple:
         text = f"list of {_plural(_type_text(args[0], []))}"
         return f"{text}, not empty" if _bound(metadata, annotated_types.MinLen) else text
     if origin is dict:
         value, _ = _unwrap(args[1])
-        return f"mapping: name -> {value.__name__.removesuffix('Config').lower()}"
+        if isinstance(value, type) and issubclass(value, BaseModel):
+            value_text = value.__name__.removesuffix("Config").lower()
+        else:
+            value_text = _type_text(args[1], [])
+        return f"mapping: {_type_text(args[0], [])} -> {value_text}"
     if origin is Literal:
         return " or ".join(f"`{arg}`" for arg in args) if len(args) < 3 else _words(args)
     return _scalar_text(tp, metadata)
@@ -190,19 +281,23 @@ def _scalar_text(tp: Any, metadata: Sequence[Any]) -> str:
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         if tp is Address:
             return "address"
+        if issubclass(tp, Address):
+            return "address or mapping"  # ``host:port``, or a mapping with more keys
         if tp in _SAME_KEYS_AS:
             return f"mapping: any key of `{_SAME_KEYS_AS[tp]}`"
         return "mapping"
     if tp is int:
-        name = "status" if _bounds(metadata) == " 100-599" else "integer"
+        name = _INT_KINDS.get(_bounds(metadata), "integer")
         return f"{name}{_bounds(metadata)}"
     if tp is float:
         return f"{'duration' if _is_duration(metadata) else 'number'}{_bounds(metadata)}"
     if tp is str:
         if any(getattr(m, "pattern", None) in _TOKEN_PATTERNS for m in metadata):
             return "HTTP token"
-        if any(callable(getattr(m, "func", None)) for m in metadata):
-            return "header name"
+        for item in metadata:
+            kind = _STRING_KINDS.get(getattr(item, "func", None))
+            if kind is not None:
+                return kind
         return "string"
     return getattr(tp, "__name__", str(tp))
 

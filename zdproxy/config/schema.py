@@ -55,6 +55,7 @@ def parse_duration(value: Any) -> float:
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 StatusCode = Annotated[int, Field(ge=100, le=599)]
+Port = Annotated[int, Field(ge=1, le=65535)]
 
 
 class Address(BaseModel):
@@ -62,7 +63,9 @@ class Address(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     host: str
+    """host name or IP address (IPv6 without brackets here)"""
     port: int
+    """TCP port"""
 
     def __str__(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
@@ -104,11 +107,20 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+# Certificate, key and CA files are read when the config is validated: a missing or
+# bad file is a ``zdproxy check`` error at its key, and refuses a reload.
+CertPath = Annotated[str, Field(min_length=1), AfterValidator(check_cert_file)]
+KeyPath = Annotated[str, Field(min_length=1), AfterValidator(check_key_file)]
+CaPath = Annotated[str, Field(min_length=1), AfterValidator(check_ca_file)]
+
+
 class CertificateConfig(_Model):
     """One certificate (chain, PEM) and its private key (PEM, unencrypted)."""
 
     cert: CertPath
+    """certificate chain, PEM, leaf first; serves the DNS names of its subjectAltName"""
     key: KeyPath
+    """private key of `cert`, PEM, unencrypted"""
 
     @model_validator(mode="after")
     def _key_matches(self) -> CertificateConfig:
@@ -126,9 +138,14 @@ class ListenerTls(_Model):
     chosen by the name the client asks for (SNI); the first is the default)."""
 
     cert: CertPath | None = None
+    """certificate chain, PEM, leaf first; with `key`, instead of `certificates`"""
     key: KeyPath | None = None
+    """private key of `cert`, PEM, unencrypted"""
     certificates: tuple[CertificateConfig, ...] = ()
+    """several certificates instead of `cert` and `key`, chosen by the name the client
+    asks for (SNI); the first serves clients without SNI or with an unknown name"""
     min_version: Annotated[Literal["1.2", "1.3"], BeforeValidator(_tls_version)] = "1.2"
+    """oldest TLS version accepted (1.0 and 1.1 are always refused)"""
 
     @model_validator(mode="after")
     def _one_form(self) -> ListenerTls:
@@ -176,8 +193,11 @@ class Listener(Address):
     FILE_KEYS: ClassVar[tuple[str, ...]] = ("address", "tls", "redirect_https")
 
     tls: ListenerTls | None = None
-    #: true: redirect to the port of the first TLS listener; a number: to that port
-    redirect_https: Annotated[bool | int, PlainValidator(_redirect_https)] = False
+    """HTTPS on this listener ([TLS](tls.md)); `null`: plain HTTP"""
+    redirect_https: Annotated[bool | Port, PlainValidator(_redirect_https)] = False
+    """a plain listener that answers every request with a 308 to the same URL in
+    https: `true` to the port of the first TLS listener, a number to that port (443 is
+    left out of the URL); not on a TLS listener"""
 
     @model_validator(mode="before")
     @classmethod
@@ -336,13 +356,6 @@ class HealthCheckOverride(_Model):
         return None if value is None else _check_health_path(value)
 
 
-# Certificate, key and CA files are read when the config is validated: a missing or
-# bad file is a ``zdproxy check`` error at its key, and refuses a reload.
-CertPath = Annotated[str, Field(min_length=1), AfterValidator(check_cert_file)]
-KeyPath = Annotated[str, Field(min_length=1), AfterValidator(check_key_file)]
-CaPath = Annotated[str, Field(min_length=1), AfterValidator(check_ca_file)]
-
-
 class UpstreamTls(_Model):
     """TLS to the backends of a pool (or one backend): proxied requests and health
     checks. ``verify`` checks the backend's certificate against ``ca`` (the system's
@@ -350,8 +363,13 @@ class UpstreamTls(_Model):
     which is also sent as SNI."""
 
     ca: CaPath | None = None
+    """PEM file of the CA(s) that sign the backends' certificates; `null`: the system's CAs;
+    re-read on every reload"""
     verify: bool = True
+    """check the backend's certificate chain and name; `false`: encrypt without any check"""
     server_name: str | None = Field(default=None, min_length=1)
+    """the name checked in the backend's certificate and sent as SNI; `null`: the
+    backend's host"""
 
 
 class BackendConfig(_Model):
@@ -797,11 +815,20 @@ class RouteMatch(_Model):
     """What a route matches; every key set must match (see ``zdproxy.http.routes``)."""
 
     host: str | None = None
+    """`shop.example.com`, or `*.example.com` (any deeper name too); case-insensitive,
+    the request's port and a trailing dot ignored; `null`: any host"""
     path_prefix: str | None = None
+    """the path starts with it (plain byte prefix: write `/api/` for the directory);
+    the longest wins"""
     path_exact: str | None = None
+    """the path (the target up to `?`, not percent-decoded) equals it"""
     path_regex: str | None = None
+    """a regular expression searched in the path (anchor it with `^`); tried before
+    prefixes, in file order; at most one of the three path keys"""
     methods: tuple[str, ...] | None = Field(default=None, min_length=1)
+    """request methods (`GET`, `POST`, ...); `null`: any"""
     headers: dict[str, str] = {}
+    """header name -> exact value; every one must be present with that value"""
 
     @field_validator("host")
     @classmethod
@@ -862,9 +889,13 @@ class RouteMatch(_Model):
 
 class RouteConfig(_Model):
     match: RouteMatch = RouteMatch()
+    """what the request must match; every key set must match (none: every request)"""
     service: str = Field(min_length=1)
-    #: remove the matched ``match.path_prefix`` from the forwarded target
+    """the service it goes to: a name under `services`, or `default` for the top-level
+    `pools`"""
     strip_prefix: bool = False
+    """`true`: remove `match.path_prefix` from the target forwarded to the backend (the
+    query stays; an empty rest becomes `/`)"""
 
     @model_validator(mode="after")
     def _strip_needs_prefix(self) -> RouteConfig:
@@ -878,11 +909,21 @@ class ServiceConfig(_Model):
     (each key set here overrides the top-level one; unset keys are inherited)."""
 
     pools: Pools
+    """the service's pools, as the top-level `pools` (weights sum to 100); default
+    backend ids are `<service>-<pool>-<n>`"""
     health_check: HealthCheckOverride | None = None
+    """keys set here override the top-level `health_check` (pool and backend
+    overrides apply on top)"""
     outlier_detection: OutlierConfig | None = None
+    """keys set here override the top-level `outlier_detection`"""
     slow_start: SlowStartConfig | None = None
+    """keys set here override the top-level `slow_start`"""
     sticky: StickyConfig | None = None
+    """keys set here override the top-level `sticky`: only `mode`, `max_age` and
+    `on_pool_zero`; `hash` mode, the cookie, the signing key and `hash_on` are set for
+    every service at once, in the top-level `sticky`"""
     draining: DrainingConfig | None = None
+    """keys set here override the top-level `draining`"""
 
 
 #: sticky keys that are the same for every service (one cookie, one key per process)
