@@ -1035,9 +1035,11 @@ class Config(_Model):
     shutdown_timeout: Duration = 30.0
     """on SIGTERM/SIGINT, how long in-flight requests get to finish"""
     services: dict[ServiceName, ServiceConfig] = {}
-    """several applications behind one listener, each with its own pools (see docs/services.md)"""
+    """several applications behind one listener, each with its own pools
+    ([services](services.md))"""
     routes: tuple[RouteConfig, ...] = ()
-    """ordered routes from host and path to a service (see docs/services.md for precedence)"""
+    """ordered routes from host and path to a service
+    ([precedence](services.md#precedence))"""
     default_service: str | None = None
     """the service a request no route matches goes to; unset: 404 `no-route`"""
 
