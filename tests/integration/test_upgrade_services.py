@@ -216,3 +216,72 @@ async def test_two_services_keep_weights_admin_states_and_events_across_an_upgra
             assert _weights(await in_thread(proxy.service_state, svc)) == later[svc], svc
     finally:
         await in_thread(proxy.stop)
+
+
+def _backend(state: dict[str, Any], backend_id: str) -> dict[str, Any]:
+    [found] = [b for p in state["pools"].values() for b in p["backends"] if b["id"] == backend_id]
+    return dict(found)
+
+
+async def test_health_verdicts_and_ejections_of_the_second_service_survive(
+    tmp_path: Path,
+) -> None:
+    """Both in the service that is not the first: api-green-1 found down (it
+    answers again just before the upgrade, so only the handed verdict keeps it
+    down: ``rise`` is 5), and one api-blue backend ejected for 5 minutes."""
+    names = ["shop-blue-1", "shop-green-1", "api-blue-1", "api-blue-2", "api-green-1"]
+    backends = {name: await Backend(name).start() for name in names}
+    config = _config(list(backends.values()), None)
+    config["health_check"] = {"enabled": True, "interval": "1s", "rise": 5, "fall": 1}
+    config["outlier_detection"] = {
+        "consecutive_5xx": 3,
+        "base_ejection_time": "5m",
+        "max_ejection_percent": 50,
+    }
+    backends["api-green-1"].health_status = 500
+    proxy = await in_thread(ServicesProxy(config, tmp_path).start)
+    try:
+        await async_wait_for(
+            lambda: _backend(proxy.service_state("api"), "api-green-1")["health"] == "down",
+            what="api-green-1 down",
+        )
+        async with aiohttp.ClientSession() as session:
+
+            async def ejected() -> bool:
+                headers = {"Host": HOSTS["api"]}
+                async with session.get(proxy.url + "/status/500", headers=headers) as response:
+                    await response.read()
+                state = await in_thread(proxy.service_state, "api")
+                return any(b["ejected"] for b in state["pools"]["blue"]["backends"])
+
+            await async_wait_for(ejected, what="an ejection in api")
+        before = await in_thread(proxy.service_state, "api")
+        [out] = [b["id"] for b in before["pools"]["blue"]["backends"] if b["ejected"]]
+        until = _backend(before, out)["health_checks"]["ejected_until"]
+        backends["api-green-1"].health_status = 200
+
+        old = proxy.first_pid
+        new = await in_thread(proxy.upgrade)
+        assert new != old
+        after = await in_thread(proxy.service_state, "api")
+        assert _backend(after, "api-green-1")["health"] == "down"
+        assert [b["id"] for b in after["pools"]["blue"]["backends"] if b["ejected"]] == [out]
+        checks = _backend(after, out)["health_checks"]
+        assert checks["ejections_total"] == 1
+        assert abs(checks["ejected_until"] - until) < 5  # the same end, not a fresh 5 min
+        shop = await in_thread(proxy.service_state, "shop")
+        assert {b["id"]: b["health"] for p in shop["pools"].values() for b in p["backends"]} == {
+            "shop-blue-1": "up",
+            "shop-green-1": "up",
+        }
+        assert not any(b["ejected"] for p in shop["pools"].values() for b in p["backends"])
+        # api-green-1 rises on the new process's own checks
+        await async_wait_for(
+            lambda: _backend(proxy.service_state("api"), "api-green-1")["health"] == "up",
+            30,
+            "api-green-1 up",
+        )
+    finally:
+        await in_thread(proxy.stop)
+        for backend in backends.values():
+            await backend.stop()
