@@ -285,3 +285,39 @@ async def test_health_verdicts_and_ejections_of_the_second_service_survive(
         await in_thread(proxy.stop)
         for backend in backends.values():
             await backend.stop()
+
+
+@pytest.mark.parametrize("saved", [False, True], ids=["handover-line", "state-path"])
+async def test_a_rollout_of_the_second_service_goes_on_in_the_new_process(
+    backends: list[Backend], tmp_path: Path, saved: bool
+) -> None:
+    state_path = tmp_path / "state.json" if saved else None
+    proxy = await in_thread(ServicesProxy(_config(backends, state_path), tmp_path).start)
+    api = proxy.api
+    try:
+        body = {
+            "to": "green",
+            "steps": [{"weight": 20, "pause": "10m"}, {"weight": 100}],
+            "analysis": {"interval": "300ms", "min_requests": 1000000},
+        }
+        status, started = await in_thread(api, "POST", "/api/v1/services/api/rollouts", body)
+        assert status in (200, 201), started
+        current = "/api/v1/services/api/rollouts/current"
+        _, before = await in_thread(api, "GET", current)
+        new = await in_thread(proxy.upgrade)
+        assert new != proxy.first_pid
+        _, after = await in_thread(api, "GET", current)
+        keys = ("id", "to", "phase", "step", "step_weight")
+        assert {k: after["rollout"][k] for k in keys} == {k: before["rollout"][k] for k in keys}
+        assert after["rollout"]["step_weight"] == 20
+        assert _weights(await in_thread(proxy.service_state, "api")) == {"blue": 80, "green": 20}
+        # the other service has no rollout and kept its weights
+        status, _ = await in_thread(api, "GET", "/api/v1/services/shop/rollouts/current")
+        assert status == 404
+        assert _weights(await in_thread(proxy.service_state, "shop")) == {"blue": 100, "green": 0}
+        # driven by the new process: abort sends api back to blue
+        status, _ = await in_thread(api, "POST", current + "/abort", {})
+        assert status == 200
+        assert _weights(await in_thread(proxy.service_state, "api")) == {"blue": 100, "green": 0}
+    finally:
+        await in_thread(proxy.stop)
