@@ -208,11 +208,36 @@ async def test_no_default_service_loads_the_first_and_switches(tmp_path: Path) -
         await page.locator("#service").select_option("api")
         await expect(board.backend("api-blue-1")).to_be_visible(timeout=WAIT_MS)
         await expect(board.backend("shop-blue-1")).to_have_count(0)
+        # the rollout shown and its controls are the selected service's
+        body = {
+            "to": "green",
+            "steps": [{"weight": 20, "pause": "10m"}, {"weight": 100}],
+            # no verdict within the test: only the operator pauses it
+            "analysis": {"interval": "10m"},
+        }
+        started = await admin.call("POST", "/api/v1/services/api/rollouts", body)
+        assert started.status == 201, started.json()
+        current = "/api/v1/services/api/rollouts/current"
+        assert await _phase(admin, current) == "progressing"
+        pause = page.locator("#rollout-body button.rollout-pause")
+        await expect(pause).to_be_enabled(timeout=WAIT_MS)
+        await pause.click()
+        await async_wait_for(
+            lambda: _is(_phase(admin, current), "paused"), 10, "api's rollout paused"
+        )
+        await expect(page.locator("#rollout-body .phase")).to_have_text("paused", timeout=WAIT_MS)
+        events = (await admin.call("GET", "/api/v1/services/api/events")).json()["events"]
+        assert [e["actor"] for e in events if e["action"] == "rollout.pause"] == ["default"]
+        assert (await admin.call("GET", "/api/v1/services/shop/rollouts/current")).status == 404
         # a few polls go by without an error banner
         updated = await page.locator("#updated").inner_text()
         await expect(page.locator("#updated")).not_to_have_text(updated, timeout=WAIT_MS)
         await expect(page.locator("#error")).to_be_hidden()
         await expect(page.locator("#main")).to_be_visible()
+
+
+async def _phase(admin: AdminClient, path: str) -> str:
+    return str((await admin.call("GET", path)).json()["rollout"]["phase"])
 
 
 async def _is(value: Any, wanted: Any) -> bool:
