@@ -102,6 +102,9 @@ async def test_login_and_live_figures_under_load(site: Site, dashboard: Dashboar
         await expect(health).to_contain_text("HTTP 200")
         await expect(health).to_contain_text("failures 0/3 to down")
     await expect(page.locator("#whoami")).to_have_text("token: default (write)")
+    # one service (default): no service selector, the un-prefixed API
+    await expect(page.locator("#service-pick")).to_be_hidden()
+    assert not (await page.locator("#meta").inner_text()).startswith("service")
     # no traffic yet
     await expect(dashboard.backend("blue-1").locator("td.requests")).to_have_text("0")
     assert await dashboard.pool_figure("blue", "p99") == NO_VALUE

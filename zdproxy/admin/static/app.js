@@ -1,13 +1,19 @@
 // zdproxy dashboard: plain JavaScript, no build step, no third-party code.
 //
 // Asks for the admin token (kept in this tab's sessionStorage only), then polls
-// the admin API once a second: /api/v1/state (pools, backends, live figures),
-// /api/v1/rollouts/current and /api/v1/events. The traffic chart's series is
+// the admin API once a second: /api/v1/services (which services there are),
+// then the shown service's state (pools, backends, live figures),
+// rollouts/current and events. The traffic chart's series is
 // kept here, in the page, from those polls. Every change goes through the same
 // API as `zdproxy ctl`; large traffic moves ask for confirmation first.
+//
+// Services: with only the service "default", every call uses the un-prefixed
+// paths (/api/v1/state...). Otherwise a selector picks the service (kept in
+// sessionStorage) and every call goes to /api/v1/services/{name}/...
 "use strict";
 
 const KEY = "zdproxy-admin-token";
+const SERVICE_KEY = "zdproxy-service";
 const POLL_MS = 1000;
 const CHART_SECONDS = 300;
 /** a split moving at least this many points of traffic asks first */
@@ -24,7 +30,15 @@ const view = {
   lastTotals: null, // {t, totals: {pool: requests_total}}
   splitDirty: false,
   timer: null,
+  /** the service shown; null: the un-prefixed API (only the service default) */
+  service: null,
+  services: [], // names, in the API's order
 };
+
+/** Where the shown service's endpoints are. */
+function base() {
+  return view.service === null ? "/api/v1" : `/api/v1/services/${encodeURIComponent(view.service)}`;
+}
 
 // ---- small DOM helpers -------------------------------------------------------
 
@@ -134,19 +148,30 @@ function authFailed(error) {
   signOut(why);
 }
 
-function signOut(message) {
-  sessionStorage.removeItem(KEY);
-  clearTimeout(view.timer);
+/** Forget what the page shows of a service (another one is shown next). */
+function clearView() {
   view.state = null;
   view.series = [];
   view.lastTotals = null;
+  view.splitDirty = false;
   view.pools.clear();
+  view.colors.clear();
   $("pools").replaceChildren();
   $("split-inputs").replaceChildren();
   $("events").querySelector("tbody").replaceChildren();
   $("rollout-body").replaceChildren();
   $("chart").replaceChildren();
   $("legend").replaceChildren();
+}
+
+function signOut(message) {
+  sessionStorage.removeItem(KEY);
+  clearTimeout(view.timer);
+  clearView();
+  view.services = [];
+  view.service = null;
+  $("service").replaceChildren();
+  $("service-pick").hidden = true;
   $("meta").textContent = $("whoami").textContent = $("updated").textContent = "";
   showBanner("notice", "");
   $("main").hidden = true;
@@ -171,19 +196,61 @@ async function act(method, path, body, done) {
 
 // ---- polling -----------------------------------------------------------------
 
+/** Which service to show, from /api/v1/services: with only "default", none
+ * (the un-prefixed API); otherwise the one chosen before, else default, else
+ * the first. */
+function pickService(listing) {
+  const names = listing.services.map((s) => s.name);
+  const single = names.length === 1 && names[0] === listing.default;
+  let wanted = null;
+  if (!single) {
+    const chosen = sessionStorage.getItem(SERVICE_KEY);
+    wanted = names.includes(chosen) ? chosen : names.includes(listing.default) ? listing.default : names[0];
+  }
+  renderServices(single ? [] : names, wanted);
+  if (wanted !== view.service) {
+    clearView();
+    view.service = wanted;
+  }
+}
+
+function renderServices(names, wanted) {
+  const select = $("service");
+  if ([...select.options].map((o) => o.value).join("\n") !== names.join("\n")) {
+    select.replaceChildren(...names.map((n) => el("option", n)));
+  }
+  if (wanted !== null) select.value = wanted;
+  $("service-pick").hidden = names.length === 0;
+  view.services = names;
+}
+
+function chooseService() {
+  const name = $("service").value;
+  if (name === view.service) return;
+  sessionStorage.setItem(SERVICE_KEY, name);
+  clearView();
+  view.service = name;
+  showError("");
+  refresh();
+}
+
 async function refresh() {
   clearTimeout(view.timer);
   if (!sessionStorage.getItem(KEY)) return signOut("");
   try {
+    pickService(await api("GET", "/api/v1/services"));
+    const service = view.service;
+    const at = base();
     const [state, events, rollout] = await Promise.all([
-      api("GET", "/api/v1/state"),
-      api("GET", "/api/v1/events?limit=50"),
-      api("GET", "/api/v1/rollouts/current").catch((e) => {
+      api("GET", `${at}/state`),
+      api("GET", `${at}/events?limit=50`),
+      api("GET", `${at}/rollouts/current`).catch((e) => {
         if (e.status === 404 || e.status === 501) return null;
         throw e;
       }),
     ]);
     if (!sessionStorage.getItem(KEY)) return; // signed out meanwhile
+    if (service !== view.service) return; // another service was chosen meanwhile: its refresh runs
     $("login").hidden = true;
     $("main").hidden = false;
     $("logout").hidden = false;
@@ -203,7 +270,8 @@ function render(state, events, rollout) {
   const token = state.token || { name: "?", role: "write" };
   view.readOnly = token.role !== "write";
   document.body.classList.toggle("readonly", view.readOnly);
-  $("meta").textContent = `version ${state.version} · pid ${state.pid} · generation ${state.generation}`;
+  const shown = view.service === null ? "" : `service ${view.service} · `;
+  $("meta").textContent = shown + `version ${state.version} · pid ${state.pid} · generation ${state.generation}`;
   $("whoami").textContent = `token: ${token.name} (${token.role})`;
   $("updated").textContent = "updated " + new Date().toLocaleTimeString();
   showBanner(
@@ -395,7 +463,7 @@ async function applySplit(event) {
     return;
   }
   view.splitDirty = false;
-  await act("PUT", "/api/v1/split", to, `Split applied: ${summary}`);
+  await act("PUT", `${base()}/split`, to, `Split applied: ${summary}`);
 }
 
 async function flipTo(name) {
@@ -409,7 +477,7 @@ async function flipTo(name) {
     return;
   }
   view.splitDirty = false;
-  await act("POST", "/api/v1/flip", { to: name }, `Flipped to ${name}.`);
+  await act("POST", `${base()}/flip`, { to: name }, `Flipped to ${name}.`);
 }
 
 // ---- pools and backends ------------------------------------------------------
@@ -466,7 +534,7 @@ function backendRow(b) {
     const button = el("button", verb, "mutate " + verb);
     button.type = "button";
     button.addEventListener("click", () =>
-      act("POST", `/api/v1/backends/${encodeURIComponent(b.id)}/${verb}`, undefined, `${verb}: ${b.id}`),
+      act("POST", `${base()}/backends/${encodeURIComponent(b.id)}/${verb}`, undefined, `${verb}: ${b.id}`),
     );
     cells.actions.append(button);
     buttons[verb] = button;
@@ -652,7 +720,7 @@ async function rolloutAction(verb) {
   if (verb === "promote" && !window.confirm("Promote: skip the analysis of this step and go to the next one?")) {
     return;
   }
-  await act("POST", `/api/v1/rollouts/current/${verb}`, undefined, `Rollout: ${verb}`);
+  await act("POST", `${base()}/rollouts/current/${verb}`, undefined, `Rollout: ${verb}`);
 }
 
 // ---- events ------------------------------------------------------------------
@@ -703,6 +771,7 @@ $("login").addEventListener("submit", (event) => {
   refresh();
 });
 $("logout").addEventListener("click", () => signOut(""));
+$("service").addEventListener("change", chooseService);
 $("split").addEventListener("submit", applySplit);
 $("split-reset").addEventListener("click", () => {
   view.splitDirty = false;
