@@ -194,6 +194,8 @@ class AdminApi:
         self.services = services if services is not None else {DEFAULT_SERVICE: self.primary}
         self.reload_config = reload
         self.upgrade_process = upgrade
+        #: ``workers`` > 1: each worker's pid and figures, for the state answer
+        self.workers: Callable[[], list[dict[str, Any]]] | None = None
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -403,6 +405,8 @@ class AdminApi:
         # who asks: the dashboard greys out its buttons for a read token
         token = request[_TOKEN]
         view["token"] = {"name": token.name, "role": token.role}
+        if self.workers is not None:
+            view["workers"] = self.workers()
         if self.named:
             view["service"] = svc.name
             view["services"] = list(self.services)
@@ -867,6 +871,8 @@ class ControlPlane:
             services=self.services if named else None,
             upgrade=server.upgrader.upgrade,
         )
+        if server.workers is not None:
+            self.api.workers = server.workers.describe
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -883,6 +889,8 @@ class ControlPlane:
         return None
 
     def _data_path_counts(self) -> DataPathCounts:
+        if self.server.workers is not None:
+            return self.server.workers.data_path_counts()
         ctx = self.server.ctx
         if ctx is None:
             return DataPathCounts()
