@@ -164,6 +164,9 @@ def _type_text(annotation: Any, metadata: Sequence[Any]) -> str:
         item = _type_text(get_args(tp)[0], [])
         return f"{item} or list of {_plural(item)}"
     origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        # e.g. workers: a number or `auto`
+        return " or ".join(_type_text(arg, []) for arg in args)
     if origin is tuple:
         text = f"list of {_plural(_type_text(args[0], []))}"
         return f"{text}, not empty" if _bound(metadata, annotated_types.MinLen) else text

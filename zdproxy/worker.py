@@ -67,6 +67,7 @@ class WorkerProcess:
             loop.add_signal_handler(sig, lambda: None)
         loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
         self._send({"ready": os.getpid()})
+        self._send({"ack": first.get("seq", 0)})
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
         reporter = loop.create_task(self._report())
         listener = loop.create_task(self._listen(reader))
@@ -90,6 +91,7 @@ class WorkerProcess:
             message: dict[str, Any] = json.loads(line)
             if "state" in message:
                 apply_replica_state(server, message["state"])
+                self._send({"ack": message.get("seq", 0)})
             elif message.get("reload"):
                 self._reload()
 

@@ -196,6 +196,8 @@ class Worker:
     restarts: int = 0
     #: its last report's in-flight requests by backend id, and gauges
     in_flight: dict[str, int] = field(default_factory=dict)
+    #: the last state push it applied
+    acked: int = 0
     gauges: tuple[int, int, int] = (0, 0, 0)
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -213,6 +215,8 @@ class WorkerSet:
         self._stopping = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_state = False
+        #: state pushes so far (each worker acknowledges the ones it applied)
+        self._seq = 0
 
     # -- lifecycle --
 
@@ -239,6 +243,7 @@ class WorkerSet:
         """One incarnation of a worker: start it, read its reports until it exits,
         then restart it (unless stopping)."""
         server = self.server
+        worker.ready.clear()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         fds = [s.fileno() for s in server.sockets]
         env = dict(os.environ)
@@ -263,7 +268,8 @@ class WorkerSet:
         worker.pid = process.pid
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         worker.writer = writer
-        self._send(worker, replica_state(server))
+        worker.acked = 0
+        self._send(worker, {**replica_state(server), "seq": self._seq})
         try:
             await self._read(worker, reader)
         finally:
@@ -300,7 +306,9 @@ class WorkerSet:
                 return
             try:
                 message = json.loads(line)
-                if "ready" in message:
+                if "ack" in message:
+                    worker.acked = int(message["ack"])
+                elif "ready" in message:
                     worker.ready.set()
                 else:
                     self._merge(worker, message)
@@ -339,9 +347,23 @@ class WorkerSet:
 
     def _push_state(self) -> None:
         self._pending_state = False
-        message = replica_state(self.server)
+        self._seq += 1
+        message = {**replica_state(self.server), "seq": self._seq}
         for worker in self.workers:
             self._send(worker, message)
+
+    async def synced(self, timeout: float = 2.0) -> None:
+        """Wait until every serving worker applied the state as it is now (a
+        worker that starts meanwhile gets the current state anyway)."""
+        if self._pending_state:
+            self._push_state()
+        seq = self._seq
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if all(w.acked >= seq or w.writer is None for w in self.workers):
+                return
+            await asyncio.sleep(0.002)
+        log.warning("workers did not apply state %d within %.0f s", seq, timeout)
 
     def reloaded(self) -> None:
         """A config reload was applied: workers re-read their data-path settings."""
@@ -437,6 +459,7 @@ class WorkerSet:
                 "requests": w.requests,
                 "restarts": w.restarts,
                 "in_flight": sum(w.in_flight.values()),
+                "ready": w.ready.is_set() and w.writer is not None,
             }
             for w in self.workers
         ]

@@ -196,6 +196,7 @@ class AdminApi:
         self.upgrade_process = upgrade
         #: ``workers`` > 1: each worker's pid and figures, for the state answer
         self.workers: Callable[[], list[dict[str, Any]]] | None = None
+        self.workers_synced: Callable[[], Awaitable[None]] | None = None
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -326,7 +327,12 @@ class AdminApi:
         if length is not None and length > self.max_body:
             return error_response(413, f"request body too large (at most {self.max_body} bytes)")
         try:
-            return await handler(request)
+            response = await handler(request)
+            if self.workers_synced is not None and request.method in MUTATING_METHODS:
+                # workers: the change is in every worker before the answer, so that
+                # a request sent after the answer sees it (as with one process)
+                await self.workers_synced()
+            return response
         except (ApiError, ControlError) as exc:
             return error_response(exc.status, str(exc))
         except web.HTTPException as exc:
@@ -873,6 +879,7 @@ class ControlPlane:
         )
         if server.workers is not None:
             self.api.workers = server.workers.describe
+            self.api.workers_synced = server.workers.synced
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None

@@ -1,0 +1,242 @@
+"""``workers: 2``: a control process and two data-path workers, real processes.
+
+Both workers serve; a flip through the API reaches every worker before its answer
+(traffic follows, no failed request); a worker killed with SIGKILL is restarted
+and costs at most its in-flight requests; /metrics equals the requests sent;
+SIGTERM exits 0 and leaves no worker behind (checked by PID).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support import Backend, async_wait_for
+from support_control import AdminClient, AdminProxy, admin_config
+
+CLIENTS = 16
+
+
+@dataclass
+class Load:
+    #: (sent at, pool that answered) of every successful request
+    done: list[tuple[float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: bool = False
+
+    def since(self, moment: float) -> list[str]:
+        return [pool for sent, pool in self.done if sent > moment]
+
+
+async def client(url: str, load: Load, force_close: bool = False) -> None:
+    """One client connection after the other (``force_close``: a new connection
+    each request, so that the kernel spreads them over the workers)."""
+    loop = asyncio.get_running_loop()
+    connector = aiohttp.TCPConnector(limit=1, force_close=force_close)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        while not load.stop:
+            sent = loop.time()
+            try:
+                async with session.get(url) as response:
+                    await response.read()
+                    if response.status != 200:
+                        load.failures.append(f"status {response.status}")
+                        continue
+                    load.done.append((sent, response.headers["X-Zdproxy-Pool"]))
+            except (aiohttp.ClientError, KeyError) as exc:
+                load.failures.append(repr(exc))
+
+
+@pytest.fixture
+async def pools() -> AsyncIterator[list[Backend]]:
+    backends = [
+        await Backend(f"{pool}-{n}", pool).start() for pool in ("blue", "green") for n in (1, 2)
+    ]
+    for backend in backends:
+        backend.delay = 0.002  # requests stay in flight a little
+    yield backends
+    for backend in backends:
+        await backend.stop()
+
+
+def workers_config(pools: list[Backend]) -> dict[str, Any]:
+    return admin_config(
+        {
+            name: {
+                "weight": 100 if name == "blue" else 0,
+                "backends": [{"id": b.name, "address": b.address} for b in pools if b.pool == name],
+            }
+            for name in ("blue", "green")
+        },
+        None,
+        workers=2,
+    )
+
+
+async def start(config: dict[str, Any], tmp_path: Path) -> AdminProxy:
+    process = AdminProxy(config, tmp_path).start()
+    async with AdminClient(process.admin_url) as admin:
+
+        async def ready() -> bool:
+            workers = (await admin.state()).get("workers") or []
+            return len(workers) == 2 and all(w["ready"] for w in workers)
+
+        await async_wait_for(ready, 30, "two workers ready")
+    return process
+
+
+def parent_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rpartition(")")[2].split()[1])
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie counts as gone: it serves nothing)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def requests_total(admin: AdminClient) -> int:
+    answer = await admin.call("GET", "/metrics")
+    assert answer.status == 200, answer
+    text = answer.body.decode()
+    return sum(
+        int(float(value))
+        for value in re.findall(r"^zdproxy_requests_total\{[^}]*\} (\S+)$", text, re.M)
+    )
+
+
+async def test_both_workers_serve_and_metrics_equal_the_requests_sent(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    process = await start(workers_config(pools), tmp_path)
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            workers = (await admin.state())["workers"]
+            pids = [w["pid"] for w in workers]
+            assert len(set(pids)) == 2
+            assert all(parent_of(pid) == process.pid for pid in pids)
+            load = Load()
+            tasks = [
+                asyncio.get_running_loop().create_task(
+                    client(process.url + "/", load, force_close=True)
+                )
+                for _ in range(CLIENTS)
+            ]
+
+            async def both_served() -> bool:
+                workers = (await admin.state())["workers"]
+                return all(w["requests"] >= 20 for w in workers) or bool(load.failures)
+
+            await async_wait_for(both_served, 60, "requests served by both workers")
+            load.stop = True
+            await asyncio.gather(*tasks)
+            assert load.failures == []
+            sent = len(load.done)
+            assert set(load.since(0)) == {"blue"}
+
+            # the workers report every 200 ms: the totals reach the requests sent
+            async def counted() -> bool:
+                return await requests_total(admin) >= sent
+
+            await async_wait_for(counted, 10, "every request in /metrics")
+            assert await requests_total(admin) == sent
+            state = await admin.state()
+            assert sum(w["requests"] for w in state["workers"]) == sent
+            by_backend = sum(b["requests"] for b in state["pools"]["blue"]["backends"])
+            assert by_backend == sent
+            assert sum(len(b.requests) for b in pools) == sent
+    finally:
+        assert process.stop() == 0
+    assert not any(alive(pid) for pid in pids), "a worker outlived SIGTERM"
+
+
+async def test_flips_reach_every_worker_before_the_answer(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    process = await start(workers_config(pools), tmp_path)
+    loop = asyncio.get_running_loop()
+    load = Load()
+    tasks = [loop.create_task(client(process.url + "/", load)) for _ in range(CLIENTS)]
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            for target in ("green", "blue", "green", "blue"):
+                answered = loop.time()
+                await admin.ok("POST", "/api/v1/flip", {"to": target})
+                answered = loop.time()
+                settled = len(load.since(answered))
+
+                async def enough(settled: int = settled, answered: float = answered) -> bool:
+                    return len(load.since(answered)) >= settled + 200 or bool(load.failures)
+
+                await async_wait_for(enough, 30, f"requests after the flip to {target}")
+                # sent after the answer: every one answered by the new pool, in
+                # whichever worker took it
+                assert set(load.since(answered)) == {target}
+            workers = (await admin.state())["workers"]
+            assert all(w["requests"] > 0 for w in workers), workers
+    finally:
+        load.stop = True
+        await asyncio.gather(*tasks)
+        assert process.stop() == 0
+    assert load.failures == []
+
+
+async def test_a_killed_worker_is_restarted_and_costs_at_most_its_in_flight_requests(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    process = await start(workers_config(pools), tmp_path)
+    loop = asyncio.get_running_loop()
+    load = Load()
+    tasks = [
+        loop.create_task(client(process.url + "/", load, force_close=True)) for _ in range(CLIENTS)
+    ]
+    try:
+        async with AdminClient(process.admin_url) as admin:
+
+            async def busy() -> bool:
+                return len(load.done) >= 200
+
+            await async_wait_for(busy, 30, "load going")
+            victim = (await admin.state())["workers"][0]["pid"]
+            os.kill(victim, signal.SIGKILL)
+
+            async def restarted() -> bool:
+                worker = (await admin.state())["workers"][0]
+                return worker["pid"] != victim and worker["ready"] and worker["restarts"] == 1
+
+            await async_wait_for(restarted, 30, "the worker restarted")
+            assert not alive(victim)
+            new_pid = (await admin.state())["workers"][0]["pid"]
+            assert parent_of(new_pid) == process.pid
+            before = (await admin.state())["workers"][0]["requests"]
+
+            async def serves() -> bool:
+                worker = (await admin.state())["workers"][0]
+                return worker["requests"] >= before + 20
+
+            await async_wait_for(serves, 30, "the new worker serving")
+            events = await admin.events()
+            restarts = [e for e in events if e["action"] == "worker.restarted"]
+            assert len(restarts) == 1 and restarts[0]["before"]["pid"] == victim
+            assert restarts[0]["before"]["exit"] == -signal.SIGKILL
+        load.stop = True
+        await asyncio.gather(*tasks)
+        # one request at a time per client: at most one in flight on each
+        assert len(load.failures) <= CLIENTS, load.failures
+        assert "worker 0 (pid" in process.log() and "restarting" in process.log()
+    finally:
+        load.stop = True
+        await asyncio.gather(*tasks)
+        assert process.stop() == 0
