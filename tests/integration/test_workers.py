@@ -19,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from support import Backend, async_wait_for
 from support_control import AdminClient, AdminProxy, admin_config
 
@@ -239,4 +240,61 @@ async def test_a_killed_worker_is_restarted_and_costs_at_most_its_in_flight_requ
     finally:
         load.stop = True
         await asyncio.gather(*tasks)
+        assert process.stop() == 0
+
+
+async def fresh_get(url: str) -> tuple[int, str]:
+    """One request on a connection of its own (any worker may take it)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(url) as response,
+    ):
+        await response.read()
+        return response.status, response.headers.get("X-Zdproxy-Pool", "")
+
+
+async def test_a_reload_reaches_every_worker(pools: list[Backend], tmp_path: Path) -> None:
+    """Weights from the file and a data-path setting (the upstream response
+    timeout, applied by each worker) hold in both workers once the reload is
+    answered."""
+    config = workers_config(pools)
+    process = await start(config, tmp_path)
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            assert await fresh_get(process.url + "/slow/0.6") == (200, "blue")
+            config["pools"]["blue"]["weight"] = 0
+            config["pools"]["green"]["weight"] = 100
+            config["timeouts"] = {"upstream_response": "200ms"}
+            process.path.write_text(yaml.safe_dump(config, sort_keys=False))
+            answer = await admin.call("POST", "/api/v1/reload")
+            assert answer.status == 200, answer
+            results = await asyncio.gather(*(fresh_get(process.url + "/") for _ in range(CLIENTS)))
+            assert set(results) == {(200, "green")}
+            slow = await asyncio.gather(
+                *(fresh_get(process.url + "/slow/0.6") for _ in range(CLIENTS))
+            )
+            assert {status for status, _ in slow} == {504}
+            workers = (await admin.state())["workers"]
+            assert all(w["requests"] > 0 for w in workers), workers
+    finally:
+        assert process.stop() == 0
+
+
+async def test_hot_upgrade_is_refused_with_workers(pools: list[Backend], tmp_path: Path) -> None:
+    process = await start(workers_config(pools), tmp_path)
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            pids = [w["pid"] for w in (await admin.state())["workers"]]
+            process.signal(signal.SIGUSR2)
+
+            def refused() -> bool:
+                return "refused: not built for workers > 1 yet" in process.log()
+
+            await async_wait_for(refused, 10, "the refusal in the log")
+            assert await fresh_get(process.url + "/") == (200, "blue")
+            state = await admin.state()
+            assert state["pid"] == process.pid
+            assert [w["pid"] for w in state["workers"]] == pids
+    finally:
         assert process.stop() == 0
