@@ -315,8 +315,9 @@ class ProxyServer:
         self._stopping = True
         self._stop_accepting()
         if self.workers is not None:
-            # each worker drains as one process does
-            await self.workers.stop()
+            # each worker drains as one process does (after a hot upgrade, keep-alive
+            # clients get their next answer, with Connection: close)
+            await self.workers.stop(idle_grace)
         for sock in self.sockets:
             sock.close()
         if ctx is not None:

@@ -264,11 +264,6 @@ class Upgrader:
         if server.config_path is None:
             log.warning("hot upgrade by %s refused: not started with a config file", actor)
             return self._count(UpgradeResult("refused", "not started with a config file"))
-        if server.workers is not None:
-            log.warning("hot upgrade by %s refused: not built for workers > 1 yet", actor)
-            return self._count(
-                UpgradeResult("refused", "hot upgrade is not built for workers > 1 yet")
-            )
         self.busy = True
         await server.started.wait()
         log.info("hot upgrade by %s: starting a new process", actor)

@@ -94,6 +94,8 @@ class WorkerProcess:
                 self._send({"ack": message.get("seq", 0)})
             elif message.get("reload"):
                 self._reload()
+            elif "stop" in message:
+                server.request_stop(float(message["stop"]))
 
     def _reload(self) -> None:
         """Data-path settings (timeouts, limits, routes, sticky) from the file, as the

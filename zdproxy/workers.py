@@ -7,10 +7,11 @@ accept on the same socket) and one end of a unix socket pair, the channel.
 
 Over the channel, one JSON object a line:
 
-* control -> worker: ``{"state": ...}`` (``replica_state``) whenever a service's
-  Runtime publishes a snapshot, with the snapshot version; ``{"reload": true}``
-  after a config reload was applied (the worker re-reads the file for its
-  data-path settings, as ``Reloader`` does for ``ctx``).
+* control -> worker: ``{"state": ..., "seq": n}`` (``replica_state``) whenever a
+  service's Runtime publishes a snapshot (acknowledged with ``{"ack": n}``);
+  ``{"reload": true}`` after a config reload was applied (the worker re-reads
+  the file for its data-path settings, as ``Reloader`` does for ``ctx``);
+  ``{"stop": idle_grace}`` to drain and exit.
 * worker -> control: ``{"ready": pid}`` once serving, then every ``REPORT_EVERY``
   seconds a delta of its counters (``WorkerCounters.take``), merged here into the
   control process's ``Backend`` and ``PoolStats`` objects: /metrics, the API,
@@ -315,13 +316,19 @@ class WorkerSet:
             except Exception:
                 log.exception("worker %d: bad report", worker.index)
 
-    async def stop(self) -> None:
-        """SIGTERM to every worker (each drains as one process does), then wait for
-        them; those still running after the shutdown timeout are killed."""
+    async def stop(self, idle_grace: float = 0.0) -> None:
+        """Ask every worker to stop (each drains as one process does; ``idle_grace``
+        as ``ProxyServer.shutdown``), then wait for them; those still running 5 s
+        after the shutdown timeout are killed. SIGTERM when the channel is gone."""
         self._stopping = True
         processes = [w.process for w in self.workers if w.process is not None]
-        for process in processes:
-            if process.returncode is None:
+        for worker in self.workers:
+            process = worker.process
+            if process is None or process.returncode is not None:
+                continue
+            if worker.writer is not None and not worker.writer.is_closing():
+                self._send(worker, {"stop": idle_grace})
+            else:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
         timeout = self.server.config.shutdown_timeout + 5.0

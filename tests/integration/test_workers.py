@@ -3,7 +3,8 @@
 Both workers serve; a flip through the API reaches every worker before its answer
 (traffic follows, no failed request); a worker killed with SIGKILL is restarted
 and costs at most its in-flight requests; /metrics equals the requests sent;
-SIGTERM exits 0 and leaves no worker behind (checked by PID).
+SIGTERM exits 0 and leaves no worker behind (checked by PID); a reload and a hot
+upgrade reach the workers.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import os
 import re
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +22,9 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
-from support import Backend, async_wait_for
+from support import Backend, async_wait_for, in_thread
 from support_control import AdminClient, AdminProxy, admin_config
+from support_upgrade import KeepAliveLoad, UpgradingProxy, upgrade_config
 
 CLIENTS = 16
 
@@ -281,20 +284,43 @@ async def test_a_reload_reaches_every_worker(pools: list[Backend], tmp_path: Pat
         assert process.stop() == 0
 
 
-async def test_hot_upgrade_is_refused_with_workers(pools: list[Backend], tmp_path: Path) -> None:
-    process = await start(workers_config(pools), tmp_path)
+def wait_workers_ready(proxy: UpgradingProxy, pid: int) -> list[int]:
+    """Until the process ``pid`` serves with two ready workers; their pids."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = proxy.state()
+        workers = state.get("workers") or []
+        if state["pid"] == pid and len(workers) == 2 and all(w["ready"] for w in workers):
+            return [int(w["pid"]) for w in workers]
+        time.sleep(0.05)
+    raise AssertionError(f"no two ready workers:\n{proxy.log()}")
+
+
+async def test_hot_upgrade_with_workers_under_load_fails_no_request(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    """SIGUSR2: the new control process starts its workers; once it serves, the
+    old one stops its workers (each drains) and exits; no request fails."""
+    config = upgrade_config(
+        {"blue": {"weight": 100, "backends": [{"address": pools[0].address}]}}, None, workers=2
+    )
+    proxy = await in_thread(UpgradingProxy(config, tmp_path).start)
     try:
-        async with AdminClient(process.admin_url) as admin:
-            pids = [w["pid"] for w in (await admin.state())["workers"]]
-            process.signal(signal.SIGUSR2)
-
-            def refused() -> bool:
-                return "refused: not built for workers > 1 yet" in process.log()
-
-            await async_wait_for(refused, 10, "the refusal in the log")
-            assert await fresh_get(process.url + "/") == (200, "blue")
-            state = await admin.state()
-            assert state["pid"] == process.pid
-            assert [w["pid"] for w in state["workers"]] == pids
+        old = proxy.first_pid
+        old_workers = await in_thread(wait_workers_ready, proxy, old)
+        async with KeepAliveLoad(proxy.url, clients=CLIENTS) as load:
+            await load.wait_requests(300)
+            new = await in_thread(proxy.upgrade)
+            new_workers = await in_thread(wait_workers_ready, proxy, new)
+            await in_thread(proxy.wait_exited, old)
+            await load.wait_requests(300)
+        figures = load.figures
+        assert figures.errors == [], figures.errors[:5]
+        assert figures.non_2xx == 0, figures.statuses
+        assert set(figures.backends) == {"blue-1"}
+        assert proxy.proc is not None and proxy.proc.returncode == 0
+        assert not any(alive(pid) for pid in old_workers), "an old worker outlived the upgrade"
+        assert all(parent_of(pid) == new for pid in new_workers)
+        assert not set(new_workers) & set(old_workers)
     finally:
-        assert process.stop() == 0
+        await in_thread(proxy.stop)
