@@ -324,3 +324,65 @@ async def test_hot_upgrade_with_workers_under_load_fails_no_request(
         assert not set(new_workers) & set(old_workers)
     finally:
         await in_thread(proxy.stop)
+
+
+async def pinned_get(url: str, cookie: str | None = None) -> tuple[str, str | None]:
+    """One request on a connection of its own: (pool, the affinity pin set)."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    headers = {"Cookie": f"zd_affinity={cookie}"} if cookie else {}
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        session.get(url, headers=headers) as response,
+    ):
+        await response.read()
+        assert response.status == 200
+        morsel = response.cookies.get("zd_affinity")
+        return response.headers["X-Zdproxy-Pool"], morsel.value if morsel else None
+
+
+async def test_affinity_pins_hold_in_every_worker(pools: list[Backend], tmp_path: Path) -> None:
+    """The control process's sticky key is every worker's: a pin set by one worker
+    is honoured by the other (with different keys, half would move)."""
+    config = workers_config(pools)
+    config["pools"]["blue"]["weight"] = config["pools"]["green"]["weight"] = 50
+    config["sticky"] = {"mode": "pool"}
+    process = await start(config, tmp_path)
+    try:
+        first = [await pinned_get(process.url + "/") for _ in range(30)]
+        assert all(pin for _, pin in first)
+        assert {pool for pool, _ in first} == {"blue", "green"}
+        for pool, pin in first:
+            for _ in range(3):
+                assert await pinned_get(process.url + "/", pin) == (pool, None)
+        async with AdminClient(process.admin_url) as admin:
+            workers = (await admin.state())["workers"]
+            assert all(w["requests"] > 0 for w in workers), workers
+    finally:
+        assert process.stop() == 0
+
+
+async def test_passive_health_results_reach_the_control_process(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    """Outlier detection runs in the control process on the workers' results: a
+    backend answering 500 is ejected, as with one process."""
+    config = workers_config(pools)
+    config["outlier_detection"] = {
+        "enabled": True,
+        "consecutive_5xx": 3,
+        "base_ejection_time": "30s",
+        "max_ejection_percent": 50,
+    }
+    process = await start(config, tmp_path)
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            statuses = [(await fresh_get(process.url + "/status/500"))[0] for _ in range(CLIENTS)]
+            assert set(statuses) == {500}
+
+            async def ejected() -> bool:
+                backends = (await admin.state())["pools"]["blue"]["backends"]
+                return sum(b["ejected"] for b in backends) == 1
+
+            await async_wait_for(ejected, 10, "one blue backend ejected")
+    finally:
+        assert process.stop() == 0
