@@ -29,7 +29,7 @@ from zdproxy.workers import (
     ENV_LISTEN,
     REPORT_EVERY,
     RecordingObserver,
-    apply_replica_state,
+    apply_message_state,
     take_counters,
 )
 
@@ -53,7 +53,7 @@ class WorkerProcess:
         reader, self._writer = await asyncio.open_unix_connection(sock=channel)
         # the first state first: until then every backend is "starting", unroutable
         first = json.loads(await reader.readline())
-        apply_replica_state(server, first["state"])
+        apply_message_state(server, first)
         await server.start()
         ctx = server.ctx
         assert ctx is not None
@@ -90,7 +90,7 @@ class WorkerProcess:
                 return
             message: dict[str, Any] = json.loads(line)
             if "state" in message:
-                apply_replica_state(server, message["state"])
+                apply_message_state(server, message)
                 self._send({"ack": message.get("seq", 0)})
             elif message.get("reload"):
                 self._reload()

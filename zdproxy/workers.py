@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any
 
 from zdproxy.balancing.model import Admin, Backend, Health, Snapshot, derive_state
 from zdproxy.balancing.stats import PoolStats
+from zdproxy.config.schema import ShadowConfig
+from zdproxy.control.shadow import settings_json
 from zdproxy.metrics import DataPathCounts
 
 if TYPE_CHECKING:
@@ -83,7 +85,16 @@ def replica_state(server: ProxyServer) -> dict[str, Any]:
                 for b in runtime.backends.values()
             ],
         }
-    return {"state": services}
+    return {"state": services, "shadow": settings_json(server.shadow.settings)}
+
+
+def apply_message_state(server: ProxyServer, message: Mapping[str, Any]) -> None:
+    """A state push, in a worker: the services' replicas, then shadow settings
+    (changed through the API: the data path's sender follows, as in one process)."""
+    apply_replica_state(server, message["state"])
+    shadow = message.get("shadow")
+    if shadow is not None:
+        server.shadow.rollback(ShadowConfig.model_validate(shadow))
 
 
 def apply_replica_state(server: ProxyServer, message: Mapping[str, Any]) -> None:
@@ -224,6 +235,7 @@ class WorkerSet:
     async def start(self) -> None:
         for service in self.server.services.values():
             service.runtime.subscribe(self._on_snapshot)
+        self.server.shadow.subscribe(self._on_shadow)
         for worker in self.workers:
             self._spawn(worker)
         await asyncio.wait_for(
@@ -345,12 +357,15 @@ class WorkerSet:
 
     # -- control -> workers --
 
-    def _on_snapshot(self, snapshot: Snapshot) -> None:
+    def _on_snapshot(self, snapshot: Snapshot | None) -> None:
         # several publishes in one loop turn (a batch of changes) send one state
         if self._pending_state:
             return
         self._pending_state = True
         asyncio.get_running_loop().call_soon(self._push_state)
+
+    def _on_shadow(self, settings: ShadowConfig) -> None:
+        self._on_snapshot(None)
 
     def _push_state(self) -> None:
         self._pending_state = False

@@ -14,10 +14,10 @@ import os
 import re
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import pytest
@@ -27,6 +27,7 @@ from support_control import AdminClient, AdminProxy, admin_config
 from support_upgrade import KeepAliveLoad, UpgradingProxy, upgrade_config
 
 CLIENTS = 16
+T = TypeVar("T")
 
 
 @dataclass
@@ -95,6 +96,25 @@ async def start(config: dict[str, Any], tmp_path: Path) -> AdminProxy:
 
         await async_wait_for(ready, 30, "two workers ready")
     return process
+
+
+async def every_worker(admin: AdminClient, send: Callable[[], Awaitable[list[T]]]) -> list[T]:
+    """Batches of requests (``send``) until every worker answered some of them;
+    the results of all. Waits for the reports (every 200 ms) of each batch."""
+    base = [w["requests"] for w in (await admin.state())["workers"]]
+    results: list[T] = []
+    for _ in range(20):
+        results += await send()
+
+        async def reported(sent: int = len(results)) -> bool:
+            counts = [w["requests"] for w in (await admin.state())["workers"]]
+            return sum(counts) - sum(base) >= sent
+
+        await async_wait_for(reported, 10, "the workers' reports")
+        counts = [w["requests"] for w in (await admin.state())["workers"]]
+        if all(now > then for now, then in zip(counts, base, strict=True)):
+            return results
+    raise AssertionError("one worker took every connection of 20 batches")
 
 
 def parent_of(pid: int) -> int:
@@ -172,9 +192,20 @@ async def test_flips_reach_every_worker_before_the_answer(
     process = await start(workers_config(pools), tmp_path)
     loop = asyncio.get_running_loop()
     load = Load()
-    tasks = [loop.create_task(client(process.url + "/", load)) for _ in range(CLIENTS)]
+    # keep-alive clients (the next request follows the answer at once) and clients
+    # with a new connection per request (so that both workers take some all along)
+    tasks = [
+        loop.create_task(client(process.url + "/", load, force_close=n % 2 == 1))
+        for n in range(2 * CLIENTS)
+    ]
     try:
         async with AdminClient(process.admin_url) as admin:
+
+            async def both_serve() -> bool:
+                workers = (await admin.state())["workers"]
+                return all(w["requests"] >= 20 for w in workers) or bool(load.failures)
+
+            await async_wait_for(both_serve, 60, "requests served by both workers")
             for target in ("green", "blue", "green", "blue"):
                 answered = loop.time()
                 await admin.ok("POST", "/api/v1/flip", {"to": target})
@@ -272,14 +303,16 @@ async def test_a_reload_reaches_every_worker(pools: list[Backend], tmp_path: Pat
             process.path.write_text(yaml.safe_dump(config, sort_keys=False))
             answer = await admin.call("POST", "/api/v1/reload")
             assert answer.status == 200, answer
-            results = await asyncio.gather(*(fresh_get(process.url + "/") for _ in range(CLIENTS)))
+
+            async def batch(path: str) -> list[tuple[int, str]]:
+                return list(
+                    await asyncio.gather(*(fresh_get(process.url + path) for _ in range(CLIENTS)))
+                )
+
+            results = await every_worker(admin, lambda: batch("/"))
             assert set(results) == {(200, "green")}
-            slow = await asyncio.gather(
-                *(fresh_get(process.url + "/slow/0.6") for _ in range(CLIENTS))
-            )
+            slow = await every_worker(admin, lambda: batch("/slow/0.6"))
             assert {status for status, _ in slow} == {504}
-            workers = (await admin.state())["workers"]
-            assert all(w["requests"] > 0 for w in workers), workers
     finally:
         assert process.stop() == 0
 
@@ -351,12 +384,17 @@ async def test_affinity_pins_hold_in_every_worker(pools: list[Backend], tmp_path
         first = [await pinned_get(process.url + "/") for _ in range(30)]
         assert all(pin for _, pin in first)
         assert {pool for pool, _ in first} == {"blue", "green"}
-        for pool, pin in first:
-            for _ in range(3):
-                assert await pinned_get(process.url + "/", pin) == (pool, None)
+
+        async def batch() -> list[tuple[tuple[str, str | None], str]]:
+            answers = await asyncio.gather(
+                *(pinned_get(process.url + "/", pin) for _, pin in first)
+            )
+            return list(zip(answers, [pool for pool, _ in first], strict=True))
+
         async with AdminClient(process.admin_url) as admin:
-            workers = (await admin.state())["workers"]
-            assert all(w["requests"] > 0 for w in workers), workers
+            # until both workers answered pinned requests: each honours every pin
+            results = await every_worker(admin, batch)
+        assert all(answer == (pool, None) for answer, pool in results)
     finally:
         assert process.stop() == 0
 
@@ -384,5 +422,36 @@ async def test_passive_health_results_reach_the_control_process(
                 return sum(b["ejected"] for b in backends) == 1
 
             await async_wait_for(ejected, 10, "one blue backend ejected")
+    finally:
+        assert process.stop() == 0
+
+
+async def test_shadow_settings_from_the_api_reach_every_worker(
+    pools: list[Backend], tmp_path: Path
+) -> None:
+    process = await start(workers_config(pools), tmp_path)
+    blue = [b for b in pools if b.pool == "blue"]
+    green = [b for b in pools if b.pool == "green"]
+    try:
+        async with AdminClient(process.admin_url) as admin:
+            await admin.ok("PUT", "/api/v1/shadow", {"pool": "green", "percent": 100})
+
+            async def batch() -> list[tuple[int, str]]:
+                return list(
+                    await asyncio.gather(*(fresh_get(process.url + "/") for _ in range(CLIENTS)))
+                )
+
+            results = await every_worker(admin, batch)
+            assert set(results) == {(200, "blue")}
+
+            def copied() -> bool:
+                return sum(len(b.requests) for b in green) >= len(results)
+
+            await async_wait_for(copied, 10, "a shadow copy of every request")
+            assert sum(len(b.requests) for b in green) == sum(len(b.requests) for b in blue)
+            await admin.ok("DELETE", "/api/v1/shadow")
+            copies = sum(len(b.requests) for b in green)
+            await asyncio.gather(*(fresh_get(process.url + "/") for _ in range(CLIENTS)))
+            assert sum(len(b.requests) for b in green) == copies
     finally:
         assert process.stop() == 0
