@@ -16,11 +16,15 @@ import os
 import signal
 import socket
 import sys
+from functools import partial
 from typing import Any
 
+from zdproxy.balancing.model import Backend
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.config.loader import ConfigError, load_config
 from zdproxy.config.schema import Config
+from zdproxy.control.runtime import Runtime
+from zdproxy.health.drain import TunnelDrainer
 from zdproxy.server import ProxyServer
 from zdproxy.services import route_table
 from zdproxy.workers import (
@@ -60,6 +64,7 @@ class WorkerProcess:
         ctx.observer = self.observer
         ctx.retry_policy = RetryBudget(server.config.retries.budget_percent)
         loop = asyncio.get_running_loop()
+        self._start_tunnel_drainers(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, server.request_stop)
         # reload and upgrade are the control process's; a stray signal must not kill
@@ -78,6 +83,17 @@ class WorkerProcess:
         self._send(take_counters(server, self.observer))
         await self._writer.drain()
         self._writer.close()
+
+    def _start_tunnel_drainers(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Tunnels (WebSocket) to a backend that drained, or drains past its
+        timeout, are closed here: they are this worker's. The replica's admin
+        states come from the control process (which turns DRAINING into DRAINED)."""
+        services = list(self.server.services.values())
+        for service in services:
+            drainer = TunnelDrainer(service)
+            others = [s.runtime for s in services if s is not service]
+            drainer.foreign = partial(_owned_by_any, others)
+            drainer.start(loop)
 
     async def _listen(self, reader: asyncio.StreamReader) -> None:
         server = self.server
@@ -136,6 +152,10 @@ class WorkerProcess:
         writer = self._writer
         if writer is not None and not writer.is_closing():
             writer.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+
+
+def _owned_by_any(runtimes: list[Runtime], backend: Backend) -> bool:
+    return any(runtime.backends.get(backend.id) is backend for runtime in runtimes)
 
 
 def main() -> int:

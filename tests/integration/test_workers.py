@@ -455,3 +455,38 @@ async def test_shadow_settings_from_the_api_reach_every_worker(
             assert sum(len(b.requests) for b in green) == copies
     finally:
         assert process.stop() == 0
+
+
+async def test_a_tunnel_in_a_worker_gets_the_drain_timeout(tmp_path: Path) -> None:
+    """The control process drains (in-flight counts the workers' tunnels) and
+    marks the backend drained at the timeout; the worker holding the tunnel
+    closes it then. The tunnel to the other backend is untouched."""
+    from support_health import running as running_backends
+
+    async with (
+        running_backends(tmp_path, {"blue": 2}, draining={"timeout": "1.5s"}, workers=2) as (
+            proxy,
+            _,
+        ),
+        aiohttp.ClientSession() as session,
+    ):
+        sockets = [await session.ws_connect(f"http://127.0.0.1:{proxy.port}/ws") for _ in range(2)]
+        owners = []
+        for ws in sockets:
+            await ws.send_str("hi")
+            owners.append((await ws.receive_str()).split(":")[0])
+        assert sorted(owners) == ["blue-1", "blue-2"]
+        drained_ws = sockets[owners.index("blue-1")]
+        other_ws = sockets[owners.index("blue-2")]
+        status, _ = await proxy.api("POST", "/api/v1/backends/blue-1/drain")
+        assert status == 200
+        # open while draining: the tunnel counts as in flight, the drain waits
+        await drained_ws.send_str("still there")
+        assert await drained_ws.receive_str() == "blue-1:still there"
+        message = await drained_ws.receive(timeout=15)
+        assert message.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        await proxy.wait_state("blue-1", "drained", 5)
+        await other_ws.send_str("ok")
+        assert await other_ws.receive_str() == "blue-2:ok"
+        for ws in sockets:
+            await ws.close()
