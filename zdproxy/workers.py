@@ -194,6 +194,19 @@ def take_counters(server: ProxyServer, observer: RecordingObserver) -> dict[str,
     }
     observer.results = []
     counters.connections_accepted = counters.retries = counters.tunnels_total = 0
+    sender = server.shadow_sender
+    if sender is not None and (sender.sent or sender.in_flight):
+        report["shadow"] = [
+            sender.sent,
+            {k: v for k, v in sender.results.items() if v},
+            sender.compared,
+            sender.live_latency_sum,
+            sender.shadow_latency_sum,
+            sender.in_flight,
+        ]
+        sender.sent = sender.compared = 0
+        sender.results = dict.fromkeys(sender.results, 0)
+        sender.live_latency_sum = sender.shadow_latency_sum = 0.0
     return report
 
 
@@ -211,6 +224,7 @@ class Worker:
     #: the last state push it applied
     acked: int = 0
     gauges: tuple[int, int, int] = (0, 0, 0)
+    shadow_in_flight: int = 0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -438,6 +452,20 @@ class WorkerSet:
                     observer.failure(backend, kind, now)
                 else:
                     observer.success(backend, now)
+        shadow = report.get("shadow")
+        worker.shadow_in_flight = 0
+        sender = server.shadow_sender
+        if shadow is not None and sender is not None:
+            sent, results, compared, live, copied, in_flight = shadow
+            sender.sent += int(sent)
+            for result, count in results.items():
+                sender.results[result] = sender.results.get(result, 0) + int(count)
+            sender.compared += int(compared)
+            sender.live_latency_sum += float(live)
+            sender.shadow_latency_sum += float(copied)
+            worker.shadow_in_flight = int(in_flight)
+        if sender is not None:
+            sender.in_flight = sum(w.shadow_in_flight for w in self.workers)
         gauges = report["gauges"]
         worker.gauges = (int(gauges[0]), int(gauges[1]), int(gauges[2]))
         for i, count in enumerate(report["counts"]):

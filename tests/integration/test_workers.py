@@ -449,6 +449,18 @@ async def test_shadow_settings_from_the_api_reach_every_worker(
 
             await async_wait_for(copied, 10, "a shadow copy of every request")
             assert sum(len(b.requests) for b in green) == sum(len(b.requests) for b in blue)
+            sent = sum(len(b.requests) for b in green)
+
+            # the figures are the sum of the workers'
+            async def summed() -> bool:
+                figures = (await admin.ok("GET", "/api/v1/shadow"))["figures"]
+                return bool(figures["sent"] >= sent and figures["in_flight"] == 0)
+
+            await async_wait_for(summed, 10, "the shadow figures summed")
+            figures = (await admin.ok("GET", "/api/v1/shadow"))["figures"]
+            assert figures["sent"] == sent
+            assert figures["results"]["match"] == sent, figures
+            assert figures["compared"] == sent
             await admin.ok("DELETE", "/api/v1/shadow")
             copies = sum(len(b.requests) for b in green)
             await asyncio.gather(*(fresh_get(process.url + "/") for _ in range(CLIENTS)))
