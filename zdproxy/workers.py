@@ -252,9 +252,15 @@ class WorkerSet:
         self.server.shadow.subscribe(self._on_shadow)
         for worker in self.workers:
             self._spawn(worker)
-        await asyncio.wait_for(
-            asyncio.gather(*(w.ready.wait() for w in self.workers)), READY_TIMEOUT
-        )
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(w.ready.wait() for w in self.workers)), READY_TIMEOUT
+            )
+        except TimeoutError:
+            # serve with those that are ready; the others are restarted until they are
+            late = [str(w.index) for w in self.workers if not w.ready.is_set()]
+            log.error("workers %s not ready after %.0f s", ", ".join(late), READY_TIMEOUT)
+            return
         log.info(
             "%d workers serving (pids %s)",
             self.count,
