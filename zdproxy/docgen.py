@@ -250,6 +250,7 @@ def _type_text(annotation: Any, metadata: Sequence[Any]) -> str:
         return f"{item} or list of {_plural(item)}"
     origin, args = get_origin(tp), get_args(tp)
     if origin in (Union, types.UnionType):
+        # e.g. workers: a number or `auto`
         return " or ".join(_type_text(arg, []) for arg in args)
     if origin is tuple:
         text = f"list of {_plural(_type_text(args[0], []))}"

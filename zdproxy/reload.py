@@ -92,6 +92,9 @@ class Reloader:
         except Exception as exc:
             log.exception("config reload failed while applying %s", path)
             return ReloadResult("error", [f"failed while applying: {exc}"], plan)
+        if self.server.workers is not None:
+            # the workers' data-path settings (timeouts, limits, routes...)
+            self.server.workers.reloaded()
         log.info("config reload by %s: %s", actor, "; ".join(plan.lines()) or "nothing changed")
         return ReloadResult("ok", [], plan, event)
 

@@ -33,6 +33,7 @@ from zdproxy.reload import Reloader, ReloadResult
 from zdproxy.services import Service, build_services, primary_name, route_table
 from zdproxy.tls import ListenerTlsSet, protocol_factory
 from zdproxy.upgrade import Handover, Upgrader, notify_ready
+from zdproxy.workers import WorkerSet
 
 if TYPE_CHECKING:
     from zdproxy.control.store import Persistence
@@ -121,6 +122,11 @@ class ProxyServer:
         self.retire_hooks: list[Hook] = []
         self.servers: list[asyncio.Server] = []
         self.sockets: list[socket.socket] = []
+        #: ``workers`` > 1: worker processes serve the data path, this one controls
+        count = config.worker_count()
+        self.workers: WorkerSet | None = (
+            WorkerSet(self, count) if count > 1 and config_path is not None else None
+        )
         self.start_hooks: list[Hook] = []
         self.stop_hooks: list[Hook] = []
         self._stopped = asyncio.Event()
@@ -202,7 +208,10 @@ class ProxyServer:
         # meeting backends that are not known to be up yet
         for hook in self.start_hooks:
             await hook(self)
-        await self._serve_sockets()
+        if self.workers is not None:
+            await self.workers.start()
+        else:
+            await self._serve_sockets()
         self.started.set()
 
     def _apply_fd_budget(self, ctx: ProxyContext) -> None:
@@ -305,6 +314,10 @@ class ProxyServer:
         log.info("shutting down: no new connections, finishing in-flight requests")
         self._stopping = True
         self._stop_accepting()
+        if self.workers is not None:
+            # each worker drains as one process does (after a hot upgrade, keep-alive
+            # clients get their next answer, with Connection: close)
+            await self.workers.stop(idle_grace)
         for sock in self.sockets:
             sock.close()
         if ctx is not None:

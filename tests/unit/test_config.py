@@ -399,7 +399,7 @@ def test_check_file_reports_every_problem(tmp_path: Path) -> None:
         f"{path}:2: pools: pool weights must sum to 100, got 90 (blue=90, green=0)",
         f"{path}:12: bogus: unknown key (expected one of: listen, admin, state, pools, "
         "health_check, outlier_detection, slow_start, sticky, routing, draining, retries, "
-        "timeouts, limits, http, log, shadow, shutdown_timeout, services, routes, "
+        "timeouts, limits, http, log, shadow, shutdown_timeout, workers, services, routes, "
         "default_service)",
     ]
 

@@ -194,6 +194,9 @@ class AdminApi:
         self.services = services if services is not None else {DEFAULT_SERVICE: self.primary}
         self.reload_config = reload
         self.upgrade_process = upgrade
+        #: ``workers`` > 1: each worker's pid and figures, for the state answer
+        self.workers: Callable[[], list[dict[str, Any]]] | None = None
+        self.workers_synced: Callable[[], Awaitable[None]] | None = None
         self.rolling = rolling
         self.shadow = shadow
         self.rollout_controller = rollouts
@@ -324,7 +327,12 @@ class AdminApi:
         if length is not None and length > self.max_body:
             return error_response(413, f"request body too large (at most {self.max_body} bytes)")
         try:
-            return await handler(request)
+            response = await handler(request)
+            if self.workers_synced is not None and request.method in MUTATING_METHODS:
+                # workers: the change is in every worker before the answer, so that
+                # a request sent after the answer sees it (as with one process)
+                await self.workers_synced()
+            return response
         except (ApiError, ControlError) as exc:
             return error_response(exc.status, str(exc))
         except web.HTTPException as exc:
@@ -403,6 +411,8 @@ class AdminApi:
         # who asks: the dashboard greys out its buttons for a read token
         token = request[_TOKEN]
         view["token"] = {"name": token.name, "role": token.role}
+        if self.workers is not None:
+            view["workers"] = self.workers()
         if self.named:
             view["service"] = svc.name
             view["services"] = list(self.services)
@@ -867,6 +877,9 @@ class ControlPlane:
             services=self.services if named else None,
             upgrade=server.upgrader.upgrade,
         )
+        if server.workers is not None:
+            self.api.workers = server.workers.describe
+            self.api.workers_synced = server.workers.synced
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -883,6 +896,8 @@ class ControlPlane:
         return None
 
     def _data_path_counts(self) -> DataPathCounts:
+        if self.server.workers is not None:
+            return self.server.workers.data_path_counts()
         ctx = self.server.ctx
         if ctx is None:
             return DataPathCounts()

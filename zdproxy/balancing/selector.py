@@ -208,6 +208,12 @@ class WeightedSelector:
         self._drain_timeout = draining.timeout
 
     @property
+    def secret(self) -> bytes:
+        """The sticky signing key (b"" before ``configure``): workers get the
+        control process's."""
+        return self._codec.secret if self._codec is not None else b""
+
+    @property
     def mode(self) -> str:
         return next(name for name, value in _MODES.items() if value == self._mode)
 

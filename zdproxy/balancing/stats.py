@@ -102,6 +102,28 @@ class PoolStats:
         #: cumulative log-scale latency histogram over ``FINE_BOUNDS``
         self.fine = [0] * FINE_BUCKETS
 
+    def absorb(
+        self, fine: Sequence[int], classes: Sequence[int], latency_sum: float, now: float
+    ) -> None:
+        """Add a worker's counts since its last report (``fine`` and ``classes`` as
+        the attributes of that name); the window ring gets them at ``now``."""
+        second = int(now)
+        bucket = self._ring[second % self.window_seconds]
+        if bucket.second != second:
+            bucket.reset(second)
+        for index, count in enumerate(fine):
+            if count:
+                coarse = _COARSE_OF[index]
+                self.fine[index] += count
+                self.histogram[coarse] += count
+                bucket.latency[coarse] += count
+        for index, count in enumerate(classes):
+            if count:
+                self.classes[index] += count
+                self.count += count
+                bucket.classes[index] += count
+        self.latency_sum += latency_sum
+
     def record(self, status: int, seconds: float, now: float) -> None:
         fine = bisect_left(FINE_BOUNDS, seconds)
         self.fine[fine] += 1

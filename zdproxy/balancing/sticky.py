@@ -77,6 +77,10 @@ class StickyCodec:
         self.cookie_attributes = f"; Max-Age={self.max_age}; Path=/; HttpOnly; SameSite=Lax"
         self._cache: dict[str, Pin | None] = {}
 
+    @property
+    def secret(self) -> bytes:
+        return self._key
+
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, _CONTEXT + payload, hashlib.sha256).digest()[:_MAC_BYTES]
 

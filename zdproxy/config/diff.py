@@ -212,4 +212,6 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         new.log.access_log_path,
     ):
         out.append("log.format and access log changes need a restart")
+    if old.workers != new.workers:
+        out.append("workers changes need a restart or a hot upgrade (SIGUSR2)")
     return out

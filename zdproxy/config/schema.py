@@ -1034,6 +1034,9 @@ class Config(_Model):
     ([Shadow traffic](rollouts.md#shadow-traffic))"""
     shutdown_timeout: Duration = 30.0
     """on SIGTERM/SIGINT, how long in-flight requests get to finish"""
+    workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+    """data-path worker processes: `auto` = usable cores; 1 = one process, as before
+    (see docs/workers.md)"""
     services: dict[ServiceName, ServiceConfig] = {}
     """several applications behind one listener, each with its own pools
     ([services](services.md))"""
@@ -1042,6 +1045,14 @@ class Config(_Model):
     ([precedence](services.md#precedence))"""
     default_service: str | None = None
     """the service a request no route matches goes to; unset: 404 `no-route`"""
+
+    def worker_count(self) -> int:
+        """``workers`` as a number (``auto``: the cores this process may run on)."""
+        if self.workers == "auto":
+            import os
+
+            return max(1, len(os.sched_getaffinity(0)))
+        return self.workers
 
     def backend_ids(self) -> list[tuple[str, str, BackendConfig]]:
         """(pool, id, backend) in file order, with default ids ``<pool>-<n>`` filled in."""
