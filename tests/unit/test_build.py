@@ -203,11 +203,12 @@ def test_the_build_reported_is_the_build_loaded() -> None:
         assert build() == expected
 
 
-def test_version_names_the_build() -> None:
-    """The subprocess resolves zdproxy as the suite's own process does (scripts/test
-    runs from a directory where the source tree does not shadow the install)."""
+def test_version_names_the_build(tmp_path: Path) -> None:
+    """The subprocess resolves zdproxy as the suite's own process does (away from
+    the source tree, which would shadow the installed package)."""
     out = subprocess.run(
         [sys.executable, "-m", "zdproxy.cli", "--version"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         check=True,
