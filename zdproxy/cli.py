@@ -163,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.version:
         from zdproxy import __version__
+        from zdproxy.buildinfo import build
 
-        print(f"zdproxy {__version__}")
+        print(f"zdproxy {__version__} ({build()})")
         return 0
     if not getattr(args, "func", None):
         parser.print_help()

@@ -39,6 +39,7 @@ from zdproxy.admin.figures import TrafficFigures
 from zdproxy.admin.figures import read as read_figures
 from zdproxy.admin.openapi import build_spec
 from zdproxy.balancing.model import Backend
+from zdproxy.buildinfo import build
 from zdproxy.config.schema import DEFAULT_SERVICE
 from zdproxy.control.events import Event, describe, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
@@ -802,6 +803,7 @@ def state_view(
     return {
         "pid": os.getpid(),
         "version": __version__,
+        "build": build(),
         "generation": runtime.version,
         "pools": pools,
         "rolling": rolling.view()["updates"] if rolling is not None else [],

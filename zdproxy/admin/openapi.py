@@ -111,6 +111,11 @@ _SCHEMAS: dict[str, Any] = {
         "properties": {
             "pid": {"type": "integer"},
             "version": {"type": "string"},
+            "build": {
+                "type": "string",
+                "enum": ["compiled", "pure"],
+                "description": "the hot modules built with mypyc, or all Python",
+            },
             "generation": {"type": "integer", "description": "routing snapshot number"},
             "pools": {"type": "object", "additionalProperties": _ref("Pool")},
             "rollout": {"type": "object", "nullable": True},

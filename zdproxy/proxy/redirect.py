@@ -73,7 +73,8 @@ class RedirectConnection(asyncio.Protocol):
             self._answer(error_response(408, "header-timeout", "request header timeout"))
 
     def data_received(self, data: bytes) -> None:
-        if self.answered:
+        answered = self.answered  # a local: self.answered may change in feed_data()
+        if answered:
             return  # read and dropped until the client closes: no reset over the answer
         self.received += len(data)
         if self.received > self.ctx.max_header_bytes:

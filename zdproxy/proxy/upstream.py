@@ -132,7 +132,11 @@ class UpstreamConnection(asyncio.Protocol):
         if peer is not None:
             peer.write(data)
             return
-        if self.exchange is None:
+        # a local, never `self.exchange is None`: mypy would keep self.exchange
+        # narrowed across feed_data(), whose callbacks clear it, and compiled code
+        # trusts the narrowing (docs/internals.md, "Build")
+        exchange = self.exchange
+        if exchange is None:
             # bytes on an idle connection: the backend is confused; never reuse it
             self._stray("bytes on an idle connection")
             return
