@@ -196,7 +196,14 @@ class ZdproxyProcess:
             admin_port = int(str(admin["listen"]).rpartition(":")[2])
             if not port_open(admin_port):
                 return False
-        return port_open(self.port)
+        return all(port_open(port) for port in self.listen_ports())
+
+    def listen_ports(self) -> list[int]:
+        """Every data listener's port (entries are addresses or ``{address: ...}``):
+        listeners are bound one after another, so the first says nothing of a TLS one."""
+        entries = self.config["listen"]
+        addresses = [e["address"] if isinstance(e, dict) else e for e in entries]
+        return [int(str(address).rpartition(":")[2]) for address in addresses]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

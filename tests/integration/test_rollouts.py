@@ -309,6 +309,10 @@ async def test_ctl_rollout_commands_and_exit_codes(tmp_path: Path) -> None:
             "0.05",
             "--max-p99",
             "500ms",
+            # no traffic flows: without this, 20 inconclusive verdicts (5 s on a
+            # loaded machine) hold the rollout before the pause below is asked
+            "--max-inconclusive",
+            "1000000",
         )
         assert done.returncode == 0, done.stderr
         assert "rollout 1: blue -> green  PROGRESSING  step 1/2 (10 %)" in done.stdout
@@ -316,7 +320,8 @@ async def test_ctl_rollout_commands_and_exit_codes(tmp_path: Path) -> None:
         done = await actl(url, "rollout", "status")
         assert done.returncode == 0 and "waiting: waiting for promote" in done.stdout
         done = await actl(url, "rollout", "status", "--json")
-        assert json.loads(done.stdout)["rollout"]["plan"]["analysis"]["max_p99_latency"] == 0.5
+        analysis = json.loads(done.stdout)["rollout"]["plan"]["analysis"]
+        assert (analysis["max_p99_latency"], analysis["max_inconclusive"]) == (0.5, 1000000)
         for action, phase in (("pause", "PAUSED"), ("resume", "PROGRESSING")):
             done = await actl(url, "rollout", action)
             assert done.returncode == 0 and phase in done.stdout, done

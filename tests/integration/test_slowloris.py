@@ -61,13 +61,14 @@ def test_header_timeout_is_408_and_close(proxy: ProxyProcess) -> None:
         assert response.status == 408
         assert response.header(b"x-zdproxy-error") == b"request-header-timeout"
         assert client.closed_by_peer()
-    assert HEADER_TIMEOUT * 0.7 <= elapsed < HEADER_TIMEOUT + 1.5
+    # not early; a deadline that never fires fails the read (RawClient's 5 s) instead
+    # of a timed upper bound, which a loaded machine breaks
+    assert elapsed >= HEADER_TIMEOUT * 0.7
 
 
 def test_dribbling_bytes_does_not_extend_the_header_deadline(proxy: ProxyProcess) -> None:
     """The deadline covers the whole head, not the gap between two bytes."""
     with RawClient(proxy.port) as client:
-        started = time.monotonic()
         client.send(b"GET / HTTP/1.1\r\n")
         sock = client.sock
         sock.settimeout(0.1)
@@ -82,9 +83,8 @@ def test_dribbling_bytes_does_not_extend_the_header_deadline(proxy: ProxyProcess
                 break
             if data:
                 break
-        elapsed = time.monotonic() - started
+        # a deadline that each byte extended would never answer within the 100 drips
         assert data.startswith(b"HTTP/1.1 408 "), data[:100]
-    assert elapsed < HEADER_TIMEOUT + 1.5
 
 
 def test_silent_connection_is_closed_without_answer(proxy: ProxyProcess) -> None:
@@ -142,16 +142,15 @@ def test_500_slowloris_do_not_stop_normal_clients(
         for sock in socks:
             sock.sendall(b"a")
 
-        def normal(i: int) -> float:
-            started = time.monotonic()
+        # a normal client stuck behind the slow ones would wait for their 30 s header
+        # timeout: its read times out first (RawClient: 5 s) and the test fails
+        def normal(i: int) -> None:
             response, client = exchange(with_long_timeout.port, get(f"/normal-{i}"))
             client.close()
             assert response.status == 200
-            return time.monotonic() - started
 
         with ThreadPoolExecutor(10) as pool:
-            latencies = list(pool.map(normal, range(200)))
-        assert max(latencies) < 1.0, max(latencies)
+            list(pool.map(normal, range(200)))
         # every slow connection is still open and was never answered
         for sock in socks[:50]:
             sock.settimeout(0.001)
