@@ -42,7 +42,8 @@ class Service:
             # audit events and default ids say which service they belong to
             self.runtime.events.service = name
             self.runtime.id_prefix = "" if name == DEFAULT_SERVICE else f"{name}-"
-        self.selector = WeightedSelector(self.runtime.snapshot)
+        # one drain clock: the selector reads the runtime's
+        self.selector = WeightedSelector(self.runtime.snapshot, monotonic=self.runtime.clock)
         self.runtime.subscribe(self.selector.update)
         self.rolling = RollingUpdates(self.runtime)
         self.rollouts = RolloutController(self.runtime)

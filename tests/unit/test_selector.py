@@ -56,9 +56,10 @@ def setup(
     config = Config.model_validate(
         {"listen": "127.0.0.1:8080", "pools": pools, "health_check": {"enabled": False}, **sections}
     )
-    runtime = Runtime(config)
     clock = Clock()
-    selector = WeightedSelector(runtime.snapshot, clock=clock)
+    runtime = Runtime(config, clock=clock)
+    # one hand-driven clock for pins (wall) and drains (monotonic)
+    selector = WeightedSelector(runtime.snapshot, clock=clock, monotonic=clock)
     selector.configure(config.sticky, config.draining, SECRET)
     runtime.subscribe(selector.update)
     return runtime, selector, clock
