@@ -74,6 +74,7 @@ def test_flip_add_and_empty_bodies() -> None:
         (FlipBody, {"to": "green", "force": "yes"}, "force must be true or false"),
         (AddBackendBody, {"pool": "g"}, "missing key 'address'"),
         (AddBackendBody, {"pool": "g", "address": "a:1", "id": 5}, "id must be a string"),
+        (AddBackendBody, {"pool": "g", "address": "a:1", "id": None}, "id must be a string"),
         (AddBackendBody, {"pool": "g", "address": "a:1", "weight": -1}, "got -1"),
         (AddBackendBody, {"pool": "g", "address": "a:1", "x": 1}, "unknown key 'x' (expected: "),
         (NoBody, {"x": 1}, "unknown key 'x' (expected: none)"),

@@ -8,7 +8,8 @@ its new state and audit record are on disk.
 ``install(server)`` wires the control plane into the composition root: it loads
 the tokens (refusing to start on a non-loopback address without one), restores
 the saved state before traffic is served, binds the admin socket, and adds the
-start/stop hooks that run the API and the 100 ms runtime tick.
+start/stop hooks that run the API (drain progress is the composition root's
+``RuntimeTicker``, not this package's).
 """
 
 from __future__ import annotations
@@ -85,8 +86,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zdproxy.admin")
 
-#: how often the runtime advances drains and removals, seconds
-TICK_SECONDS = 0.1
 #: how often the live traffic figures read the counters, seconds
 FIGURES_SECONDS = 1.0
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
@@ -838,7 +837,7 @@ def _log_event(event: Event) -> None:
 
 
 class ControlPlane:
-    """The admin listener, the runtime tick and persistence of one server."""
+    """The admin listener and the persistence of one server."""
 
     def __init__(self, server: ProxyServer, tokens: list[Token]) -> None:
         self.server = server
@@ -889,7 +888,6 @@ class ControlPlane:
             self.api.workers_synced = server.workers.synced
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
-        self._ticker: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
 
     def _closing(self) -> bool:
@@ -921,7 +919,6 @@ class ControlPlane:
     async def start(self, server: ProxyServer) -> None:
         _redact_aiohttp_parse_errors()
         loop = asyncio.get_running_loop()
-        self._ticker = loop.create_task(self._tick())
         if self.socket is not None:
             # the figures are for the state API only: no listener, no reading
             self._sampler = loop.create_task(self._sample())
@@ -939,10 +936,9 @@ class ControlPlane:
                 await site.stop()
 
     async def stop(self, server: ProxyServer) -> None:
-        for task in (self._ticker, self._sampler):
-            if task is not None:
-                task.cancel()
-        self._ticker = self._sampler = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -958,16 +954,6 @@ class ControlPlane:
             except Exception:
                 log.exception("reading the traffic figures failed")
             await asyncio.sleep(FIGURES_SECONDS)
-
-    async def _tick(self) -> None:
-        runtimes = [svc.runtime for svc in self.services.values()]
-        while True:
-            await asyncio.sleep(TICK_SECONDS)
-            for runtime in runtimes:
-                try:
-                    runtime.tick()
-                except Exception:
-                    log.exception("runtime tick failed")
 
 
 def install(server: ProxyServer) -> None:

@@ -20,7 +20,16 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+    field_validator,
+)
 
 from zdproxy.errors import ControlError
 
@@ -126,8 +135,16 @@ class AddBackendBody(Body):
 
     pool: StrictStr
     address: StrictStr
+    #: left out: POOL-N; ``null`` is refused (as OpenAPI says: a string)
     id: StrictStr | None = None
     weight: StrictInt = Field(default=1, ge=0, le=_MAX_BACKEND_WEIGHT)
+
+    @field_validator("id", mode="before")
+    @classmethod
+    def _id_not_null(cls, value: Any) -> Any:
+        if value is None:
+            raise ValueError("id must be a string")
+        return value
 
     messages: ClassVar[dict[str, str]] = {
         "pool": "pool must be a pool name",
