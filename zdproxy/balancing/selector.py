@@ -176,7 +176,6 @@ class WeightedSelector:
         "_zero_since",
         "clock",
         "monotonic",
-        "panics",
         "snapshot",
     )
 
@@ -208,8 +207,6 @@ class WeightedSelector:
         #: drain_timeout``); a backend's drain start is in the snapshot
         self._zero_since: dict[str, float] = {}
         self._rings: dict[tuple[str, tuple[tuple[str, int], ...]], HashRing[Backend]] = {}
-        #: requests routed in panic mode
-        self.panics = 0
         self._track(None, snapshot)
         self.update(snapshot)
 
@@ -320,10 +317,7 @@ class WeightedSelector:
                     backend = other.pick(exclude)
                     if backend is not None:
                         return backend
-        backend = pool.panic_pick(exclude)
-        if backend is not None:
-            self.panics += 1
-        return backend
+        return pool.panic_pick(exclude)
 
     def _honoured(self, pin: Pin, now: float) -> _PoolPicker | None:
         """The pinned pool, if the pin still holds."""

@@ -49,8 +49,8 @@ from zdproxy.config.schema import (
 )
 from zdproxy.control.runtime import Runtime
 from zdproxy.health.drain import TunnelDrainer
-from zdproxy.health.outlier import OutlierDetector
-from zdproxy.health.slowstart import SlowStart
+from zdproxy.health.outlier_driver import OutlierDetector
+from zdproxy.health.slowstart_driver import SlowStart
 from zdproxy.proxy.upstream_tls import UpstreamTlsMap, UpstreamTlsTarget
 
 if TYPE_CHECKING:
