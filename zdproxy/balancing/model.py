@@ -202,12 +202,14 @@ class Backend:
     """One backend server: its ``spec``, its ``flags`` (owned by the runtime) and
     the data path's counters (plain ints, no locks: everything runs on one event
     loop). ``id``, ``pool``, ``address``... are read-only copies of the spec's
-    fields, kept as plain attributes for the hot path; ``state`` is derived from
-    ``flags`` (``set_flags`` keeps it in step)."""
+    fields, kept as plain attributes for the hot path; ``state`` and ``ejected``
+    are derived from ``flags`` and kept in step by ``set_flags`` (plain attributes
+    too: the data path reads them per request, an enum operation would cost more)."""
 
     __slots__ = (
         "address",
         "codes",
+        "ejected",
         "failures",
         "flags",
         "host",
@@ -235,6 +237,7 @@ class Backend:
         self.set_spec(BackendSpec(backend_id, pool, host, port, weight, service))
         self.flags = flags
         self.state = state_of(flags)
+        self.ejected = bool(flags & Flag.EJECTED)
         # ---- data-path counters ----
         self.in_flight = 0
         #: consecutive failures (5xx, connect, reset); reset by a success
@@ -262,6 +265,7 @@ class Backend:
     def set_flags(self, flags: Flag) -> BackendState | None:
         """Replace the bits; the previous visible state when it changed, else None."""
         self.flags = flags
+        self.ejected = bool(flags & Flag.EJECTED)
         state = _STATES[flags & _ALL]
         if state is self.state:
             return None
@@ -275,10 +279,6 @@ class Backend:
     @property
     def health(self) -> Health:
         return health_of(self.flags)
-
-    @property
-    def ejected(self) -> bool:
-        return bool(self.flags & Flag.EJECTED)
 
     @property
     def removing(self) -> bool:
