@@ -97,3 +97,29 @@ def test_openapi_request_schemas_name_the_models_fields() -> None:
     assert set(schema("/api/v1/backends", "post")["properties"]) == set(AddBackendBody.model_fields)
     nested = schema("/api/v1/split", "put")["oneOf"][0]
     assert set(nested["properties"]) == set(SplitBody.model_fields)
+
+
+def test_ctl_split_sends_the_nested_form_only_for_pools_named_like_its_keys() -> None:
+    import argparse
+    import io
+
+    from zdproxy.ctl import cmd_split
+
+    class Client:
+        def __init__(self) -> None:
+            self.bodies: list[Any] = []
+
+        def call(self, method: str, path: str, body: Any = None) -> Any:
+            self.bodies.append(body)
+            return {"weights": {}, "changed": False}
+
+    client = Client()
+    for weights, force in ((["blue=90", "green=10"], True), (["force=60", "blue=40"], True)):
+        args = argparse.Namespace(weights=weights, force=force, json=True)
+        cmd_split(client, args, io.StringIO())  # type: ignore[arg-type]
+    assert client.bodies == [
+        {"blue": 90, "green": 10, "force": True},
+        {"weights": {"force": 60, "blue": 40}, "force": True},
+    ]
+    # what ctl sends is what the server reads
+    assert SplitBody.parse(client.bodies[1], ("force", "blue")).weights == {"force": 60, "blue": 40}
