@@ -4,6 +4,7 @@ and the one drain clock. Plain values, no sockets."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -152,7 +153,7 @@ def test_removal_sets_its_own_bit_and_drains() -> None:
     assert other.flags == Flag.REMOVING | Flag.DISABLED
 
 
-def test_a_reload_reweight_swaps_the_spec_and_keeps_the_object() -> None:
+def test_a_new_spec_swaps_the_value_and_keeps_the_object() -> None:
     runtime = Runtime(make_config(), clock=Clock())
     backend = runtime.backends["blue-1"]
     backend.codes[200] = 5
@@ -162,6 +163,15 @@ def test_a_reload_reweight_swaps_the_spec_and_keeps_the_object() -> None:
     assert spec == BackendSpec("blue-1", "blue", "127.0.0.1", 9001, 1, "default")
     assert spec.address == "127.0.0.1:9001"
     assert BackendSpec("x", "p", "::1", 80).address == "[::1]:80"
+    backend.set_spec(replace(spec, weight=5))  # what a reload's reweight does
+    runtime.publish()
+    assert runtime.backends["blue-1"] is backend and backend.codes == {200: 5}
+    assert backend.weight == 5 and backend.spec.weight == 5
+    view = runtime.snapshot.pools["blue"]
+    assert dict(zip((b.id for b in view.routable), view.routable_weights, strict=True)) == {
+        "blue-1": 5,
+        "blue-2": 3,
+    }
 
 
 # ---- the snapshot as a value ----------------------------------------------------------
