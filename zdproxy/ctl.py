@@ -189,7 +189,11 @@ def parse_split(items: Sequence[str]) -> dict[str, int]:
 
 
 def cmd_split(client: Client, args: argparse.Namespace, out: TextIO) -> Any:
-    body: dict[str, Any] = dict(parse_split(args.weights))
+    weights = parse_split(args.weights)
+    body: dict[str, Any] = dict(weights)
+    if "force" in weights or "weights" in weights:
+        # a pool named so: the nested form keeps the pools apart from the flag
+        body = {"weights": weights}
     if args.force:
         body["force"] = True
     result = client.call("PUT", "/api/v1/split", body)

@@ -116,7 +116,7 @@ def _port_free(port: int) -> bool:
 
 
 async def run_demo() -> int:
-    from zdproxy.server import ProxyServer, _install_optional_parts
+    from zdproxy.server import ProxyServer, wire
 
     busy = [
         p for p in (PROXY_PORT, ADMIN_PORT, *sum(DEMO_BACKENDS.values(), ())) if not _port_free(p)
@@ -134,7 +134,7 @@ async def run_demo() -> int:
             await web.TCPSite(runner, "127.0.0.1", port).start()
             runners.append(runner)
     server = ProxyServer(demo_config("ZDPROXY_ADMIN_TOKEN"))
-    _install_optional_parts(server)
+    wire(server)
     await server.start()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -16,11 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zdproxy.balancing.retry import RetryBudget
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
 from zdproxy.config.schema import Config
 from zdproxy.proxy.upstream_tls import tls_changed
-from zdproxy.services import primary_name, route_table
+from zdproxy.services import route_table
 
 if TYPE_CHECKING:
     from zdproxy.server import ProxyServer
@@ -130,8 +131,10 @@ class Reloader:
                 # pooled connections are by backend id: the old address's go
                 server.upstreams.close_backend(spec.id)
             service.config = service_new
-            if service.health is not None and service.health is not server.health:
+            if service.health is not None:
                 service.health.reconfigure(service_new)
+            if service.sticky_key is not None:
+                service.sticky_key.reconfigure(service_new)
         assert event is not None
         server.config = kept
         server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
@@ -139,6 +142,7 @@ class Reloader:
             old_tls = server.ctx.upstream_tls
             server.ctx.apply(kept)
             server.ctx.routes = route_table(kept, server.services)
+            server.ctx.retry_policy = RetryBudget(kept.retries.budget_percent)
             # pooled connections made with other TLS settings (plain, or another CA
             # or name) are not reused
             backends = (
@@ -148,8 +152,6 @@ class Reloader:
             )
             for backend_id in tls_changed(old_tls, server.ctx.upstream_tls, backends):
                 server.upstreams.close_backend(backend_id)
-        if server.health is not None:
-            server.health.reconfigure(server.services[primary_name(kept)].config)
         logging.getLogger().setLevel(kept.log.level.upper())
         server.shadow.reconfigure(kept.shadow, actor)
         return event.to_json()

@@ -16,32 +16,43 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING
 
+from zdproxy.admin.app import install as install_admin
 from zdproxy.balancing.model import Backend, BackendState, Snapshot
+from zdproxy.balancing.passive import PassiveObserver
+from zdproxy.balancing.retry import RetryBudget
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.config.schema import Address, Config
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController, RolloutDriver
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
+from zdproxy.control.sticky_key import StickyKey
+from zdproxy.control.ticker import RuntimeTicker
 from zdproxy.errors import ListenError
+from zdproxy.health.checker import HealthService, build_health
 from zdproxy.proxy.accesslog import AccessLog
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.fdlimit import fd_budget
 from zdproxy.proxy.shadow import ShadowSender
 from zdproxy.proxy.upstream import UpstreamPools
 from zdproxy.reload import Reloader, ReloadResult
-from zdproxy.services import Service, build_services, primary_name, route_table
+from zdproxy.services import (
+    Service,
+    ServiceObservers,
+    build_services,
+    primary_name,
+    route_table,
+)
 from zdproxy.tls import ListenerTlsSet, protocol_factory
 from zdproxy.upgrade import Handover, Upgrader, notify_ready
 from zdproxy.workers import WorkerSet
 
 if TYPE_CHECKING:
     from zdproxy.control.store import Persistence
-    from zdproxy.health.checker import HealthService
 
 log = logging.getLogger("zdproxy.error")
 
-#: start/stop hooks for the optional parts (admin API, health checks), in order
+#: start/stop hooks of the parts (health checks, admin API, ...), in order
 Hook = Callable[["ProxyServer"], Awaitable[None]]
 
 
@@ -98,7 +109,7 @@ class ProxyServer:
         #: progressive rollouts: plain logic here, ticked by a driver task once serving
         self.rollouts: RolloutController = primary.rollouts
         self.ctx: ProxyContext | None = None
-        #: health checks, outlier detection, stickiness (installed by the health package)
+        #: the primary service's health checks and outlier detection (set by ``wire``)
         self.health: HealthService | None = None
         #: SIGHUP and POST /api/v1/reload: the config file applied in place
         self.reloader = Reloader(self)
@@ -190,6 +201,8 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         self.ctx = ctx = ProxyContext(self.config, self.selector, self.upstreams, loop)
         ctx.routes = route_table(self.config, self.services)
+        # one retry budget for the data path (replaced on reload)
+        ctx.retry_policy = RetryBudget(self.config.retries.budget_percent)
         self.bind()
         self._apply_fd_budget(ctx)
         log_config = self.config.log
@@ -392,7 +405,7 @@ async def serve(
     else:
         server.bind()
     server.install_reload_signal()
-    _install_optional_parts(server)
+    wire(server)
     if handover is not None:
         handover.close_unused()
     await server.start()
@@ -406,32 +419,38 @@ async def serve(
     return server
 
 
-def _install_optional_parts(server: ProxyServer) -> None:
-    """Admin API and health checks hook themselves in here when present."""
-    try:
-        from zdproxy.health.checker import install as install_health
-    except ImportError:
-        # no active checks built in: every backend takes traffic at once
-        for service in server.services.values():
-            runtime = service.runtime
-            for backend_id, backend in runtime.backends.items():
-                if backend.state is BackendState.STARTING:
-                    runtime.set_backend_state(backend_id, BackendState.UP)
-    else:
-        install_health(server)
-        for service in server.services.values():
-            health = service.health
-            if health is not None:
-                # a rolling update waits for a re-enabled backend's ramp to end
-                service.rolling.slow_start_percent = health.slow_start.weight_percent
+def wire(server: ProxyServer) -> None:
+    """The composition root's second half: build the control parts of ``server``
+    (before ``server.start()``) and connect each to the narrow interface it
+    needs. Every part is required: a part that cannot be imported fails the
+    start (an ImportError), never turns a feature off in silence.
+
+    Start order (the hooks run in this order, stop in reverse): the data path's
+    passive results to the outlier detectors, a generated sticky key saved, the
+    health checks (their first verdicts before serving), rolling updates, the
+    admin API with the saved state restored, drain progress, rollouts.
+    """
+    for service in server.services.values():
+        # signs the service's affinity cookies; a state section of its runtime
+        service.sticky_key = StickyKey(service.runtime, service.selector, service.config)
+    health = build_health(server.services)
+    for name, service in server.services.items():
+        service.health = health[name]
+        # a rolling update waits for a re-enabled backend's ramp to end
+        service.rolling.slow_start_percent = health[name].slow_start.weight_percent
+    server.health = health[primary_name(server.config)]
+    server.start_hooks.append(_observe_passive_health)
+    server.start_hooks.append(_save_sticky_keys)
+    for service_health in health.values():
+        server.start_hooks.append(service_health.start)
+        server.stop_hooks.append(service_health.stop)
     server.start_hooks.append(_start_rolling)
     server.stop_hooks.append(_stop_rolling)
-    try:
-        from zdproxy.admin.app import install as install_admin
-    except ImportError:
-        pass
-    else:
-        install_admin(server)
+    install_admin(server)
+    # drains end and removals complete on time (the control process owns them)
+    ticker = RuntimeTicker([service.runtime for service in server.services.values()])
+    server.start_hooks.append(_call(ticker.start))
+    server.stop_hooks.append(_call(ticker.stop))
     # after the admin part restored the saved state: the rollout in progress resumes
     # (same step, same weights) before the first request is served
     for service in server.services.values():
@@ -444,6 +463,37 @@ def _install_optional_parts(server: ProxyServer) -> None:
         server.resume_hooks.append(driver.start)
     server.pause_hooks.append(_stop_rolling)
     server.resume_hooks.append(_start_rolling)
+
+
+def _call(function: Callable[[], None]) -> Hook:
+    """A plain call as a start/stop hook."""
+
+    async def hook(server: ProxyServer) -> None:
+        function()
+
+    return hook
+
+
+async def _observe_passive_health(server: ProxyServer) -> None:
+    """The data path reports failures and successes to the outlier detection of
+    the service that owns the backend."""
+    ctx = server.ctx
+    assert ctx is not None
+    detectors: list[tuple[Runtime, PassiveObserver]] = [
+        (service.runtime, service.health.outlier)
+        for service in server.services.values()
+        if service.health is not None
+    ]
+    if len(detectors) == 1:
+        ctx.observer = detectors[0][1]
+    else:
+        ctx.observer = ServiceObservers(detectors)
+
+
+async def _save_sticky_keys(server: ProxyServer) -> None:
+    for service in server.services.values():
+        if service.sticky_key is not None:
+            service.sticky_key.save_if_new()
 
 
 async def _start_rolling(server: ProxyServer) -> None:

@@ -23,6 +23,7 @@ from zdproxy.control.runtime import Runtime
 from zdproxy.http.routes import RouteSpec, RouteTable
 
 if TYPE_CHECKING:
+    from zdproxy.control.sticky_key import StickyKey
     from zdproxy.health.checker import HealthService
     from zdproxy.proxy.context import ProxyContext
     from zdproxy.proxy.upstream import UpstreamPools
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 
 
 class Service:
-    """One service's control plane; duck-types the parts of ``ProxyServer`` that
-    the health package reads (``runtime``, ``selector``, ``config``, ``ctx``)."""
+    """One service's control plane; the ``HealthHost`` (runtime, config, ctx) that
+    its health checks and tunnel drainer are given."""
 
     def __init__(self, server: ProxyServer, name: str, config: Config, named: bool) -> None:
         self.server = server
@@ -42,11 +43,14 @@ class Service:
             # audit events and default ids say which service they belong to
             self.runtime.events.service = name
             self.runtime.id_prefix = "" if name == DEFAULT_SERVICE else f"{name}-"
-        self.selector = WeightedSelector(self.runtime.snapshot)
+        # one drain clock: the selector reads the runtime's
+        self.selector = WeightedSelector(self.runtime.snapshot, monotonic=self.runtime.clock)
         self.runtime.subscribe(self.selector.update)
         self.rolling = RollingUpdates(self.runtime)
         self.rollouts = RolloutController(self.runtime)
+        #: set by the composition root (``server.wire``)
         self.health: HealthService | None = None
+        self.sticky_key: StickyKey | None = None
 
     @property
     def ctx(self) -> ProxyContext | None:

@@ -62,7 +62,6 @@ class WorkerProcess:
         ctx = server.ctx
         assert ctx is not None
         ctx.observer = self.observer
-        ctx.retry_policy = RetryBudget(server.config.retries.budget_percent)
         loop = asyncio.get_running_loop()
         self._start_tunnel_drainers(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -7,8 +7,9 @@ accept on the same socket) and one end of a unix socket pair, the channel.
 
 Over the channel, one JSON object a line:
 
-* control -> worker: ``{"state": ..., "seq": n}`` (``replica_state``) whenever a
-  service's Runtime publishes a snapshot (acknowledged with ``{"ack": n}``);
+* control -> worker: ``{"state": ..., "seq": n}`` (``replica_state``: each
+  service's ``Snapshot.to_dict()``) whenever a service's Runtime publishes a
+  snapshot (acknowledged with ``{"ack": n}``);
   ``{"reload": true}`` after a config reload was applied (the worker re-reads
   the file for its data-path settings, as ``Reloader`` does for ``ctx``);
   ``{"stop": idle_grace}`` to drain and exit.
@@ -34,8 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from zdproxy.balancing.model import Admin, Backend, Health, Snapshot, derive_state
-from zdproxy.balancing.stats import PoolStats
+from zdproxy.balancing.model import Backend, Snapshot
 from zdproxy.config.schema import ShadowConfig
 from zdproxy.control.shadow import settings_json
 from zdproxy.metrics import DataPathCounts
@@ -59,31 +59,14 @@ ENV_INDEX = "ZDPROXY_WORKER_INDEX"
 
 
 def replica_state(server: ProxyServer) -> dict[str, Any]:
-    """Per service: pool weights, revoked pins, the sticky key, and every backend
-    with its address, admin/health flags, ejection and weights."""
+    """Per service: the runtime's snapshot as a value (``Snapshot.to_dict``: weights,
+    revoked pins, drain starts and every backend's spec, flags and effective
+    weight) and the sticky key."""
     services: dict[str, Any] = {}
     for name, service in server.services.items():
-        runtime = service.runtime
-        key = service.selector.secret
         services[name] = {
-            "version": runtime.version,
-            "weights": dict(runtime.pool_weights),
-            "revoked": sorted(runtime.revoked_pins),
-            "key": key.hex(),
-            "backends": [
-                [
-                    b.id,
-                    b.pool,
-                    b.host,
-                    b.port,
-                    b.weight,
-                    runtime.effective_weight.get(b.id),
-                    b.admin.value,
-                    b.health.value,
-                    b.ejected,
-                ]
-                for b in runtime.backends.values()
-            ],
+            "snapshot": service.runtime.snapshot.to_dict(),
+            "key": service.selector.secret.hex(),
         }
     return {"state": services, "shadow": settings_json(server.shadow.settings)}
 
@@ -105,30 +88,8 @@ def apply_replica_state(server: ProxyServer, message: Mapping[str, Any]) -> None
         if service is None:
             continue
         runtime = service.runtime
-        seen: set[str] = set()
-        runtime.pool_weights = {str(p): int(w) for p, w in state["weights"].items()}
-        for pool in runtime.pool_weights:
-            runtime.pool_stats.setdefault(pool, PoolStats())
-        runtime.revoked_pins = set(state["revoked"])
-        for row in state["backends"]:
-            backend_id, pool, host, port, weight, effective, admin, health, ejected = row
-            seen.add(backend_id)
-            backend = runtime.backends.get(backend_id)
-            if backend is None or (backend.pool, backend.host, backend.port) != (pool, host, port):
-                backend = Backend(backend_id, pool, host, port, weight)
-                backend.service = name
-                runtime.backends[backend_id] = backend
-            backend.weight = int(weight)
-            backend.admin = Admin(admin)
-            backend.health = Health(health)
-            backend.ejected = bool(ejected)
-            backend.state = derive_state(backend.admin, backend.health)
-            if effective is None:
-                runtime.effective_weight.pop(backend_id, None)
-            else:
-                runtime.effective_weight[backend_id] = int(effective)
-        for backend_id in [b for b in runtime.backends if b not in seen]:
-            del runtime.backends[backend_id]
+        snapshot = Snapshot.from_dict(state["snapshot"], runtime.backends, runtime.pool_stats)
+        runtime.adopt(snapshot)
         key = bytes.fromhex(state["key"])
         if key != service.selector.secret:
             config = service.config

@@ -143,6 +143,7 @@ async def test_state(admin: AdminClient, proxy: AdminProxy) -> None:
         "admin": "enabled",
         "health": "up",
         "ejected": False,
+        "flags": [],
         "in_flight": 0,
         "weight": 1,
         "effective_weight": 1,

@@ -288,13 +288,14 @@ async def test_slow_start_ramps_a_recovered_backend(tmp_path: Path) -> None:
 
 
 async def test_reconfigure_applies_settings_and_keeps_pins() -> None:
-    """In process: ``server.health.reconfigure`` (for a config reload) applies new
-    settings, and pins signed with the process's random key stay valid."""
+    """In process: what a config reload calls (``service.health.reconfigure`` and
+    ``service.sticky_key.reconfigure``) applies new settings, and pins signed with
+    the process's random key stay valid."""
     from support_health import free_port
 
     from zdproxy.config.schema import Config
-    from zdproxy.health.checker import HealthService, install
-    from zdproxy.server import ProxyServer
+    from zdproxy.health.checker import HealthService
+    from zdproxy.server import ProxyServer, wire
 
     def config(**sections: object) -> Config:
         return Config.model_validate(
@@ -315,26 +316,24 @@ async def test_reconfigure_applies_settings_and_keeps_pins() -> None:
         set_cookie: bytes | None = None
 
     server = ProxyServer(config(sticky={"mode": "pool"}))
-    install(server)
+    wire(server)
     await server.start()
     try:
-        service = server.health  # type: ignore[attr-defined]
+        service = server.health
         assert isinstance(service, HealthService)
+        sticky_key = server.services["default"].sticky_key
+        assert sticky_key is not None and sticky_key.source == "generated"
         hints = Hints()
         server.selector.select(hints)
         assert hints.set_cookie is not None
         pin = hints.set_cookie.split(b";")[0].partition(b"=")[2].decode()
-        service.reconfigure(
-            config(
-                sticky={"mode": "pool"}, slow_start={"window": "5s"}, retries={"budget_percent": 5}
-            )
-        )
+        new = config(sticky={"mode": "pool"}, slow_start={"window": "5s"})
+        service.reconfigure(new)
+        sticky_key.reconfigure(new)
         again = Hints()
         again.affinity = pin
         server.selector.select(again)
         assert again.set_cookie is None  # the pin still verifies
         assert service.slow_start.window == 5.0
-        assert server.ctx is not None and server.ctx.retry_policy is service.retry_budget
-        assert service.retry_budget.ratio == 0.05
     finally:
         await server.shutdown()

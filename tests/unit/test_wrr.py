@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from zdproxy.balancing.model import Backend, BackendState, PoolView, Snapshot
+from zdproxy.balancing.model import Backend, BackendState, Flag, PoolView, Snapshot
 from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.balancing.stats import PoolStats
 from zdproxy.balancing.wrr import (
@@ -49,9 +49,7 @@ def test_edf_is_exact_over_a_period() -> None:
 
 
 def _backend(bid: str, pool: str, weight: int = 1) -> Backend:
-    backend = Backend(bid, pool, "127.0.0.1", 1, weight)
-    backend.state = BackendState.UP
-    return backend
+    return Backend(bid, pool, "127.0.0.1", 1, weight, flags=Flag(0))
 
 
 def _snapshot(weights: dict[str, int], members: dict[str, list[Backend]]) -> Snapshot:

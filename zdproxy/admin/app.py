@@ -8,7 +8,8 @@ its new state and audit record are on disk.
 ``install(server)`` wires the control plane into the composition root: it loads
 the tokens (refusing to start on a non-loopback address without one), restores
 the saved state before traffic is served, binds the admin socket, and adds the
-start/stop hooks that run the API and the 100 ms runtime tick.
+start/stop hooks that run the API (drain progress is the composition root's
+``RuntimeTicker``, not this package's).
 """
 
 from __future__ import annotations
@@ -38,9 +39,27 @@ from zdproxy.admin.auth import (
 from zdproxy.admin.figures import TrafficFigures
 from zdproxy.admin.figures import read as read_figures
 from zdproxy.admin.openapi import build_spec
-from zdproxy.balancing.model import Backend
+from zdproxy.admin.requests import (
+    AddBackendBody,
+    FlipBody,
+    NoBody,
+    RollingPoolBody,
+    SplitBody,
+    parse,
+)
+from zdproxy.balancing.model import Backend, flag_names
 from zdproxy.buildinfo import build
 from zdproxy.config.schema import DEFAULT_SERVICE
+from zdproxy.control.commands import (
+    AddBackend,
+    Command,
+    Disable,
+    Drain,
+    Enable,
+    Flip,
+    RemoveBackend,
+    SetWeights,
+)
 from zdproxy.control.events import Event, describe, events_path, iso_time
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
@@ -67,8 +86,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zdproxy.admin")
 
-#: how often the runtime advances drains and removals, seconds
-TICK_SECONDS = 0.1
 #: how often the live traffic figures read the counters, seconds
 FIGURES_SECONDS = 1.0
 MUTATING_METHODS = frozenset({"POST", "PUT", "DELETE", "PATCH"})
@@ -368,13 +385,6 @@ class AdminApi:
                 raise ApiError(400, f"unknown key {unknown[0]!r} (expected: {expected})")
         return data
 
-    @staticmethod
-    def _force(data: dict[str, Any]) -> bool:
-        force = data.pop("force", False)
-        if not isinstance(force, bool):
-            raise ApiError(400, "force must be true or false")
-        return force
-
     # ---- reads --------------------------------------------------------------
 
     async def healthz(self, request: web.Request) -> web.Response:
@@ -470,7 +480,7 @@ class AdminApi:
         async def handle(request: web.Request) -> web.StreamResponse:
             svc = self._service(request)
             controller = self._controller(svc)
-            await self._body(request, frozenset())
+            await self._no_body(request)
             actor = request[_TOKEN].name
             act = {
                 "pause": controller.pause,
@@ -521,13 +531,9 @@ class AdminApi:
             rolling = self._rolling(svc)
             pool = request.match_info.get("pool")
             if pool is None:
-                body = await self._optional_body(request)
-                unknown = sorted(set(body) - {"pool"})
-                if unknown:
-                    raise ApiError(400, f"unknown key {unknown[0]!r} (expected: pool)")
-                pool = body.get("pool")
+                pool = parse(RollingPoolBody, await self._optional_body(request)).pool
             else:
-                await self._body(request, frozenset())
+                await self._no_body(request)
             actor = request[_TOKEN].name
             act = rolling.next if verb == "next" else rolling.abort
             update = await self._mutate(svc, lambda: act(pool, actor))
@@ -555,7 +561,7 @@ class AdminApi:
     async def shadow_clear(self, request: web.Request) -> web.Response:
         svc = self.primary
         shadow = self._shadow()
-        await self._body(request, frozenset())
+        await self._no_body(request)
         event = await self._mutate(svc, lambda: shadow.clear(request[_TOKEN].name))
         return json_response(self._shadow_result(shadow, event))
 
@@ -574,7 +580,7 @@ class AdminApi:
         ``zdproxy check`` lines when the file is invalid (nothing changed)."""
         if self.reload_config is None:
             raise ApiError(501, "config reload is not available")
-        await self._body(request, frozenset())
+        await self._no_body(request)
         async with self._mutating:
             services = list(self.services.values())
             marks = [svc.persistence.mark() for svc in services]
@@ -602,7 +608,7 @@ class AdminApi:
         then drains), 409 when one is in progress, 500 when it failed."""
         if self.upgrade_process is None:
             raise ApiError(501, "hot upgrade is not available")
-        await self._body(request, frozenset())
+        await self._no_body(request)
         outcome = await self.upgrade_process(request[_TOKEN].name)
         if outcome.result == "refused":
             raise ApiError(409, outcome.reason)
@@ -641,75 +647,71 @@ class AdminApi:
             "event": event.to_json() if event is not None else None,
         }
 
+    async def _apply(self, svc: ServiceApi, command: Command, request: web.Request) -> Event | None:
+        """Apply one runtime command as the request's token, saved (or undone)."""
+        actor = request[_TOKEN].name
+        return await self._mutate(svc, lambda: svc.runtime.apply(command, actor))
+
+    async def _no_body(self, request: web.Request) -> None:
+        parse(NoBody, await self._body(request, frozenset()))
+
     async def split(self, request: web.Request) -> web.Response:
         svc = self._service(request)
-        data = await self._body(request, None)
-        # "force" is the flag unless a pool is named so
-        force = self._force(data) if "force" not in svc.runtime.pool_weights else False
-        actor = request[_TOKEN].name
-        event = await self._mutate(svc, lambda: svc.runtime.split(data, actor, force=force))
+        body = SplitBody.parse(await self._body(request, None), svc.runtime.pool_weights)
+        event = await self._apply(svc, SetWeights(body.weights, body.force), request)
         return json_response(self._weights_result(svc, event))
 
     async def flip(self, request: web.Request) -> web.Response:
         svc = self._service(request)
-        data = await self._body(request, frozenset({"to", "force"}))
-        if "to" not in data:
-            raise ApiError(400, 'expected {"to": "POOL"}')
-        force = self._force(data)
-        actor = request[_TOKEN].name
-        event = await self._mutate(svc, lambda: svc.runtime.flip(data["to"], actor, force=force))
+        body = parse(FlipBody, await self._body(request, None))
+        event = await self._apply(svc, Flip(body.to, body.force), request)
         return json_response(self._weights_result(svc, event))
 
     async def add_backend(self, request: web.Request) -> web.Response:
         svc = self._service(request)
-        data = await self._body(request, frozenset({"pool", "address", "id", "weight"}))
-        for key in ("pool", "address"):
-            if key not in data:
-                raise ApiError(400, f"missing key {key!r}")
-        if "id" in data and not isinstance(data["id"], str):
-            raise ApiError(400, "id must be a string (leave it out for the default POOL-N)")
-        actor = request[_TOKEN].name
-        backend = await self._mutate(
-            svc,
-            lambda: svc.runtime.add_backend(
-                data["pool"], data["address"], data.get("id"), data.get("weight", 1), actor=actor
-            ),
-        )
+        body = parse(AddBackendBody, await self._body(request, None))
+        command = AddBackend(body.pool, body.address, body.id, body.weight)
+        event = await self._apply(svc, command, request)
+        assert event is not None  # an added backend is always a change
         return json_response(
             {
-                "backend": backend_view(svc.runtime, backend),
+                "backend": backend_view(svc.runtime, svc.runtime.backends[event.target]),
                 "changed": True,
-                "event": svc.runtime.events.last(),
+                "event": event.to_json(),
             },
             201,
         )
 
     async def remove_backend(self, request: web.Request) -> web.Response:
         svc = self._service(request)
-        await self._body(request, frozenset())
+        await self._no_body(request)
         backend_id = request.match_info["id"]
         backend = svc.runtime.backends.get(backend_id)
-        actor = request[_TOKEN].name
-        removed = await self._mutate(svc, lambda: svc.runtime.remove_backend(backend_id, actor))
-        assert backend is not None  # remove_backend raised NotFound otherwise
-        event = svc.runtime.events.last()
+        event = await self._apply(svc, RemoveBackend(backend_id), request)
+        assert backend is not None and event is not None  # else NotFound was raised
+        removed = event.after is None
         return json_response(
-            {"backend": backend_view(svc.runtime, backend), "removed": removed, "event": event},
+            {
+                "backend": backend_view(svc.runtime, backend),
+                "removed": removed,
+                "event": event.to_json(),
+            },
             200 if removed else 202,
         )
 
     def _backend_action(self, action: str) -> Handler:
+        commands: dict[str, Callable[[str], Command]] = {
+            "drain": Drain,
+            "disable": Disable,
+            "enable": Enable,
+        }
+        command_type = commands[action]
+
         async def handle(request: web.Request) -> web.StreamResponse:
             svc = self._service(request)
-            mutate = {
-                "drain": svc.runtime.drain,
-                "disable": svc.runtime.disable,
-                "enable": svc.runtime.enable,
-            }[action]
-            await self._body(request, frozenset())
+            await self._no_body(request)
             backend_id = request.match_info["id"]
-            actor = request[_TOKEN].name
-            event = await self._mutate(svc, lambda: mutate(backend_id, actor))
+            event = await self._apply(svc, command_type(backend_id), request)
             backend = svc.runtime.backends[backend_id]
             return json_response(
                 {
@@ -761,6 +763,8 @@ def backend_view(runtime: Runtime, backend: Backend) -> dict[str, Any]:
         "admin": backend.admin.value,
         "health": backend.health.value,
         "ejected": backend.ejected,
+        # why it is out of rotation, one name per cause ([] when it takes traffic)
+        "flags": flag_names(backend.flags),
         "in_flight": backend.in_flight,
         "weight": backend.weight,
         "effective_weight": runtime.effective_weight.get(backend.id, backend.weight),
@@ -833,7 +837,7 @@ def _log_event(event: Event) -> None:
 
 
 class ControlPlane:
-    """The admin listener, the runtime tick and persistence of one server."""
+    """The admin listener and the persistence of one server."""
 
     def __init__(self, server: ProxyServer, tokens: list[Token]) -> None:
         self.server = server
@@ -884,7 +888,6 @@ class ControlPlane:
             self.api.workers_synced = server.workers.synced
         self.socket: socket.socket | None = None
         self._runner: web.AppRunner | None = None
-        self._ticker: asyncio.Task[None] | None = None
         self._sampler: asyncio.Task[None] | None = None
 
     def _closing(self) -> bool:
@@ -916,7 +919,6 @@ class ControlPlane:
     async def start(self, server: ProxyServer) -> None:
         _redact_aiohttp_parse_errors()
         loop = asyncio.get_running_loop()
-        self._ticker = loop.create_task(self._tick())
         if self.socket is not None:
             # the figures are for the state API only: no listener, no reading
             self._sampler = loop.create_task(self._sample())
@@ -934,10 +936,9 @@ class ControlPlane:
                 await site.stop()
 
     async def stop(self, server: ProxyServer) -> None:
-        for task in (self._ticker, self._sampler):
-            if task is not None:
-                task.cancel()
-        self._ticker = self._sampler = None
+        if self._sampler is not None:
+            self._sampler.cancel()
+            self._sampler = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -953,16 +954,6 @@ class ControlPlane:
             except Exception:
                 log.exception("reading the traffic figures failed")
             await asyncio.sleep(FIGURES_SECONDS)
-
-    async def _tick(self) -> None:
-        runtimes = [svc.runtime for svc in self.services.values()]
-        while True:
-            await asyncio.sleep(TICK_SECONDS)
-            for runtime in runtimes:
-                try:
-                    runtime.tick()
-                except Exception:
-                    log.exception("runtime tick failed")
 
 
 def install(server: ProxyServer) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from zdproxy.balancing.model import Admin, BackendState, Health
+from zdproxy.balancing.model import Admin, BackendState, Flag, Health
 
 _ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
 
@@ -58,6 +58,13 @@ _EMPTY_BODY = {
     },
 }
 
+#: pool name -> percent of new traffic
+_WEIGHTS: dict[str, Any] = {
+    "type": "object",
+    "minProperties": 1,
+    "additionalProperties": {"type": "integer", "minimum": 0, "maximum": 100},
+}
+
 _SCHEMAS: dict[str, Any] = {
     "Error": {
         "type": "object",
@@ -75,6 +82,13 @@ _SCHEMAS: dict[str, Any] = {
             "admin": {"type": "string", "enum": [a.value for a in Admin]},
             "health": {"type": "string", "enum": [h.value for h in Health]},
             "ejected": {"type": "boolean"},
+            "flags": {
+                "type": "array",
+                "items": {"type": "string", "enum": [f.name.lower() for f in Flag if f.name]},
+                "description": (
+                    "why it is out of rotation, one name per cause (empty: it takes new requests)"
+                ),
+            },
             "in_flight": {"type": "integer"},
             "weight": {"type": "integer"},
             "effective_weight": {"type": "integer"},
@@ -748,22 +762,33 @@ def _build_spec(version: str) -> dict[str, Any]:
                     "description": (
                         "Body: pool name -> percent; they sum to 100, pools left out get 0. "
                         "Refused with 409 when a pool with weight > 0 has no usable backend, "
-                        'unless "force": true.'
+                        'unless "force": true. Two forms: {"weights": {POOL: PCT, ...}, '
+                        '"force": BOOL} (any pool names), or the flat {POOL: PCT, ..., '
+                        '"force": BOOL}, where "force" is the flag unless a pool is named '
+                        "force and the value is an integer."
                     ),
                     "requestBody": {
                         "required": True,
                         "content": {
                             "application/json": {
                                 "schema": {
-                                    "type": "object",
-                                    "properties": {"force": {"type": "boolean"}},
-                                    "additionalProperties": {
-                                        "type": "integer",
-                                        "minimum": 0,
-                                        "maximum": 100,
-                                    },
+                                    "oneOf": [
+                                        {
+                                            "type": "object",
+                                            "required": ["weights"],
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "weights": _WEIGHTS,
+                                                "force": {"type": "boolean"},
+                                            },
+                                        },
+                                        {
+                                            **_WEIGHTS,
+                                            "properties": {"force": {"type": "boolean"}},
+                                        },
+                                    ]
                                 },
-                                "example": {"blue": 90, "green": 10},
+                                "example": {"weights": {"blue": 90, "green": 10}},
                             }
                         },
                     },

@@ -19,7 +19,7 @@ ejected again, so a backend that flapped once is not punished for ever.
 would take more than that share of the pool's members out is skipped (the
 streak stays, so the backend is ejected as soon as room frees up).
 
-The caller (``zdproxy.health.outlier``) applies the decisions to the runtime
+The caller (``zdproxy.health.outlier_driver``) applies the decisions to the runtime
 and wakes ``release`` when an ejection is due to end.
 """
 

@@ -39,7 +39,14 @@ from collections.abc import Callable
 from typing import Protocol
 
 from zdproxy.balancing.chash import HashRing, hash64
-from zdproxy.balancing.model import Admin, Backend, BackendState, Health, PoolView, Snapshot
+from zdproxy.balancing.model import (
+    ADMIN_FLAGS,
+    Backend,
+    BackendState,
+    Flag,
+    PoolView,
+    Snapshot,
+)
 from zdproxy.balancing.sticky import Pin, StickyCodec
 from zdproxy.balancing.wrr import Picker, make_picker
 from zdproxy.config.schema import DrainingConfig, StickyConfig
@@ -128,9 +135,7 @@ class _PoolPicker:
         picker = self._panic
         if picker is None:
             members = [
-                b
-                for b in self.view.backends
-                if b.admin is Admin.ENABLED and b.health is not Health.STARTING and b.weight > 0
+                b for b in self.view.backends if not b.flags & _PANIC_EXCLUDED and b.weight > 0
             ]
             self._panic = picker = make_picker(members, [b.weight for b in members])
             self._panic_size = len(members)
@@ -145,6 +150,11 @@ class _PoolPicker:
         return backend
 
 
+#: panic mode spreads over failed and ejected members, never over ones the operator
+#: took out or that are still starting
+_PANIC_EXCLUDED = ADMIN_FLAGS | Flag.PENDING_ACTIVE_CHECK | Flag.REMOVING
+
+
 class WeightedSelector:
     """Percent weights across pools, weighted round-robin inside a pool, with
     optional affinity and panic mode."""
@@ -152,7 +162,6 @@ class WeightedSelector:
     __slots__ = (
         "_activated",
         "_codec",
-        "_drain_started",
         "_drain_timeout",
         "_half_age",
         "_max_age",
@@ -166,13 +175,20 @@ class WeightedSelector:
         "_zero_drain",
         "_zero_since",
         "clock",
-        "panics",
+        "monotonic",
         "snapshot",
     )
 
-    def __init__(self, snapshot: Snapshot, clock: Callable[[], float] = time.time) -> None:
-        #: wall clock: pins carry Unix seconds
+    def __init__(
+        self,
+        snapshot: Snapshot,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        #: wall clock: pins carry Unix seconds (they outlive the process)
         self.clock = clock
+        #: the drain clock (the runtime's): drain starts and pools at weight 0
+        self.monotonic = monotonic
         self.snapshot = snapshot
         self._pickers: dict[str, _PoolPicker] = {}
         self._pool_picker: Picker[_PoolPicker] = make_picker([], [])
@@ -187,13 +203,10 @@ class WeightedSelector:
         self._drain_timeout = 0.0
         #: when each pool last went from weight 0 to above 0 (pins older than that lapse)
         self._activated: dict[str, int] = {}
-        #: since when each pool has had weight 0 (for ``on_pool_zero: drain_timeout``)
+        #: since when (monotonic) each pool has had weight 0 (``on_pool_zero:
+        #: drain_timeout``); a backend's drain start is in the snapshot
         self._zero_since: dict[str, float] = {}
-        #: since when each draining backend has been draining
-        self._drain_started: dict[str, float] = {}
         self._rings: dict[tuple[str, tuple[tuple[str, int], ...]], HashRing[Backend]] = {}
-        #: requests routed in panic mode
-        self.panics = 0
         self._track(None, snapshot)
         self.update(snapshot)
 
@@ -235,32 +248,24 @@ class WeightedSelector:
         )
 
     def _track(self, old: Snapshot | None, new: Snapshot) -> None:
-        """Note when pools go to / come back from weight 0 and when drains start."""
-        now = self.clock()
+        """Note when pools go to / come back from weight 0."""
+        now = self.monotonic()
         for name, view in new.pools.items():
             before = old.pools.get(name) if old is not None else None
             if view.weight > 0:
                 self._zero_since.pop(name, None)
                 if old is not None and (before is None or before.weight == 0):
-                    self._activated[name] = int(now)
+                    # compared with pins' epochs: wall clock
+                    self._activated[name] = int(self.clock())
             elif name in new.revoked:
                 # a rolled-back canary: its clients move now, not at the drain timeout
                 self._zero_since.pop(name, None)
             elif before is not None and before.weight > 0:
                 self._zero_since[name] = now
-        draining = self._drain_started
-        for backend_id, backend in new.backends.items():
-            if backend.admin is Admin.DRAINING:
-                if backend_id not in draining:
-                    draining[backend_id] = now
-            elif backend_id in draining:
-                del draining[backend_id]
-        for backend_id in [b for b in draining if b not in new.backends]:
-            del draining[backend_id]
 
     def drain_started(self, backend_id: str) -> float | None:
-        """When the backend started draining (wall clock), if it is draining."""
-        return self._drain_started.get(backend_id)
+        """When the backend started draining (monotonic), if it is draining."""
+        return self.snapshot.drain_started.get(backend_id)
 
     def pool_view(self, name: str) -> PoolView | None:
         return self.snapshot.pools.get(name)
@@ -312,10 +317,7 @@ class WeightedSelector:
                     backend = other.pick(exclude)
                     if backend is not None:
                         return backend
-        backend = pool.panic_pick(exclude)
-        if backend is not None:
-            self.panics += 1
-        return backend
+        return pool.panic_pick(exclude)
 
     def _honoured(self, pin: Pin, now: float) -> _PoolPicker | None:
         """The pinned pool, if the pin still holds."""
@@ -328,7 +330,7 @@ class WeightedSelector:
             return pool
         if self._zero_drain:
             since = self._zero_since.get(pin.pool)
-            if since is not None and now < since + self._drain_timeout:
+            if since is not None and self.monotonic() < since + self._drain_timeout:
                 return pool
         return None
 
@@ -367,8 +369,8 @@ class WeightedSelector:
         if backend.state is BackendState.UP:
             return not backend.ejected
         if backend.state is BackendState.DRAINING and self._sticky_drain:
-            started = self._drain_started.get(backend.id)
-            return started is not None and now < started + self._drain_timeout
+            started = self.snapshot.drain_started.get(backend.id)
+            return started is not None and self.monotonic() < started + self._drain_timeout
         return False
 
     def _select_backend_pinned(self, hints: RouteHints, exclude: Backend | None) -> Backend | None:

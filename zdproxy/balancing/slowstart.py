@@ -11,7 +11,7 @@ member of that pool gets an effective weight scaled by ``SCALE``: the steady
 ones ``weight x SCALE``, the ramping ones their fraction of it. When the last
 ramp of the pool ends, the scaling is dropped and the configured weights
 apply again. Pure arithmetic; the clock and the runtime calls are the
-caller's (``zdproxy.health.slowstart``).
+caller's (``zdproxy.health.slowstart_driver``).
 """
 
 from __future__ import annotations

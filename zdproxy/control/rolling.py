@@ -33,6 +33,7 @@ from typing import Any
 
 from zdproxy.balancing.model import Admin, BackendState
 from zdproxy.config.schema import parse_duration
+from zdproxy.control.commands import Drain, Enable
 from zdproxy.control.events import iso_time
 from zdproxy.control.runtime import Runtime
 from zdproxy.errors import Conflict, ControlError, NotFound
@@ -454,7 +455,7 @@ class RollingUpdates:
                         return
                 continue
             try:
-                runtime.drain(backend_id, ACTOR)
+                runtime.apply(Drain(backend_id), ACTOR)
             except ControlError as exc:
                 self._fail(update, f"cannot drain backend {backend_id}: {exc}")
                 return
@@ -532,7 +533,7 @@ class RollingUpdates:
 
     def _enable(self, update: RollingUpdate, backend_id: str) -> None:
         try:
-            self.runtime.enable(backend_id, ACTOR)
+            self.runtime.apply(Enable(backend_id), ACTOR)
         except ControlError as exc:
             self._fail(update, f"cannot enable backend {backend_id}: {exc}")
 

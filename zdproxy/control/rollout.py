@@ -15,7 +15,7 @@ is over and its last verdict passed. A step without ``pause`` waits for
 it, with ``now`` from the runtime's monotonic clock, so tests drive it with a
 fake clock. ``RolloutDriver`` is the asyncio side: it ticks the controller
 every ``TICK_SECONDS`` and sends the webhooks. Weights change only through the
-runtime (``Runtime.apply_rollout_weights``), so snapshots, audit events and
+runtime (``Runtime.apply(RolloutWeights(...))``), so snapshots, audit events and
 persistence stay consistent; the plan and progress are saved in the state
 store (``Runtime.set_rollout_state``) at every transition, and a restarted
 process resumes at the same step with the same weights (the step's pause
@@ -36,6 +36,7 @@ from typing import Any
 from zdproxy.balancing.analysis import FAIL, PASS, Gates, Sample, judge
 from zdproxy.balancing.model import Admin, BackendState
 from zdproxy.config.schema import parse_duration
+from zdproxy.control.commands import Drain, Enable, RolloutWeights
 from zdproxy.control.events import SYSTEM_ACTOR, iso_time
 from zdproxy.control.runtime import Runtime
 from zdproxy.errors import Conflict, ControlError, NotFound
@@ -476,7 +477,7 @@ class RolloutController:
         if plan.enable_target:
             for backend in list(self.runtime.backends.values()):
                 if backend.pool == plan.to and backend.admin in (Admin.DRAINED, Admin.DRAINING):
-                    self.runtime.enable(backend.id, actor)
+                    self.runtime.apply(Enable(backend.id), actor)
         rollout.start_totals = self._totals()
         self._try_step(rollout, now)
         self._save()
@@ -624,13 +625,15 @@ class RolloutController:
             rollout.waiting = f"waiting for the pre-step webhook {hook}"
             return
         step = plan.steps[rollout.step]
-        self.runtime.apply_rollout_weights(
-            self._step_weights(plan, step.weight),
-            "rollout.step",
-            self._target(rollout),
+        self.runtime.apply(
+            RolloutWeights(
+                self._step_weights(plan, step.weight),
+                "rollout.step",
+                self._target(rollout),
+                note=f"step {rollout.step + 1} of {len(plan.steps)}",
+                extra={"step": rollout.step + 1},
+            ),
             rollout.actor if rollout.step == 0 else SYSTEM_ACTOR,
-            note=f"step {rollout.step + 1} of {len(plan.steps)}",
-            extra={"step": rollout.step + 1},
         )
         rollout.applied = True
         rollout.waiting = None if step.pause is not None else _PROMOTE
@@ -757,13 +760,11 @@ class RolloutController:
         weights = dict(self.runtime.pool_weights)
         weights[plan.baseline] += weights[plan.to]
         weights[plan.to] = 0
-        self.runtime.apply_rollout_weights(
-            weights,
-            action,
-            self._target(rollout),
+        self.runtime.apply(
+            RolloutWeights(
+                weights, action, self._target(rollout), note=reason, revoke=frozenset({plan.to})
+            ),
             actor,
-            note=reason,
-            revoke=frozenset({plan.to}),
         )
 
     def _settle(self, now: float) -> None:
@@ -822,13 +823,15 @@ class RolloutController:
         weights = dict(self.runtime.pool_weights)
         weights[plan.to] += weights[plan.baseline]
         weights[plan.baseline] = 0
-        self.runtime.apply_rollout_weights(
-            weights, "rollout.succeeded", self._target(rollout), actor
-        )
-        if not plan.keep_warm:
-            for backend in list(self.runtime.backends.values()):
-                if backend.pool == plan.baseline and backend.admin is Admin.ENABLED:
-                    self.runtime.drain(backend.id, SYSTEM_ACTOR)
+        # the weights and the baseline's drains: one snapshot swap
+        with self.runtime.batch():
+            self.runtime.apply(
+                RolloutWeights(weights, "rollout.succeeded", self._target(rollout)), actor
+            )
+            if not plan.keep_warm:
+                for backend in list(self.runtime.backends.values()):
+                    if backend.pool == plan.baseline and backend.admin is Admin.ENABLED:
+                        self.runtime.apply(Drain(backend.id), SYSTEM_ACTOR)
         self._finish(rollout, plan)
 
     def _finish(self, rollout: Rollout, plan: Plan) -> None:
@@ -1040,13 +1043,15 @@ class RolloutController:
             plan = rollout.plan
             step = plan.steps[rollout.step]
             if self.runtime.pool_weights[plan.to] != step.weight:
-                self.runtime.apply_rollout_weights(
-                    self._step_weights(plan, step.weight),
-                    "rollout.step",
-                    self._target(rollout),
+                self.runtime.apply(
+                    RolloutWeights(
+                        self._step_weights(plan, step.weight),
+                        "rollout.step",
+                        self._target(rollout),
+                        note=f"step {rollout.step + 1} restored after a restart",
+                        extra={"step": rollout.step + 1},
+                    ),
                     SYSTEM_ACTOR,
-                    note=f"step {rollout.step + 1} restored after a restart",
-                    extra={"step": rollout.step + 1},
                 )
             self._begin_step(rollout, now)
         rollout.start_totals = self._totals()

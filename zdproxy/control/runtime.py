@@ -5,11 +5,15 @@ methods. Each change rebuilds an immutable ``Snapshot`` and hands it to the
 subscribers (the selector of the data path), so a request sees either the old
 or the new state, never half of a change.
 
-Operator mutations (``split``, ``flip``, ``add_backend``, ``remove_backend``,
-``drain``, ``disable``, ``enable``) validate everything first and raise
-``ControlError`` (400), ``NotFound`` (404) or ``Conflict`` (409) with nothing
-changed; a change is applied with exactly one snapshot swap, recorded in the
-audit log (``events``) and handed to the state listeners (persistence).
+Changes are typed commands (``zdproxy.control.commands``: ``SetWeights``,
+``Flip``, ``Drain``, ``Enable``, ``Disable``, ``AddBackend``, ``RemoveBackend``,
+``RolloutWeights``) applied by ``apply(command, actor)``. A command validates
+everything first and raises ``ControlError`` (400), ``NotFound`` (404) or
+``Conflict`` (409) with nothing changed; a change is applied with exactly one
+snapshot swap, recorded in the audit log (``events``) and handed to the state
+listeners (persistence). ``batch()`` applies several commands with one snapshot
+swap and one save, all or nothing. The methods ``split``, ``flip``, ``drain``...
+are thin wrappers kept for tests and callers that want their old return values.
 
 Times are ``time.monotonic()`` seconds (``clock``), the clock the event loop
 uses too; ``drain_started`` tells the data path since when a backend drains.
@@ -20,23 +24,40 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from zdproxy.balancing.model import (
-    ROUTABLE_STATES,
+    ADMIN_FLAGS,
+    HEALTH_FLAGS,
     Admin,
     Backend,
+    BackendSpec,
     BackendState,
+    Flag,
     Health,
-    PoolView,
     Snapshot,
-    derive_state,
+    admin_flags,
+    health_flags,
+    health_of,
+    with_flag,
 )
 from zdproxy.balancing.stats import PoolStats
 from zdproxy.config.diff import ConfigDiff
 from zdproxy.config.schema import BackendConfig, Config, parse_address
+from zdproxy.control.commands import (
+    AddBackend,
+    Command,
+    Disable,
+    Drain,
+    Enable,
+    Flip,
+    RemoveBackend,
+    RolloutWeights,
+    SetWeights,
+)
 from zdproxy.control.events import SYSTEM_ACTOR, Event, EventLog, iso_time
 from zdproxy.control.store import STATE_FORMAT
 from zdproxy.errors import Conflict, ControlError, NotFound
@@ -76,8 +97,8 @@ class Checkpoint:
 
     pool_weights: dict[str, int]
     backends: dict[str, Backend]
-    #: (admin, health) of every backend
-    admin: dict[str, tuple[Admin, Health]]
+    #: the flags of every backend
+    flags: dict[str, Flag]
     added: dict[str, dict[str, Any]]
     removed: dict[str, dict[str, str]]
     drain_started: dict[str, float]
@@ -87,6 +108,7 @@ class Checkpoint:
     health_info: dict[str, Mapping[str, Any]]
     next_event: int
     rollout_state: dict[str, Any] | None
+    revoked_pins: frozenset[str] = frozenset()
 
 
 class Runtime:
@@ -142,6 +164,10 @@ class Runtime:
         self._listeners: list[SnapshotListener] = []
         self._state_listeners: list[StateListener] = []
         self._snapshot: Snapshot | None = None
+        #: inside ``batch()``: publication and saving wait for its end
+        self._batching = False
+        self._publish_pending = False
+        self._save_pending = False
         #: more persisted sections (rolling updates, ...): key -> (export, restore)
         self._sections: dict[str, tuple[Callable[[], Any], Callable[[Any], None]]] = {}
         self.load_config(config)
@@ -180,10 +206,8 @@ class Runtime:
     def _create(
         self, backend_id: str, pool: str, host: str, port: int, weight: int, checked: bool
     ) -> Backend:
-        backend = Backend(backend_id, pool, host, port, weight)
-        backend.service = self.service
-        backend.health = Health.STARTING if checked else Health.UP
-        backend.state = derive_state(backend.admin, backend.health)
+        spec = BackendSpec(backend_id, pool, host, port, weight, self.service)
+        backend = Backend.from_spec(spec, Flag.PENDING_ACTIVE_CHECK if checked else Flag(0))
         self.backends[backend_id] = backend
         self.checked[backend_id] = checked
         return backend
@@ -210,37 +234,37 @@ class Runtime:
 
     def build_snapshot(self) -> Snapshot:
         self.version += 1
-        pools: dict[str, PoolView] = {}
-        for name, weight in self.pool_weights.items():
-            members = tuple(b for b in self.backends.values() if b.pool == name)
-            routable: list[Backend] = []
-            weights: list[int] = []
-            for backend in members:
-                effective = self.effective_weight.get(backend.id, backend.weight)
-                if backend.state in ROUTABLE_STATES and not backend.ejected and effective > 0:
-                    routable.append(backend)
-                    weights.append(effective)
-            pools[name] = PoolView(
-                name=name,
-                weight=weight,
-                backends=members,
-                routable=tuple(routable),
-                routable_weights=tuple(weights),
-                stats=self.pool_stats[name],
-                name_bytes=name.encode("ascii"),
-            )
-        return Snapshot(
-            version=self.version,
-            pools=pools,
-            backends=dict(self.backends),
-            revoked=frozenset(p for p in self.revoked_pins if self.pool_weights.get(p) == 0),
+        return Snapshot.build(
+            self.version,
+            self.pool_weights,
+            self.backends.values(),
+            self.pool_stats,
+            effective=self.effective_weight,
+            revoked=self.revoked_pins,
+            drain_started=self.drain_started,
         )
 
     def publish(self) -> None:
+        if self._batching:
+            self._publish_pending = True
+            return
         snapshot = self.build_snapshot()
         self._snapshot = snapshot
         for listener in self._listeners:
             listener(snapshot)
+
+    def adopt(self, snapshot: Snapshot) -> None:
+        """A replica (a worker's runtime) takes the control process's snapshot
+        (``Snapshot.from_dict`` keeps the backend objects it can): weights,
+        backends, effective weights, revoked pins and drain starts. The caller
+        publishes."""
+        self.pool_weights = snapshot.pool_weights()
+        for pool in self.pool_weights:
+            self.pool_stats.setdefault(pool, snapshot.pools[pool].stats)
+        self.backends = dict(snapshot.backends)
+        self.effective_weight = dict(snapshot.effective)
+        self.revoked_pins = set(snapshot.revoked)
+        self.drain_started = dict(snapshot.drain_started)
 
     # ---- health checks and passive health call these ----------------------
 
@@ -249,19 +273,33 @@ class Runtime:
         self.pool_weights = {name: weights.get(name, 0) for name in self.pool_weights}
         self.publish()
 
-    def _update(self, backend: Backend) -> bool:
-        """Re-derive the visible state; True when it changed."""
-        state = derive_state(backend.admin, backend.health)
-        if state is backend.state:
+    def _set(self, backend: Backend, flags: Flag) -> bool:
+        """Replace a backend's flags; True when its visible state changed."""
+        before = backend.set_flags(flags)
+        if before is None:
             return False
-        log.info("backend %s: %s -> %s", backend.id, backend.state.value, state.value)
-        backend.state = state
+        log.info("backend %s: %s -> %s", backend.id, before.value, backend.state.value)
         return True
 
+    def _set_admin_flags(self, backend: Backend, admin: Admin) -> bool:
+        """The operator's bit for ``admin``; the other causes (health, ejection,
+        removal) stay as they are."""
+        return self._set(backend, (backend.flags & ~ADMIN_FLAGS) | admin_flags(admin))
+
+    def _set_health_flags(self, backend: Backend, health: Health) -> bool:
+        return self._set(backend, (backend.flags & ~HEALTH_FLAGS) | health_flags(health))
+
     def set_admin(self, backend_id: str, admin: Admin) -> None:
+        """Test and bootstrap helper, without checks or audit (operators go through
+        ``apply``)."""
         backend = self.backends[backend_id]
-        backend.admin = admin
-        if self._update(backend):
+        before = backend.flags
+        self._set_admin_flags(backend, admin)
+        if admin is not Admin.DRAINING:
+            self.drain_started.pop(backend_id, None)
+        elif backend_id not in self.drain_started:
+            self.drain_started[backend_id] = self.clock()
+        if backend.flags != before:
             self.publish()
 
     def set_health(self, backend_id: str, health: Health) -> None:
@@ -269,16 +307,15 @@ class Runtime:
         backend = self.backends.get(backend_id)
         if backend is None or backend.health is health:
             return
-        backend.health = health
-        if self._update(backend):
-            self.publish()
+        self._set_health_flags(backend, health)
+        self.publish()
 
     def set_ejected(self, backend_id: str, ejected: bool) -> None:
         """Called by passive health (outlier detection)."""
         backend = self.backends.get(backend_id)
         if backend is None or backend.ejected is ejected:
             return
-        backend.ejected = ejected
+        self._set(backend, with_flag(backend.flags, Flag.EJECTED, ejected))
         log.info("backend %s: %s", backend_id, "ejected" if ejected else "back from ejection")
         self.publish()
 
@@ -308,9 +345,116 @@ class Runtime:
     def record_rollout(self, result: str) -> None:
         self.rollout_results[result] = self.rollout_results.get(result, 0) + 1
 
-    # ---- operator mutations (the admin API calls these) -------------------
+    # ---- commands (the admin API, rollouts and rolling updates) -----------
+
+    def apply(self, command: Command, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """Apply one command: its audit event, or None when it changed nothing.
+        Raises ``ControlError`` (or its ``NotFound``/``Conflict``) with nothing
+        changed."""
+        if isinstance(command, SetWeights):
+            return self._split(command.weights, actor, command.force)
+        if isinstance(command, Flip):
+            return self._flip(command.to, actor, command.force)
+        if isinstance(command, Drain):
+            return self._admin_action("drain", command.backend_id, actor)
+        if isinstance(command, Disable):
+            return self._admin_action("disable", command.backend_id, actor)
+        if isinstance(command, Enable):
+            return self._admin_action("enable", command.backend_id, actor)
+        if isinstance(command, AddBackend):
+            return self._add_backend(
+                command.pool, command.address, command.backend_id, command.weight, actor
+            )
+        if isinstance(command, RemoveBackend):
+            return self._remove_backend(command.backend_id, actor)
+        if isinstance(command, RolloutWeights):
+            return self._rollout_weights(command, actor)
+        raise ControlError(f"unknown command {command!r}")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Several commands, one snapshot publication and one save at the end.
+
+        All or nothing: when a command (or anything else) raises inside the
+        batch, every change made since the batch began is undone as ``rollback``
+        does (the batch's audit events leave the ring), nothing is published or
+        saved, and the error propagates. A batch inside a batch is part of the
+        outer one. No ``await`` inside: the batch is one step of the event loop.
+        """
+        if self._batching:
+            yield
+            return
+        checkpoint = self.checkpoint()
+        self._batching = True
+        self._publish_pending = self._save_pending = False
+        try:
+            yield
+        except BaseException:
+            self._restore(checkpoint)
+            self._batching = False
+            raise
+        self._batching = False
+        if self._publish_pending:
+            self.publish()
+        if self._save_pending:
+            self._state_changed()
+
+    # ---- thin wrappers ------------------------------------------------------
 
     def split(self, weights: Mapping[str, Any], actor: str, force: bool = False) -> Event | None:
+        return self.apply(SetWeights(weights, force), actor)
+
+    def flip(self, to: Any, actor: str, force: bool = False) -> Event | None:
+        return self.apply(Flip(to, force), actor)
+
+    def drain(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """No new requests; the ones in flight (and, per ``draining``, affinity-bound
+        clients) finish; the state goes ``draining`` then ``drained``."""
+        return self.apply(Drain(backend_id), actor)
+
+    def disable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """Out of rotation at once (maintenance); requests in flight finish."""
+        return self.apply(Disable(backend_id), actor)
+
+    def enable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
+        """Back into rotation; with active health checks it starts over in
+        ``starting`` and takes traffic after ``rise`` passing checks."""
+        return self.apply(Enable(backend_id), actor)
+
+    def add_backend(
+        self,
+        pool: Any,
+        address: Any,
+        backend_id: Any = None,
+        weight: Any = 1,
+        actor: str = SYSTEM_ACTOR,
+    ) -> Backend:
+        event = self.apply(AddBackend(pool, address, backend_id, weight), actor)
+        assert event is not None
+        return self.backends[event.target]
+
+    def remove_backend(self, backend_id: Any, actor: str) -> bool:
+        """True when the backend is gone already (nothing was in flight)."""
+        event = self.apply(RemoveBackend(backend_id), actor)
+        return event is None or event.after is None
+
+    def apply_rollout_weights(
+        self,
+        new: Mapping[str, int],
+        action: str,
+        target: str,
+        actor: str,
+        note: str | None = None,
+        revoke: frozenset[str] = frozenset(),
+        extra: Mapping[str, Any] | None = None,
+    ) -> Event:
+        event = self.apply(RolloutWeights(new, action, target, note, revoke, extra or {}), actor)
+        assert event is not None
+        return event
+
+    # ---- what the commands do ---------------------------------------------
+
+    def _split(self, weights: Mapping[str, Any], actor: str, force: bool) -> Event | None:
         """Set every pool's percent of new traffic at once; pools left out get 0.
         Returns the audit event, or None when nothing changed."""
         if not isinstance(weights, Mapping) or not weights:
@@ -328,7 +472,7 @@ class Runtime:
             raise ControlError(f"pool weights must sum to 100, got {total} ({split})")
         return self._set_weights(new, "split", ",".join(new), actor, force)
 
-    def flip(self, to: Any, actor: str, force: bool = False) -> Event | None:
+    def _flip(self, to: Any, actor: str, force: bool) -> Event | None:
         """100 % of new traffic to pool ``to`` at once; requests in flight on the
         other pools finish where they are."""
         if not isinstance(to, str) or not to:
@@ -357,21 +501,14 @@ class Runtime:
         self.publish()
         return self._changed(actor, action, target, before, dict(new), note)
 
-    def apply_rollout_weights(
-        self,
-        new: Mapping[str, int],
-        action: str,
-        target: str,
-        actor: str,
-        note: str | None = None,
-        revoke: frozenset[str] = frozenset(),
-        extra: Mapping[str, Any] | None = None,
-    ) -> Event:
+    def _rollout_weights(self, command: RolloutWeights, actor: str) -> Event:
         """The rollout engine's weight changes: one snapshot swap and one audit
         event named ``action`` (``rollout.step``, ``rollout.rollback``, ...) whose
         before/after are the weights (plus ``extra`` in after). Pins to the pools
         in ``revoke`` stop at once; a pool that gets weight again is no longer
         revoked."""
+        new, action, target = command.weights, command.action, command.target
+        note, revoke, extra = command.note, command.revoke, command.extra
         weights = {name: int(new.get(name, 0)) for name in self.pool_weights}
         if sum(weights.values()) != 100 or any(w < 0 for w in weights.values()):
             raise ControlError(f"rollout weights must sum to 100, got {weights}")
@@ -395,14 +532,9 @@ class Runtime:
         view = self.snapshot.pools.get(pool)
         return view is not None and bool(view.routable)
 
-    def add_backend(
-        self,
-        pool: Any,
-        address: Any,
-        backend_id: Any = None,
-        weight: Any = 1,
-        actor: str = SYSTEM_ACTOR,
-    ) -> Backend:
+    def _add_backend(
+        self, pool: Any, address: Any, backend_id: Any, weight: Any, actor: str
+    ) -> Event:
         """A new backend in ``pool``. It takes traffic once healthy: it starts in
         ``starting`` when active health checks apply to the pool, else ``up``."""
         if not isinstance(pool, str):
@@ -435,8 +567,7 @@ class Runtime:
         self.removed.pop(backend_id, None)
         self.added[backend_id] = spec
         self.publish()
-        self._changed(actor, "backend.add", backend_id, None, _brief(backend))
-        return backend
+        return self._changed(actor, "backend.add", backend_id, None, _brief(backend))
 
     def _free_id(self, pool: str) -> str:
         prefix = f"{self.id_prefix}{pool}-"
@@ -449,10 +580,10 @@ class Runtime:
             n += 1
         return f"{prefix}{n}"
 
-    def remove_backend(self, backend_id: Any, actor: str) -> bool:
+    def _remove_backend(self, backend_id: Any, actor: str) -> Event:
         """Drain a backend, then delete it: at once when nothing is in flight, else
-        once its requests finish or after ``draining.timeout``. True when it is
-        gone already."""
+        once its requests finish or after ``draining.timeout``. The event's
+        ``after`` is None when it is gone already."""
         backend = self._backend(backend_id)
         if backend.id in self.removing:
             raise Conflict(f"backend {backend.id} is already being removed")
@@ -461,21 +592,14 @@ class Runtime:
             del self.added[backend.id]
         else:
             self.removed[backend.id] = {"pool": backend.pool, "address": backend.address}
-        now = self.clock()
         if backend.in_flight <= 0:
             self._delete(backend)
             self.publish()
-            self._changed(actor, "backend.remove", backend.id, before, None)
-            return True
-        if backend.admin is Admin.ENABLED:
-            backend.admin = Admin.DRAINING
-            self.drain_started[backend.id] = now
-            self._update(backend)
-        self.removing[backend.id] = now + self.config.draining.timeout
+            return self._changed(actor, "backend.remove", backend.id, before, None)
+        self._start_removal(backend)
         self.publish()
         after = {**_brief(backend), "removing": True}
-        self._changed(actor, "backend.remove", backend.id, before, after)
-        return False
+        return self._changed(actor, "backend.remove", backend.id, before, after)
 
     def _delete(self, backend: Backend) -> None:
         del self.backends[backend.id]
@@ -484,20 +608,6 @@ class Runtime:
         self.removing.pop(backend.id, None)
         self.checked.pop(backend.id, None)
         self.health_info.pop(backend.id, None)
-
-    def drain(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
-        """No new requests; the ones in flight (and, per ``draining``, affinity-bound
-        clients) finish; the state goes ``draining`` then ``drained``."""
-        return self._admin_action("drain", backend_id, actor)
-
-    def disable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
-        """Out of rotation at once (maintenance); requests in flight finish."""
-        return self._admin_action("disable", backend_id, actor)
-
-    def enable(self, backend_id: Any, actor: str = SYSTEM_ACTOR) -> Event | None:
-        """Back into rotation; with active health checks it starts over in
-        ``starting`` and takes traffic after ``rise`` passing checks."""
-        return self._admin_action("enable", backend_id, actor)
 
     def _admin_action(self, action: str, backend_id: Any, actor: str) -> Event | None:
         backend = self._backend(backend_id)
@@ -511,14 +621,15 @@ class Runtime:
         if new is current:
             return None
         before = _brief(backend)
-        backend.admin = new
+        flags = (backend.flags & ~ADMIN_FLAGS) | admin_flags(new)
         if new is Admin.DRAINING:
             self.drain_started[backend.id] = self.clock()
         else:
             self.drain_started.pop(backend.id, None)
         if new is Admin.ENABLED and self.checked.get(backend.id, False):
-            backend.health = Health.STARTING
-        self._update(backend)
+            # re-checked from the start; ejection (its own cause) is left alone
+            flags = (flags & ~HEALTH_FLAGS) | Flag.PENDING_ACTIVE_CHECK
+        self._set(backend, flags)
         self.publish()
         return self._changed(actor, f"backend.{action}", backend.id, before, _brief(backend))
 
@@ -563,8 +674,9 @@ class Runtime:
             pool, spec = specs[added.id]
             self._take_over(added.id, pool, spec)
         for backend_id, weight in plan.backends_reweighted.items():
-            if backend_id in self.backends:
-                self.backends[backend_id].weight = weight
+            backend = self.backends.get(backend_id)
+            if backend is not None:
+                backend.set_spec(replace(backend.spec, weight=weight))
         self._recheck(specs)
         if plan.weights_changed:
             self.pool_weights = dict(plan.weights)
@@ -579,11 +691,17 @@ class Runtime:
         if backend.in_flight <= 0:
             self._delete(backend)
             return
+        self._start_removal(backend)
+
+    def _start_removal(self, backend: Backend) -> None:
+        """``REMOVING`` (and draining when it was enabled) until its requests
+        finish or the drain timeout."""
         now = self.clock()
+        flags = backend.flags | Flag.REMOVING
         if backend.admin is Admin.ENABLED:
-            backend.admin = Admin.DRAINING
+            flags |= Flag.ADMIN_DRAIN
             self.drain_started[backend.id] = now
-            self._update(backend)
+        self._set(backend, flags)
         self.removing[backend.id] = now + self.config.draining.timeout
 
     def _take_over(self, backend_id: str, pool: str, spec: BackendConfig) -> None:
@@ -605,8 +723,7 @@ class Runtime:
             checked = self._checks_enabled(pool, spec)
             self.checked[backend.id] = checked
             if not checked and backend.health is not Health.UP:
-                backend.health = Health.UP
-                self._update(backend)
+                self._set_health_flags(backend, Health.UP)
 
     # ---- time-driven progress ---------------------------------------------
 
@@ -635,9 +752,8 @@ class Runtime:
             idle = backend.in_flight <= 0 and not wait_for_timeout
             if idle or now >= started + timeout:
                 before = _brief(backend)
-                backend.admin = Admin.DRAINED
                 del self.drain_started[backend_id]
-                self._update(backend)
+                self._set_admin_flags(backend, Admin.DRAINED)
                 if not idle:
                     log.info(
                         "backend %s: drain timeout with %d in flight", backend_id, backend.in_flight
@@ -720,10 +836,9 @@ class Runtime:
                     admin,
                 )
                 continue
-            backend.admin = Admin(admin)
+            self._set_admin_flags(backend, Admin(admin))
             if backend.admin is Admin.DRAINING:
                 self.drain_started[backend_id] = self.clock()
-            self._update(backend)
         config_weights = {name: pool.weight for name, pool in self.config.pools.items()}
         saved = state["weights"]
         if state["config_weights"] != config_weights:
@@ -795,7 +910,7 @@ class Runtime:
         return Checkpoint(
             pool_weights=dict(self.pool_weights),
             backends=dict(self.backends),
-            admin={b.id: (b.admin, b.health) for b in self.backends.values()},
+            flags={b.id: b.flags for b in self.backends.values()},
             added=dict(self.added),
             removed=dict(self.removed),
             drain_started=dict(self.drain_started),
@@ -805,6 +920,7 @@ class Runtime:
             health_info=dict(self.health_info),
             next_event=self.events.next_id,
             rollout_state=self.rollout_state,
+            revoked_pins=frozenset(self.revoked_pins),
         )
 
     def rollback(self, checkpoint: Checkpoint) -> None:
@@ -814,15 +930,21 @@ class Runtime:
         Health measured meanwhile is kept, except the ``starting`` an ``enable``
         set: the backend goes back to the health it had.
         """
+        self._restore(checkpoint)
+        self.publish()
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
         self.pool_weights = dict(checkpoint.pool_weights)
         self.backends = dict(checkpoint.backends)
         self.rollout_state = checkpoint.rollout_state
-        for backend_id, (admin, health) in checkpoint.admin.items():
+        self.revoked_pins = set(checkpoint.revoked_pins)
+        kept = ADMIN_FLAGS | Flag.REMOVING
+        for backend_id, saved in checkpoint.flags.items():
             backend = self.backends[backend_id]
-            backend.admin = admin
-            if backend.health is Health.STARTING and health is not Health.STARTING:
-                backend.health = health
-            self._update(backend)
+            flags = (backend.flags & ~kept) | (saved & kept)
+            if backend.health is Health.STARTING and health_of(saved) is not Health.STARTING:
+                flags = (flags & ~HEALTH_FLAGS) | (saved & HEALTH_FLAGS)
+            self._set(backend, flags)
         self.added = dict(checkpoint.added)
         self.removed = dict(checkpoint.removed)
         self.drain_started = dict(checkpoint.drain_started)
@@ -831,7 +953,6 @@ class Runtime:
         self.checked = dict(checkpoint.checked)
         self.health_info = dict(checkpoint.health_info)
         self.events.discard_from(checkpoint.next_event)
-        self.publish()
 
     # ---- helpers ----------------------------------------------------------
 
@@ -865,6 +986,9 @@ class Runtime:
         self._state_changed()
 
     def _state_changed(self) -> None:
+        if self._batching:
+            self._save_pending = True
+            return
         if self._state_listeners:
             state = self.export_state()
             for listener in self._state_listeners:

@@ -19,47 +19,58 @@ Backends added or removed at runtime get or lose their probe on the next
 snapshot; a re-enabled backend (the runtime puts it back in ``starting``)
 rises again.
 
-``install(server)`` (called by ``zdproxy.server``) builds the ``HealthService``
-(checks, outlier detection, slow start, the retry budget, stickiness and the
-tunnel drain deadline), sets it as ``server.health`` and hooks it into the
-server's start and stop.
+``build_health(services)`` (called by the composition root, ``zdproxy.server``)
+builds one ``HealthService`` per service (checks, outlier detection, slow start
+and the tunnel drain deadline), each given only the narrow ``HealthHost`` it
+needs; the root hooks them into the start and stop and feeds the data path's
+passive results to their outlier detectors.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import os
 import random
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import aiohttp
 
 from zdproxy.balancing.healthsm import HealthMachine, Result
 from zdproxy.balancing.model import Backend, BackendState, Health, Snapshot
-from zdproxy.balancing.retry import RetryBudget
-from zdproxy.balancing.sticky import load_secret
 from zdproxy.config.schema import (
     Config,
     HealthCheckConfig,
     HealthCheckOverride,
-    StickyConfig,
     UpstreamTls,
 )
 from zdproxy.control.runtime import Runtime
 from zdproxy.health.drain import TunnelDrainer
-from zdproxy.health.outlier import OutlierDetector
-from zdproxy.health.slowstart import SlowStart
+from zdproxy.health.outlier_driver import OutlierDetector
+from zdproxy.health.slowstart_driver import SlowStart
 from zdproxy.proxy.upstream_tls import UpstreamTlsMap, UpstreamTlsTarget
 
 if TYPE_CHECKING:
+    from zdproxy.proxy.context import ProxyContext
     from zdproxy.server import ProxyServer
-    from zdproxy.services import Service
+
+
+class HealthHost(Protocol):
+    """What health needs of one service: its runtime and config, and the data
+    path's context (its tunnels, for the drain deadline). ``Service`` is one."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def ctx(self) -> ProxyContext | None: ...
+
 
 log = logging.getLogger("zdproxy.health")
 
@@ -387,78 +398,24 @@ class HealthService:
     check and ejection change, for the admin state API.
     """
 
-    def __init__(self, server: ProxyServer | Service) -> None:
-        self.server = server
-        runtime = server.runtime
-        config = server.config
+    def __init__(self, host: HealthHost) -> None:
+        self.host = host
+        runtime = host.runtime
+        config = host.config
         self.runtime = runtime
         self.slow_start = SlowStart(runtime, config.slow_start.window)
         self.checker = HealthChecker(runtime, config, self.slow_start)
         self.checker.on_info.append(self._info_changed)
         self.outlier = OutlierDetector(runtime, config.outlier_detection)
-        self.retry_budget = RetryBudget(config.retries.budget_percent)
-        self.tunnels = TunnelDrainer(server)
-        try:
-            secret, source = sticky_secret(config.sticky, os.environ)
-        except (OSError, ValueError) as exc:
-            log.error("cannot start: %s", exc)
-            raise SystemExit(1) from None
-        signs = config.sticky.mode in ("pool", "backend")
-        if signs and source == "generated":
-            if config.sticky.secret_env:
-                log.warning(
-                    "sticky.secret_env names %s, which is not set: affinity cookies are "
-                    "signed with a generated key",
-                    config.sticky.secret_env,
-                )
-            else:
-                log.info(
-                    "affinity cookies are signed with a generated key, kept in the saved "
-                    "state and passed on by a hot upgrade; set sticky.secret_env or "
-                    "secret_file when several zdproxy instances serve one site"
-                )
-        self._secret = secret
-        self._secret_source = source
-        #: a generated key not yet in the saved state: saved once serving
-        self._save_secret = signs and source == "generated"
-        runtime.add_state_section("sticky", self._export_secret, self._restore_secret)
-        server.selector.configure(config.sticky, config.draining, secret)
+        self.tunnels = TunnelDrainer(host)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._sync_pending = False
         self._ejected_seen: dict[str, bool] = {}
         runtime.subscribe(self._on_snapshot)
 
-    def _export_secret(self) -> dict[str, str] | None:
-        """A generated key goes into the saved state (and a hot upgrade's hand-over):
-        pins survive restarts and upgrades. A configured one is never written."""
-        if self._secret_source != "generated":
-            return None
-        return {"key": self._secret.hex()}
-
-    def _restore_secret(self, saved: Any) -> None:
-        if self._secret_source != "generated" or not isinstance(saved, dict):
-            return
-        try:
-            key = bytes.fromhex(str(saved.get("key")))
-        except ValueError:
-            key = b""
-        if len(key) != 32:
-            log.warning("saved state: the sticky key is not 32 hex bytes; a new one is used")
-            return
-        self._secret = key
-        self._save_secret = False
-        self.server.selector.configure(self.server.config.sticky, self.server.config.draining, key)
-
     async def start(self, server: ProxyServer) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
-        if self._save_secret:
-            self._save_secret = False
-            self.runtime.state_changed()
-        ctx = server.ctx
-        assert ctx is not None
-        ctx.observer = self.outlier
-        ctx.retry_policy = self.retry_budget
         self.outlier.start(loop)
         if server.handover is not None:
             # before the first checks: they continue from the old process's verdicts
@@ -477,7 +434,7 @@ class HealthService:
             len(self.checker.probes),
             "on" if self.outlier.policy.config.enabled else "off",
             f"{self.slow_start.window:g}s" if self.slow_start.window > 0 else "off",
-            server.config.sticky.mode,
+            self.host.config.sticky.mode,
         )
 
     async def stop(self, server: ProxyServer) -> None:
@@ -522,19 +479,6 @@ class HealthService:
         self.checker.reconfigure(config)
         self.outlier.reconfigure(config.outlier_detection)
         self.slow_start.reconfigure(config.slow_start.window)
-        self.retry_budget = RetryBudget(config.retries.budget_percent)
-        if self.server.ctx is not None:
-            self.server.ctx.retry_policy = self.retry_budget
-        try:
-            secret, source = sticky_secret(config.sticky, os.environ)
-        except (OSError, ValueError) as exc:
-            log.error("config reload: %s; the sticky key in use stays", exc)
-        else:
-            if source != "generated":
-                self._secret, self._secret_source = secret, source
-            # else the key in use stays (generated, saved or configured before):
-            # pins survive the reload
-        self.server.selector.configure(config.sticky, config.draining, self._secret)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         # runtime calls are not made from inside its own publish: later listeners
@@ -577,58 +521,16 @@ class HealthService:
         self.runtime.set_health_info(backend_id, self.backend_info(backend_id))
 
 
-def sticky_secret(sticky: StickyConfig, environ: Mapping[str, str]) -> tuple[bytes, str]:
-    """The key that signs affinity cookies and where it came from: ``"file"``
-    (``sticky.secret_file``), ``"env"`` (``sticky.secret_env``) or ``"generated"``
-    (random; the saved state or a hot upgrade's hand-over may replace it).
-    Raises ``OSError`` or ``ValueError`` naming a secret file that cannot be used."""
-    path = sticky.secret_file
-    if path is not None:
-        try:
-            with open(path, "rb") as f:
-                value = f.read().strip()
-        except OSError as exc:
-            raise OSError(f"sticky.secret_file: cannot read {path}: {exc.strerror}") from None
-        if not value:
-            raise ValueError(f"sticky.secret_file: {path} is empty")
-        return hashlib.sha256(value).digest(), "file"
-    secret, from_env = load_secret(sticky.secret_env, environ)
-    return secret, "env" if from_env else "generated"
-
-
-def install(server: ProxyServer) -> None:
-    """Install health checks, passive health, slow start, retries budget and
-    stickiness into ``server`` (before ``server.start()``): one ``HealthService``
-    per service (``server.health`` is the primary service's)."""
-    if len(server.services) == 1:
-        health = HealthService(server)
-        server.health = health
-        next(iter(server.services.values())).health = health
-        server.start_hooks.append(health.start)
-        server.stop_hooks.append(health.stop)
-        return
-    for service in server.services.values():
-        health = HealthService(service)
-        service.health = health
-        others = [s.runtime for s in server.services.values() if s is not service]
-        health.tunnels.foreign = partial(_owned_by_any, others)
-        if service.runtime is server.runtime:
-            server.health = health
-        server.start_hooks.append(health.start)
-        server.stop_hooks.append(health.stop)
-    server.start_hooks.append(_observe_services)
+def build_health(hosts: Mapping[str, HealthHost]) -> dict[str, HealthService]:
+    """One ``HealthService`` per service (by name). With several services, a
+    tunnel drainer leaves the tunnels of other services' backends alone."""
+    built = {name: HealthService(host) for name, host in hosts.items()}
+    if len(built) > 1:
+        for name, health in built.items():
+            others = [h.runtime for n, h in built.items() if n != name]
+            health.tunnels.foreign = partial(_owned_by_any, others)
+    return built
 
 
 def _owned_by_any(runtimes: list[Runtime], backend: Backend) -> bool:
     return any(runtime.backends.get(backend.id) is backend for runtime in runtimes)
-
-
-async def _observe_services(server: ProxyServer) -> None:
-    """With several services, passive health results go to the owner's detector."""
-    from zdproxy.services import ServiceObservers
-
-    ctx = server.ctx
-    assert ctx is not None
-    ctx.observer = ServiceObservers(
-        [(s.runtime, s.health.outlier) for s in server.services.values() if s.health is not None]
-    )

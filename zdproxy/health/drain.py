@@ -17,13 +17,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from zdproxy.balancing.model import Admin, Backend
 
 if TYPE_CHECKING:
-    from zdproxy.server import ProxyServer
-    from zdproxy.services import Service
+    from zdproxy.control.runtime import Runtime
+    from zdproxy.proxy.context import ProxyContext
+
+
+class DrainHost(Protocol):
+    """What the drainer needs: the service's runtime and the data path's tunnels."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def ctx(self) -> ProxyContext | None: ...
+
 
 log = logging.getLogger("zdproxy.health")
 
@@ -32,11 +43,10 @@ TICK = 0.25
 
 
 class TunnelDrainer:
-    def __init__(self, server: ProxyServer | Service) -> None:
-        self.server = server
+    def __init__(self, host: DrainHost) -> None:
+        self.host = host
         #: with several services: whether a backend belongs to another service
         self.foreign: Callable[[Backend], bool] = _nobody
-        self.closed_total = 0
         self._task: asyncio.Task[None] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -57,10 +67,10 @@ class TunnelDrainer:
 
     def sweep(self) -> int:
         """Close the tunnels past their drain deadline; how many were closed."""
-        ctx = self.server.ctx
+        ctx = self.host.ctx
         if ctx is None or not ctx.tunnels:
             return 0
-        runtime = self.server.runtime
+        runtime = self.host.runtime
         now = runtime.clock()
         timeout = runtime.config.draining.timeout
         closed = 0
@@ -83,7 +93,6 @@ class TunnelDrainer:
             log.info("closing a tunnel to %s: %s", backend.id, why)
             tunnel.close()
             closed += 1
-        self.closed_total += closed
         return closed
 
 

@@ -387,10 +387,6 @@ class UpstreamPools:
     def backend_ids(self) -> list[str]:
         return [backend_id for backend_id, stack in self._idle.items() if stack]
 
-    def idle_count(self, backend_id: str) -> int:
-        stack = self._idle.get(backend_id)
-        return len(stack) if stack else 0
-
     def close_backend(self, backend_id: str) -> None:
         """Close every idle connection to a backend (drained, removed)."""
         stack = self._idle.pop(backend_id, None)
