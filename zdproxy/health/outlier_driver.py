@@ -114,12 +114,16 @@ class OutlierDetector:
 
     def export(self) -> dict[str, dict[str, Any]]:
         """Ejections in progress, for a hot upgrade's hand-over: by backend id,
-        the pool, the seconds left and the ejection counts (the backoff goes on)."""
+        the pool, the wall-clock end (``until``: the hand-over's own duration, seconds
+        on a loaded machine, must not lengthen the ejection), the seconds left (what
+        older versions read) and the ejection counts (the backoff goes on)."""
         loop = self._loop
         now = loop.time() if loop is not None else 0.0
+        wall = time.time()
         return {
             backend_id: {
                 "pool": record.pool,
+                "until": round(wall + record.ejected_until - now, 3),
                 "remaining": round(record.ejected_until - now, 3),
                 "ejections": record.ejections,
                 "ejections_total": record.ejections_total,
@@ -139,7 +143,10 @@ class OutlierDetector:
             if backend is None or not isinstance(item, dict) or item.get("pool") != backend.pool:
                 continue
             try:
-                remaining = float(item["remaining"])
+                if "until" in item:
+                    remaining = float(item["until"]) - time.time()
+                else:
+                    remaining = float(item["remaining"])
                 ejections = int(item["ejections"])
                 total = int(item["ejections_total"])
             except (KeyError, TypeError, ValueError):
