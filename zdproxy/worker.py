@@ -106,6 +106,10 @@ class WorkerProcess:
             message: dict[str, Any] = json.loads(line)
             if "state" in message:
                 apply_message_state(server, message)
+                # counters first: once the control sees this ack, the in-flight
+                # figures it holds are this worker's as of the new state (a drain
+                # must not end on a report older than a request still running)
+                self._send(take_counters(server, self.observer))
                 self._send({"ack": message.get("seq", 0)})
             elif message.get("reload"):
                 self._reload()

@@ -210,6 +210,7 @@ class WorkerSet:
     async def start(self) -> None:
         for service in self.server.services.values():
             service.runtime.subscribe(self._on_snapshot)
+            service.runtime.in_flight_settled = self.settled
         self.server.shadow.subscribe(self._on_shadow)
         for worker in self.workers:
             self._spawn(worker)
@@ -354,6 +355,16 @@ class WorkerSet:
         message = {**replica_state(self.server), "seq": self._seq}
         for worker in self.workers:
             self._send(worker, message)
+
+    def settled(self) -> bool:
+        """Whether the in-flight figures merged here are current: every serving
+        worker applied the latest state (it reports its counters just before its
+        ack), and no state is waiting to be sent. Until then a drain does not end
+        on in-flight 0: a worker may hold a request its last report did not show."""
+        seq = self._seq
+        return not self._pending_state and all(
+            w.acked >= seq or w.writer is None for w in self.workers
+        )
 
     async def synced(self, timeout: float = 2.0) -> None:
         """Wait until every serving worker applied the state as it is now (a

@@ -274,3 +274,29 @@ def test_the_selector_reads_drain_starts_on_the_runtime_clock() -> None:
     runtime.tick()
     assert backend.state is BackendState.DRAINED
     assert selector.drain_started("blue-1") is None
+
+
+def test_a_drain_and_a_removal_do_not_end_on_unsettled_in_flight_figures() -> None:
+    """With workers, in-flight 0 may be a report older than a request still running:
+    nothing ends until the figures are settled, and the timeout still applies."""
+    clock = Clock()
+    runtime = Runtime(make_config(), clock=clock)
+    settled = [False]
+    runtime.in_flight_settled = lambda: settled[0]
+    runtime.drain("blue-1", "ops")
+    # even with nothing in flight, the removal waits for settled figures
+    assert runtime.remove_backend("blue-2", "ops") is False
+    runtime.tick()
+    assert runtime.backends["blue-1"].state is BackendState.DRAINING
+    assert "blue-2" in runtime.backends
+    settled[0] = True
+    runtime.tick()
+    assert runtime.backends["blue-1"].state is BackendState.DRAINED
+    assert "blue-2" not in runtime.backends
+    # never settled: the drain timeout ends it anyway
+    runtime.enable("blue-1", "ops")
+    settled[0] = False
+    runtime.drain("blue-1", "ops")
+    clock.now += 10.0
+    runtime.tick()
+    assert runtime.backends["blue-1"].state is BackendState.DRAINED

@@ -122,6 +122,10 @@ class Runtime:
         #: the service this control plane runs (set on every backend it creates)
         self.service = service
         self.clock = clock
+        #: whether ``Backend.in_flight`` is current; with workers, the control's
+        #: figures come from their reports, and a drain or removal must not end on
+        #: one older than the state that started it (set by the worker set)
+        self.in_flight_settled: Callable[[], bool] = _always
         self.version = 0
         self.pool_weights: dict[str, int] = {}
         self.pool_stats: dict[str, PoolStats] = {}
@@ -592,7 +596,7 @@ class Runtime:
             del self.added[backend.id]
         else:
             self.removed[backend.id] = {"pool": backend.pool, "address": backend.address}
-        if backend.in_flight <= 0:
+        if self._idle_now(backend):
             self._delete(backend)
             self.publish()
             return self._changed(actor, "backend.remove", backend.id, before, None)
@@ -688,10 +692,16 @@ class Runtime:
 
     def _retire(self, backend: Backend) -> None:
         """Out of the config: deleted now when idle, else drained then deleted."""
-        if backend.in_flight <= 0:
+        if self._idle_now(backend):
             self._delete(backend)
             return
         self._start_removal(backend)
+
+    def _idle_now(self, backend: Backend) -> bool:
+        """Nothing in flight, known at this instant: only when this process counts
+        the requests itself. With workers the figure may predate a request they
+        hold, so a removal goes through ``tick``, which waits for settled figures."""
+        return backend.in_flight <= 0 and self.in_flight_settled is _always
 
     def _start_removal(self, backend: Backend) -> None:
         """``REMOVING`` (and draining when it was enabled) until its requests
@@ -741,6 +751,7 @@ class Runtime:
             now = self.clock()
         timeout = self.config.draining.timeout
         wait_for_timeout = self.config.draining.sticky_until_timeout
+        settled = self.in_flight_settled()
         done: list[tuple[str, str, Any, Any]] = []
         for backend_id, started in list(self.drain_started.items()):
             backend = self.backends.get(backend_id)
@@ -749,7 +760,7 @@ class Runtime:
                 continue
             if backend_id in self.removing:
                 continue
-            idle = backend.in_flight <= 0 and not wait_for_timeout
+            idle = backend.in_flight <= 0 and not wait_for_timeout and settled
             if idle or now >= started + timeout:
                 before = _brief(backend)
                 del self.drain_started[backend_id]
@@ -764,7 +775,7 @@ class Runtime:
             if backend is None:
                 del self.removing[backend_id]
                 continue
-            if backend.in_flight <= 0 or now >= deadline:
+            if (backend.in_flight <= 0 and settled) or now >= deadline:
                 before = {**_brief(backend), "removing": True}
                 self._delete(backend)
                 log.info("backend %s removed (%d in flight)", backend_id, backend.in_flight)
@@ -993,6 +1004,10 @@ class Runtime:
             state = self.export_state()
             for listener in self._state_listeners:
                 listener(state)
+
+
+def _always() -> bool:
+    return True
 
 
 def _never(backend_id: str) -> bool:
