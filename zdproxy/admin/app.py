@@ -46,6 +46,7 @@ from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
+from zdproxy.control.shared import Cluster, ServiceState
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
 from zdproxy.metrics import (
@@ -164,6 +165,8 @@ class ServiceApi:
     persistence: Persistence
     rolling: RollingUpdates | None = None
     rollouts: RolloutController | None = None
+    #: ``state.etcd``: the service's state shared with the other instances
+    shared: ServiceState | None = None
 
 
 class AdminApi:
@@ -409,6 +412,8 @@ class AdminApi:
             svc.rollouts,
             self.figures.get(svc.name),
         )
+        if svc.shared is not None:
+            view["persistence"]["etcd"] = {**svc.shared.cluster.view(), **svc.shared.view()}
         # who asks: the dashboard greys out its buttons for a read token
         token = request[_TOKEN]
         view["token"] = {"name": token.name, "role": token.role}
@@ -621,6 +626,9 @@ class AdminApi:
             # the controllers keep state of their own beside the runtime's
             shadow = self.shadow if svc.runtime is self.runtime else None
             controllers = [c for c in (svc.rollouts, svc.rolling, shadow) if c]
+            if svc.shared is not None:
+                # etcd: a compare-and-swap commit, retried against fresh state
+                return await svc.shared.mutate(change, controllers)
             saved = [(c, c.checkpoint()) for c in controllers]
             mark = svc.persistence.mark()
             result = change()
@@ -840,8 +848,8 @@ class ControlPlane:
         config = server.config
         runtime = server.runtime
         state = config.state
-        if state.etcd is not None:
-            log.warning("state.etcd is not supported yet: runtime state is kept in memory only")
+        #: ``state.etcd``: this instance's link to the shared state
+        self.cluster = Cluster(state.etcd) if state.etcd is not None else None
         path = state.path if state.etcd is None else None
         named = bool(config.services)
         self.services: dict[str, ServiceApi] = {}
@@ -860,6 +868,11 @@ class ControlPlane:
                 ),
                 service.rolling,
                 service.rollouts,
+                (
+                    self.cluster.add_service(name, service.runtime, service.rollouts)
+                    if self.cluster is not None
+                    else None
+                ),
             )
         self.persistence = next(
             s for s in self.services.values() if s.runtime is runtime
@@ -1003,6 +1016,12 @@ def install(server: ProxyServer) -> None:
         server.persistences.append(svc.persistence)
         svc.persistence.restore(handover.service_state(svc.name) if handover is not None else None)
         svc.persistence.attach()
+    if plane.cluster is not None:
+        # before the admin API and the rollout drivers: the shared state is read first
+        server.start_hooks.append(plane.cluster.start)
+        server.stop_hooks.append(plane.cluster.stop)
+        server.pause_hooks.append(plane.cluster.pause)
+        server.resume_hooks.append(plane.cluster.resume)
     server.start_hooks.append(plane.start)
     server.retire_hooks.append(plane.retire)
     server.stop_hooks.append(plane.stop)
