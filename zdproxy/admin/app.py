@@ -892,6 +892,10 @@ class ControlPlane:
             services=self.services if named else None,
             upgrade=server.upgrader.upgrade,
         )
+        if not named:
+            # one service: the API's record of it is this one (with its shared state)
+            only = next(iter(self.services.values()))
+            self.api.primary = self.api.services[only.name] = only
         if server.workers is not None:
             self.api.workers = server.workers.describe
             self.api.workers_synced = server.workers.synced

@@ -38,6 +38,7 @@ import enum
 import json
 import logging
 import os
+import random
 import secrets
 import socket
 import ssl
@@ -76,7 +77,7 @@ Totals = tuple[tuple[int, ...], tuple[int, ...]]
 #: and shadow settings stay per instance)
 SHARED_KEYS = ("format", "config_weights", "weights", "admin", "added", "removed", "rollouts")
 #: a command is tried this often against fresh state before the caller gets 409
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 20
 
 
 class EtcdDown(ControlError):
@@ -369,6 +370,8 @@ class ServiceState:
                 await self._resync_locked()
                 if decision == "give_up":
                     break
+            # another instance is writing too: let it finish before trying again
+            await asyncio.sleep(random.uniform(0, 0.005 * (attempt + 1)))
         raise Conflict(
             f"the shared state kept changing under this change ({MAX_ATTEMPTS} attempts): retry it"
         )

@@ -1,0 +1,372 @@
+"""Several real ``zdproxy run`` processes sharing their state through a real etcd
+(started by the test on loopback): a split made on one is served by the others,
+concurrent changes through two instances serialise, the rollout leader's death
+is survived at the same step, and an etcd outage costs no request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from support import Backend, async_wait_for
+from support_control import AdminClient, AdminProxy, admin_config
+from support_etcd import EtcdServer
+
+from zdproxy.control.etcd import EtcdClient, EtcdCompacted, put_op
+
+
+@pytest.fixture
+async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
+    server = EtcdServer(tmp_path).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def shared_config(pools: dict[str, Any], etcd: EtcdServer, **extra: Any) -> dict[str, Any]:
+    config = admin_config(pools, None, **extra)
+    config["state"] = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/zdtest/", "lease_ttl": 2}}
+    return config
+
+
+def real_pools(blue: Backend, green: Backend) -> dict[str, Any]:
+    return {
+        "blue": {"weight": 100, "backends": [{"id": "blue-1", "address": blue.address}]},
+        "green": {"weight": 0, "backends": [{"id": "green-1", "address": green.address}]},
+    }
+
+
+def instances(
+    pools: dict[str, Any], etcd: EtcdServer, tmp_path: Path, count: int
+) -> list[AdminProxy]:
+    started = []
+    for n in range(count):
+        workdir = tmp_path / f"zd{n}"
+        workdir.mkdir()
+        started.append(AdminProxy(shared_config(pools, etcd), workdir).start())
+    return started
+
+
+async def etcd_view(admin: AdminClient) -> dict[str, Any]:
+    state = await admin.state()
+    view: dict[str, Any] = state["persistence"]["etcd"]
+    return view
+
+
+async def served_by(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url + "/") as response:
+        assert response.status == 200, response.status
+        return response.headers["X-Backend"]
+
+
+async def test_split_on_one_instance_is_served_by_the_other(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    a, b = instances(real_pools(blue, green), etcd, tmp_path, 2)
+    try:
+        async with (
+            AdminClient(a.admin_url) as admin_a,
+            AdminClient(b.admin_url) as admin_b,
+            aiohttp.ClientSession() as session,
+        ):
+            await async_wait_for(lambda: _connected(admin_b), 10, "instance B connected to etcd")
+            assert await served_by(session, b.url) == "blue"
+            started = time.monotonic()
+            answer = await admin_a.ok("PUT", "/api/v1/split", {"blue": 0, "green": 100})
+            assert answer["weights"] == {"blue": 0, "green": 100}
+
+            async def b_serves_green() -> bool:
+                return await served_by(session, b.url) == "green"
+
+            await async_wait_for(b_serves_green, 10, "B serving green")
+            elapsed = time.monotonic() - started
+            print(f"\nconvergence: split on A served by B after {elapsed * 1000:.0f} ms")
+            # from then on every request to B goes to green
+            for _ in range(20):
+                assert await served_by(session, b.url) == "green"
+            state_b = await admin_b.state()
+            assert state_b["pools"]["blue"]["weight"] == 0
+            assert state_b["pools"]["green"]["weight"] == 100
+            # B's audit log holds A's change, with the instance that made it
+            events = [e for e in await admin_b.events() if e["action"] == "split"]
+            assert len(events) == 1
+            assert events[0]["after"] == {"blue": 0, "green": 100}
+            assert events[0]["instance"] == (await etcd_view(admin_a))["instance"]
+            # a backend drained on B is drained on A; one added on A appears on B
+            await admin_b.ok("POST", "/api/v1/backends/blue-1/drain")
+            await async_wait_for(
+                lambda: _backend_admin(admin_a, "blue-1", ("draining", "drained")),
+                10,
+                "blue-1 drained on A",
+            )
+            await admin_a.ok(
+                "POST",
+                "/api/v1/backends",
+                {"pool": "green", "address": blue.address, "id": "green-extra"},
+                status=201,
+            )
+            await async_wait_for(
+                lambda: _backend_admin(admin_b, "green-extra", ("enabled",)), 10, "added on B"
+            )
+            # the state lives in etcd under the prefix
+            keys = etcd.get_prefix("/zdtest/")
+            doc = json.loads(keys["/zdtest/services/default/state"])
+            assert doc["weights"] == {"blue": 0, "green": 100}
+            assert [s["id"] for s in doc["added"]] == ["green-extra"]
+    finally:
+        a.stop()
+        b.stop()
+        await blue.stop()
+        await green.stop()
+
+
+async def _connected(admin: AdminClient) -> bool:
+    return bool((await etcd_view(admin))["connected"])
+
+
+async def _backend_admin(admin: AdminClient, backend_id: str, wanted: tuple[str, ...]) -> bool:
+    backend = await admin.backend(backend_id)
+    return backend is not None and backend["admin"] in wanted
+
+
+async def test_concurrent_conflicting_changes_serialise(tmp_path: Path, etcd: EtcdServer) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    a, b = instances(real_pools(blue, green), etcd, tmp_path, 2)
+    try:
+        async with AdminClient(a.admin_url) as admin_a, AdminClient(b.admin_url) as admin_b:
+            for admin in (admin_a, admin_b):
+                await async_wait_for(lambda admin=admin: _connected(admin), 10, "connected")
+            # 50 splits, each a different weight, half through A and half through B, all
+            # at once: each reads the weights it replaces, so a lost update shows
+            wanted = {n: {"blue": n, "green": 100 - n} for n in range(1, 51)}
+            answers = await asyncio.gather(
+                *(
+                    (admin_a if n % 2 else admin_b).call("PUT", "/api/v1/split", body)
+                    for n, body in wanted.items()
+                )
+            )
+            assert [x.status for x in answers] == [200] * 50, answers
+            events = await admin_a.events()
+            splits = [e for e in events if e["action"] == "split"]
+            assert len(splits) == 50
+            ids = [e["id"] for e in splits]
+            assert ids == sorted(ids) and len(set(ids)) == 50
+            # one serial order: each change's "before" is the previous one's "after"
+            assert splits[0]["before"] == {"blue": 100, "green": 0}
+            for previous, event in zip(splits, splits[1:], strict=False):
+                assert event["before"] == previous["after"], (previous, event)
+            assert sorted(e["after"]["blue"] for e in splits) == list(range(1, 51))
+            # both instances made some of them, and both end at the last one's weights
+            assert {e["instance"] for e in splits} == {
+                (await etcd_view(admin_a))["instance"],
+                (await etcd_view(admin_b))["instance"],
+            }
+            final = splits[-1]["after"]
+
+            async def both_final() -> bool:
+                weights = [
+                    {p: v["weight"] for p, v in (await admin.state())["pools"].items()}
+                    for admin in (admin_a, admin_b)
+                ]
+                return weights == [final, final]
+
+            await async_wait_for(both_final, 10, "both instances at the last change")
+            assert (await admin_b.events())[-50:] == splits[-50:]
+            conflicts = (await etcd_view(admin_a))["conflicts"] + (await etcd_view(admin_b))[
+                "conflicts"
+            ]
+            print(f"\n50 concurrent splits: {conflicts} compare-and-swap conflicts retried")
+    finally:
+        a.stop()
+        b.stop()
+        await blue.stop()
+        await green.stop()
+
+
+async def _weights(admin: AdminClient) -> dict[str, int]:
+    return {p: v["weight"] for p, v in (await admin.state())["pools"].items()}
+
+
+async def test_rollout_leader_killed_mid_rollout(tmp_path: Path, etcd: EtcdServer) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    procs = instances(real_pools(blue, green), etcd, tmp_path, 3)
+    try:
+        admins = [AdminClient(p.admin_url) for p in procs]
+        for admin in admins:
+            await admin.__aenter__()
+        for admin in admins:
+            await async_wait_for(lambda admin=admin: _connected(admin), 10, "connected")
+
+        async def leaders() -> list[int]:
+            views = [await etcd_view(admin) for admin in admins]
+            return [i for i, v in enumerate(views) if v["leader"]]
+
+        async def one_leader() -> bool:
+            return len(await leaders()) == 1
+
+        await async_wait_for(one_leader, 10, "one rollout leader")
+        (leader,) = await leaders()
+        # started through a follower: the leader drives it
+        follower = (leader + 1) % 3
+        plan = {
+            "to": "green",
+            "steps": [
+                {"weight": 10, "pause": "1s"},
+                {"weight": 30, "pause": "1s"},
+                {"weight": 60, "pause": "3s"},
+                {"weight": 80, "pause": "1s"},
+                {"weight": 100, "pause": "500ms"},
+            ],
+            "analysis": {"enabled": False},
+        }
+        await admins[follower].ok("POST", "/api/v1/rollouts", plan, status=201)
+
+        async def at_step_3() -> bool:
+            return (await _weights(admins[follower]))["green"] == 60
+
+        await async_wait_for(at_step_3, 15, "the rollout at step 3")
+        procs[leader].signal(signal.SIGKILL)
+        procs[leader].wait(10)
+        killed = time.monotonic()
+        survivors = [i for i in range(3) if i != leader]
+        seen: list[int] = []
+        new_leader: int | None = None
+        takeover: float | None = None
+
+        async def finished() -> bool:
+            nonlocal new_leader, takeover
+            weights = await _weights(admins[survivors[0]])
+            seen.append(weights["green"])
+            if new_leader is None:
+                for i in survivors:
+                    if (await etcd_view(admins[i]))["leader"]:
+                        new_leader, takeover = i, time.monotonic() - killed
+            answer = await admins[survivors[1]].ok("GET", "/api/v1/rollouts/current")
+            return bool(answer["rollout"]["phase"] == "succeeded")
+
+        await async_wait_for(finished, 30, "the rollout to succeed after the leader died")
+        assert new_leader is not None and takeover is not None
+        print(f"\nleader takeover after SIGKILL: {takeover * 1000:.0f} ms (lease_ttl 2s)")
+        # no traffic jump: the canary's share never went back
+        assert seen == sorted(seen), seen
+        assert seen[0] >= 60 and seen[-1] == 100
+        events = await admins[survivors[0]].events()
+        steps = [e["after"]["step"] for e in events if e["action"] == "rollout.step"]
+        # every step once, in order (the new leader went on at step 3, never repeated one)
+        assert steps == [1, 2, 3, 4, 5], steps
+        assert await _weights(admins[survivors[1]]) == {"blue": 0, "green": 100}
+        for admin in admins:
+            await admin.__aexit__(None, None, None)
+    finally:
+        for proc in procs:
+            proc.stop()
+        await blue.stop()
+        await green.stop()
+
+
+async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    a, b = instances(real_pools(blue, green), etcd, tmp_path, 2)
+    failures: list[str] = []
+    served = 0
+    stop = asyncio.Event()
+
+    async def load(url: str) -> None:
+        nonlocal served
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                try:
+                    async with session.get(url + "/") as response:
+                        await response.read()
+                        if response.status != 200:
+                            failures.append(f"{url}: {response.status}")
+                        served += 1
+                except aiohttp.ClientError as exc:
+                    failures.append(f"{url}: {exc!r}")
+                await asyncio.sleep(0.005)
+
+    try:
+        async with AdminClient(a.admin_url) as admin_a, AdminClient(b.admin_url) as admin_b:
+            for admin in (admin_a, admin_b):
+                await async_wait_for(lambda admin=admin: _connected(admin), 10, "connected")
+            await admin_a.ok("PUT", "/api/v1/split", {"blue": 50, "green": 50})
+            await async_wait_for(
+                lambda: _has_weights(admin_b, {"blue": 50, "green": 50}), 10, "B at 50/50"
+            )
+            loaders = [asyncio.create_task(load(p.url)) for p in (a, b, a, b)]
+            etcd.stop()
+            down = time.monotonic()
+            for admin in (admin_a, admin_b):
+                await async_wait_for(
+                    lambda admin=admin: _disconnected(admin), 10, "etcd seen as down"
+                )
+                answer = await admin.call("PUT", "/api/v1/split", {"blue": 100, "green": 0})
+                assert answer.status == 503, answer
+                assert "etcd is unreachable" in answer.error
+                answer = await admin.call("POST", "/api/v1/backends/blue-1/drain")
+                assert answer.status == 503, answer
+                # nothing changed
+                assert await _weights(admin) == {"blue": 50, "green": 50}
+                assert (await admin.backend("blue-1") or {})["admin"] == "enabled"
+                health = await admin.call("GET", "/healthz", token=None)
+                assert health.status == 200
+            during = served
+            await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down)))
+            assert served > during  # traffic went on while etcd was away
+            etcd.start()
+            for admin in (admin_a, admin_b):
+                await async_wait_for(lambda admin=admin: _connected(admin), 15, "reconnected")
+            await admin_b.ok("PUT", "/api/v1/split", {"blue": 20, "green": 80})
+            await async_wait_for(
+                lambda: _has_weights(admin_a, {"blue": 20, "green": 80}), 10, "A converged"
+            )
+            stop.set()
+            await asyncio.gather(*loaders)
+            assert failures == []
+            assert served > 100
+            print(f"\netcd outage of 10 s: {served} requests served, 0 failed")
+    finally:
+        stop.set()
+        a.stop()
+        b.stop()
+        await blue.stop()
+        await green.stop()
+
+
+async def _disconnected(admin: AdminClient) -> bool:
+    return not (await etcd_view(admin))["connected"]
+
+
+async def _has_weights(admin: AdminClient, weights: dict[str, int]) -> bool:
+    return await _weights(admin) == weights
+
+
+async def test_changes_while_an_instance_was_cut_off_are_picked_up_after_compaction(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    """The client's watch from a compacted revision says so (the instance then
+    re-reads everything); checked against the real server."""
+    client = EtcdClient([etcd.endpoint])
+    try:
+        first = await client.put("/zdtest/x", "1")
+        await client.put("/zdtest/x", "2")
+        await client.txn([], [put_op("/zdtest/x", "3")])
+        etcd.compact()
+        with pytest.raises(EtcdCompacted):
+            async for _ in client.watch("/zdtest/", first):
+                pass
+        revision, kvs = await client.get_prefix("/zdtest/")
+        assert [kv.value for kv in kvs] == [b"3"]
+        assert kvs[0].mod_revision == revision
+    finally:
+        await client.close()
