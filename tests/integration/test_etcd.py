@@ -7,6 +7,7 @@ is survived at the same step, and an etcd outage costs no request.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import signal
 import time
@@ -163,7 +164,7 @@ async def test_concurrent_conflicting_changes_serialise(tmp_path: Path, etcd: Et
             assert ids == sorted(ids) and len(set(ids)) == 50
             # one serial order: each change's "before" is the previous one's "after"
             assert splits[0]["before"] == {"blue": 100, "green": 0}
-            for previous, event in zip(splits, splits[1:], strict=False):
+            for previous, event in itertools.pairwise(splits):
                 assert event["before"] == previous["after"], (previous, event)
             assert sorted(e["after"]["blue"] for e in splits) == list(range(1, 51))
             # both instances made some of them, and both end at the last one's weights
