@@ -324,7 +324,7 @@ class EtcdConfig(_Model):
     """Shared state in etcd: every instance with the same `endpoints` and `prefix`
     follows the same weights, backends, drains and rollout (see docs/etcd.md)."""
 
-    endpoints: tuple[EtcdEndpoint, ...] = Field(default=("127.0.0.1:2379",), min_length=1)
+    endpoints: tuple[EtcdEndpoint, ...] = ("127.0.0.1:2379",)
     """etcd client URLs (`host:port` or `http(s)://host:port`), tried in turn"""
     prefix: str = "/zdproxy/"
     """key prefix for this deployment's state; starts and ends with `/`; instances that share
@@ -338,6 +338,13 @@ class EtcdConfig(_Model):
     outlive it: another instance takes over a rollout within about this time"""
     timeout: PositiveDuration = 2.0
     """time limit of one etcd call; past it the endpoint counts as down"""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _some_endpoint(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one etcd endpoint")
+        return value
 
     @field_validator("prefix")
     @classmethod
