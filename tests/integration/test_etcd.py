@@ -371,3 +371,54 @@ async def test_changes_while_an_instance_was_cut_off_are_picked_up_after_compact
         assert kvs[0].mod_revision == revision
     finally:
         await client.close()
+
+
+async def test_the_leaders_analysis_covers_the_other_instances_traffic(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    procs = instances(real_pools(blue, green), etcd, tmp_path, 2)
+    try:
+        async with (
+            AdminClient(procs[0].admin_url) as admin_0,
+            AdminClient(procs[1].admin_url) as admin_1,
+            aiohttp.ClientSession() as session,
+        ):
+            admins = [admin_0, admin_1]
+
+            async def a_leader() -> bool:
+                return any([(await etcd_view(admin))["leader"] for admin in admins])
+
+            await async_wait_for(a_leader, 10, "a rollout leader")
+            leader = 0 if (await etcd_view(admin_0))["leader"] else 1
+            follower = 1 - leader
+            plan = {
+                "to": "green",
+                "steps": [{"weight": 50, "pause": "60s"}, {"weight": 100}],
+                "analysis": {"interval": "500ms", "min_requests": 1},
+            }
+            await admins[leader].ok("POST", "/api/v1/rollouts", plan, status=201)
+            # traffic to the follower only, alternating pools (forced by the header),
+            # ending with the canary: every window with traffic has a canary request
+            url = procs[follower].url + "/"
+            for _ in range(30):
+                for pool in ("blue", "green"):
+                    async with session.get(url, headers={"X-Zdproxy-Pool": pool}) as response:
+                        assert response.headers["X-Backend"] == pool
+            # the leader, which served nothing, judged all of it
+            totals: dict[str, int] = {}
+
+            async def judged_all() -> bool:
+                status = (await admins[leader].ok("GET", "/api/v1/rollouts/current"))["rollout"]
+                passed = [v for v in status["verdicts"] if v["result"] == "pass"]
+                totals["canary"] = sum(v["canary"]["requests"] for v in passed)
+                totals["baseline"] = sum(v["baseline"]["requests"] for v in passed)
+                return totals == {"canary": 30, "baseline": 30}
+
+            await async_wait_for(judged_all, 15, "the leader's verdicts to cover 60 requests")
+            assert totals == {"canary": 30, "baseline": 30}
+    finally:
+        for proc in procs:
+            proc.stop()
+        await blue.stop()
+        await green.stop()
