@@ -153,7 +153,8 @@ class EtcdClient:
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             connector = aiohttp.TCPConnector(ssl=self.ssl_context or False, limit=32)
-            self._session = aiohttp.ClientSession(connector=connector)
+            # a watch line carries a whole state document: room for large ones
+            self._session = aiohttp.ClientSession(connector=connector, read_bufsize=2**22)
         return self._session
 
     async def close(self) -> None:

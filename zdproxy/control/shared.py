@@ -78,6 +78,8 @@ Totals = tuple[tuple[int, ...], tuple[int, ...]]
 SHARED_KEYS = ("format", "config_weights", "weights", "admin", "added", "removed", "rollouts")
 #: a command is tried this often against fresh state before the caller gets 409
 MAX_ATTEMPTS = 20
+#: refusals that depend on the state (not on the request): checked against etcd
+_STATE_REFUSALS = frozenset({404, 409})
 
 
 class EtcdDown(ControlError):
@@ -349,9 +351,21 @@ class ServiceState:
                 self.in_mutation = True
                 try:
                     result = change()
+                except ControlError as exc:
+                    # refused (404, 409) by this instance's view of the state: answer
+                    # only if that view is the current one, else run it on fresh state
+                    if exc.status not in _STATE_REFUSALS or await self._current_locked():
+                        raise
+                    for controller, point in saved:
+                        controller.rollback(point)
+                    runtime.rollback(checkpoint)
+                    await self._resync_locked()
+                    continue
                 finally:
                     self.in_mutation = False
-                outcome = await self._commit_locked()
+                # verify=True: a command that changed nothing still checks that it was
+                # judged on the current state
+                outcome = await self._commit_locked(verify=True)
                 decision = retry_decision(outcome, attempt)
                 if decision == "done":
                     return result
@@ -376,13 +390,29 @@ class ServiceState:
             f"the shared state kept changing under this change ({MAX_ATTEMPTS} attempts): retry it"
         )
 
-    async def _commit_locked(self) -> Outcome:
+    async def _current_locked(self) -> bool:
+        """Whether the state key is still at ``revision`` (raises ``EtcdDown``)."""
+        try:
+            kv = await self.cluster.client.get(self.state_key)
+        except EtcdError as exc:
+            self.cluster.mark_down(str(exc))
+            raise EtcdDown(str(exc)) from None
+        return (kv.mod_revision if kv is not None else 0) == self.revision
+
+    async def _commit_locked(self, verify: bool = False) -> Outcome:
         """Write the runtime's shared state and the pending events in one
-        transaction, if the state key is still at ``revision``."""
+        transaction, if the state key is still at ``revision``. With nothing to
+        write: COMMITTED, or with ``verify`` CONFLICT when the key moved on."""
         doc = shared_doc(self.runtime.export_state())
         known = None if self.doc is None else shared_doc(self.doc)
         events = list(self.pending)
         if doc == known and not events:
+            if verify:
+                try:
+                    if not await self._current_locked():
+                        return Outcome.CONFLICT
+                except EtcdDown:
+                    return Outcome.UNAVAILABLE
             self.dirty = False
             return Outcome.COMMITTED
         first = self.next_event
