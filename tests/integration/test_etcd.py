@@ -17,9 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from support import Backend, async_wait_for
+from support import Backend, async_wait_for, in_thread
 from support_control import AdminClient, AdminProxy, admin_config
 from support_etcd import EtcdServer
+from support_upgrade import UpgradingProxy, upgrade_config
 
 from zdproxy.control.etcd import EtcdClient, EtcdCompacted, put_op
 
@@ -420,5 +421,44 @@ async def test_the_leaders_analysis_covers_the_other_instances_traffic(
     finally:
         for proc in procs:
             proc.stop()
+        await blue.stop()
+        await green.stop()
+
+
+async def test_a_hot_upgrade_keeps_the_shared_state_and_the_lead(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    config = upgrade_config(real_pools(blue, green), None)
+    config["state"] = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/zdtest/", "lease_ttl": 2}}
+    proxy = await in_thread(UpgradingProxy(config, tmp_path).start)
+    try:
+
+        def view() -> dict[str, Any]:
+            result: dict[str, Any] = proxy.state()["persistence"]["etcd"]
+            return result
+
+        await async_wait_for(lambda: view()["leader"] and view()["connected"], 10, "leading")
+        status, _ = await in_thread(proxy.api, "PUT", "/api/v1/split", {"blue": 70, "green": 30})
+        assert status == 200
+        old_instance = view()["instance"]
+        old, new = proxy.first_pid, await in_thread(proxy.upgrade)
+        assert new != old
+        state = await in_thread(proxy.state)
+        assert {p: v["weight"] for p, v in state["pools"].items()} == {"blue": 70, "green": 30}
+        # the old process revoked its lease on the way out: the new one leads at once
+        await async_wait_for(
+            lambda: view()["leader"] and view()["instance"] != old_instance, 10, "new leader"
+        )
+        status, _ = await in_thread(proxy.api, "PUT", "/api/v1/split", {"blue": 40, "green": 60})
+        assert status == 200
+        doc = json.loads(etcd.get_prefix("/zdtest/")["/zdtest/services/default/state"])
+        assert doc["weights"] == {"blue": 40, "green": 60}
+        _, events = await in_thread(proxy.api, "GET", "/api/v1/events")
+        splits = [e for e in events["events"] if e["action"] == "split"]
+        assert [e["after"]["green"] for e in splits] == [30, 60]
+        assert [e["instance"] for e in splits] == [old_instance, view()["instance"]]
+    finally:
+        await in_thread(proxy.stop)
         await blue.stop()
         await green.stop()
