@@ -184,6 +184,10 @@ async def test_concurrent_conflicting_changes_serialise(tmp_path: Path, etcd: Et
 
             await async_wait_for(both_final, 10, "both instances at the last change")
             assert (await admin_b.events())[-50:] == splits[-50:]
+            # and etcd holds each of them under its own key
+            stored = etcd.get_prefix("/zdtest/services/default/events/")
+            stored_splits = [json.loads(v) for v in stored.values()]
+            assert sorted(e["id"] for e in stored_splits if e["action"] == "split") == ids
             conflicts = (await etcd_view(admin_a))["conflicts"] + (await etcd_view(admin_b))[
                 "conflicts"
             ]
@@ -462,3 +466,30 @@ async def test_a_hot_upgrade_keeps_the_shared_state_and_the_lead(
         await in_thread(proxy.stop)
         await blue.stop()
         await green.stop()
+
+
+async def test_the_leader_trims_old_audit_events_in_etcd(etcd: EtcdServer) -> None:
+    from zdproxy.config.schema import Config, EtcdConfig
+    from zdproxy.control.runtime import Runtime
+    from zdproxy.control.shared import EVENTS_KEPT_RINGS, Cluster
+
+    config = Config.model_validate(
+        {
+            "listen": ["127.0.0.1:8080"],
+            "state": {"path": None},
+            "admin": {"events_ring": 2},
+            "pools": {"blue": {"weight": 100, "backends": [{"address": "127.0.0.1:9"}]}},
+        }
+    )
+    cluster = Cluster(EtcdConfig(endpoints=(etcd.endpoint,), prefix="/zdtrim/"))
+    state = cluster.add_service("default", Runtime(config), None)
+    try:
+        for n in range(1, 31):
+            await cluster.client.put(f"{state.events_prefix}{n:012d}", "{}")
+        state.next_event = 31
+        await cluster._trim_events()
+        left = sorted(etcd.get_prefix(state.events_prefix))
+        keep = EVENTS_KEPT_RINGS * 2
+        assert left == [f"{state.events_prefix}{n:012d}" for n in range(31 - keep, 31)]
+    finally:
+        await cluster.client.close()

@@ -232,6 +232,10 @@ class EtcdClient:
     async def delete(self, key: str) -> None:
         await self.call("/v3/kv/deleterange", {"key": b64(key)})
 
+    async def delete_range(self, key: str, end: str) -> None:
+        """Delete the keys from ``key`` (included) to ``end`` (excluded)."""
+        await self.call("/v3/kv/deleterange", {"key": b64(key), "range_end": b64(end)})
+
     async def txn(
         self,
         compare: list[dict[str, Any]],

@@ -78,6 +78,8 @@ Totals = tuple[tuple[int, ...], tuple[int, ...]]
 SHARED_KEYS = ("format", "config_weights", "weights", "admin", "added", "removed", "rollouts")
 #: a command is tried this often against fresh state before the caller gets 409
 MAX_ATTEMPTS = 20
+#: audit events kept in etcd per service, in rings of ``admin.events_ring``
+EVENTS_KEPT_RINGS = 10
 #: refusals that depend on the state (not on the request): checked against etcd
 _STATE_REFUSALS = frozenset({404, 409})
 
@@ -302,6 +304,8 @@ class ServiceState:
         self._push: asyncio.Task[None] | None = None
         self.commits = 0
         self.conflicts = 0
+        #: event keys below this id have been deleted from etcd (leader only)
+        self.trimmed_below = 0
         runtime.subscribe_state(self._on_state)
         runtime.events.subscribe(self._on_event)
 
@@ -590,6 +594,8 @@ class Cluster:
         self.leader_changes = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._last_ok = time.monotonic()
+        #: the counters last written, and under which lease
+        self._published: tuple[str, int] | None = None
 
     def add_service(
         self, name: str, runtime: Runtime, rollouts: RolloutController | None
@@ -756,11 +762,13 @@ class Cluster:
             current = await client.get(key)
             if current is None or current.value.decode("utf-8", "replace") != self.instance:
                 self._set_leader(False, "another instance holds the leader key")
-        await client.put(
-            f"{self.prefix}instances/{self.instance}",
-            json.dumps(self._local_counters(), separators=(",", ":")),
-            self.lease,
-        )
+        counters = json.dumps(self._local_counters(), separators=(",", ":"))
+        if self._published != (counters, self.lease):
+            # only when they changed: every put is a revision etcd keeps until compacted
+            await client.put(f"{self.prefix}instances/{self.instance}", counters, self.lease)
+            self._published = (counters, self.lease)
+        if self.leader:
+            await self._trim_events()
         _, kvs = await client.get_prefix(self.prefix + "instances/")
         for kv in kvs:
             other = kv.key.rpartition("/")[2]
@@ -769,6 +777,18 @@ class Cluster:
             with contextlib.suppress(ValueError, TypeError, AttributeError):
                 self.peers[other] = _parse_counters(json.loads(kv.value))
         self.mark_up()
+
+    async def _trim_events(self) -> None:
+        """The leader keeps the newest ``EVENTS_KEPT_RINGS`` rings of audit events
+        in etcd per service and deletes older event keys."""
+        for state in self.services.values():
+            keep = EVENTS_KEPT_RINGS * state.runtime.config.admin.events_ring
+            cut = state.next_event - keep
+            if cut > state.trimmed_below:
+                await self.client.delete_range(
+                    f"{state.events_prefix}{0:012d}", f"{state.events_prefix}{cut:012d}"
+                )
+                state.trimmed_below = cut
 
     def _set_leader(self, leader: bool, why: str) -> None:
         if leader == self.leader:
