@@ -18,7 +18,7 @@ from typing import Any
 import aiohttp
 import pytest
 from support import Backend, async_wait_for, in_thread
-from support_control import AdminClient, AdminProxy, admin_config
+from support_control import AdminClient, AdminProxy, admin_config, dummy_pools
 from support_etcd import EtcdServer
 from support_upgrade import UpgradingProxy, upgrade_config
 
@@ -493,3 +493,53 @@ async def test_the_leader_trims_old_audit_events_in_etcd(etcd: EtcdServer) -> No
         assert left == [f"{state.events_prefix}{n:012d}" for n in range(31 - keep, 31)]
     finally:
         await cluster.client.close()
+
+
+async def test_each_service_has_its_own_shared_state(tmp_path: Path, etcd: EtcdServer) -> None:
+    services = {}
+    for name in ("shop", "api"):
+        pools = dummy_pools(1, 1)
+        for pool in pools.values():
+            for backend in pool["backends"]:
+                backend["id"] = f"{name}-{backend['id']}"
+        services[name] = {"pools": pools}
+    procs = []
+    for n in range(2):
+        # the same services on both instances, each on its own ports
+        config = shared_config({}, etcd)
+        del config["pools"]
+        config["services"] = services
+        config["default_service"] = "shop"
+        workdir = tmp_path / f"svc{n}"
+        workdir.mkdir()
+        procs.append(AdminProxy(config, workdir).start())
+    try:
+        async with (
+            AdminClient(procs[0].admin_url) as admin_a,
+            AdminClient(procs[1].admin_url) as admin_b,
+        ):
+            await async_wait_for(lambda: _svc_connected(admin_b), 10, "B connected to etcd")
+            await admin_a.ok("POST", "/api/v1/services/shop/flip", {"to": "green"})
+
+            async def shop_flipped() -> bool:
+                state = await admin_b.ok("GET", "/api/v1/services/shop/state")
+                return bool(state["pools"]["green"]["weight"] == 100)
+
+            await async_wait_for(shop_flipped, 10, "shop flipped on B")
+            api = await admin_b.ok("GET", "/api/v1/services/api/state")
+            assert api["pools"]["blue"]["weight"] == 100
+            shop_events = (await admin_b.ok("GET", "/api/v1/services/shop/events"))["events"]
+            api_events = (await admin_b.ok("GET", "/api/v1/services/api/events"))["events"]
+            assert [(e["action"], e["service"]) for e in shop_events] == [("flip", "shop")]
+            assert api_events == []
+            keys = etcd.get_prefix("/zdtest/services/")
+            assert json.loads(keys["/zdtest/services/shop/state"])["weights"]["green"] == 100
+            assert json.loads(keys["/zdtest/services/api/state"])["weights"]["green"] == 0
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
+async def _svc_connected(admin: AdminClient) -> bool:
+    state = await admin.ok("GET", "/api/v1/services/api/state")
+    return bool(state["persistence"]["etcd"]["connected"])
