@@ -326,12 +326,23 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
                 assert (await admin.backend("blue-1") or {})["admin"] == "enabled"
                 health = await admin.call("GET", "/healthz", token=None)
                 assert health.status == 200
+            for admin in (admin_a, admin_b):
+                await async_wait_for(
+                    lambda admin=admin: _not_leading(admin), 10, "no leader without etcd"
+                )
             during = served
             await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down)))
             assert served > during  # traffic went on while etcd was away
             etcd.start()
             for admin in (admin_a, admin_b):
                 await async_wait_for(lambda admin=admin: _connected(admin), 15, "reconnected")
+
+            # no instance can lead while etcd is away; one leads again after it
+            async def one_leader() -> bool:
+                views = [await etcd_view(admin) for admin in (admin_a, admin_b)]
+                return [v["leader"] for v in views].count(True) == 1
+
+            await async_wait_for(one_leader, 15, "one rollout leader after the outage")
             await admin_b.ok("PUT", "/api/v1/split", {"blue": 20, "green": 80})
             await async_wait_for(
                 lambda: _has_weights(admin_a, {"blue": 20, "green": 80}), 10, "A converged"
@@ -347,6 +358,10 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
         b.stop()
         await blue.stop()
         await green.stop()
+
+
+async def _not_leading(admin: AdminClient) -> bool:
+    return not (await etcd_view(admin))["leader"]
 
 
 async def _disconnected(admin: AdminClient) -> bool:

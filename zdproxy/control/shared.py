@@ -338,7 +338,10 @@ class ServiceState:
             if outcome is Outcome.CONFLICT:
                 # someone else wrote first: theirs stands (a tick redoes ours if it
                 # still applies)
-                await self._resync_locked()
+                try:
+                    await self._resync_locked()
+                except EtcdError as exc:
+                    self.cluster.mark_down(str(exc))
 
     async def mutate(
         self, change: Callable[[], _T], controllers: list[Any]
@@ -363,7 +366,7 @@ class ServiceState:
                     for controller, point in saved:
                         controller.rollback(point)
                     runtime.rollback(checkpoint)
-                    await self._resync_locked()
+                    await self._fresh_locked()
                     continue
                 finally:
                     self.in_mutation = False
@@ -385,7 +388,7 @@ class ServiceState:
                 if decision == "unavailable":
                     raise EtcdDown(self.cluster.down_reason or "a write failed")
                 self.conflicts += 1
-                await self._resync_locked()
+                await self._fresh_locked()
                 if decision == "give_up":
                     break
             # another instance is writing too: let it finish before trying again
@@ -393,6 +396,14 @@ class ServiceState:
         raise Conflict(
             f"the shared state kept changing under this change ({MAX_ATTEMPTS} attempts): retry it"
         )
+
+    async def _fresh_locked(self) -> None:
+        """Apply the current state before a command runs again (raises ``EtcdDown``)."""
+        try:
+            await self._resync_locked()
+        except EtcdError as exc:
+            self.cluster.mark_down(str(exc))
+            raise EtcdDown(str(exc)) from None
 
     async def _current_locked(self) -> bool:
         """Whether the state key is still at ``revision`` (raises ``EtcdDown``)."""
@@ -758,6 +769,11 @@ class Cluster:
             )
             if result.succeeded:
                 self._set_leader(True, "the leader key was free")
+            elif any(
+                kv.value == self.instance.encode() and kv.lease == self.lease for kv in result.kvs
+            ):
+                # still ours (etcd was away longer than the TTL, and kept the lease)
+                self._set_leader(True, "its leader key outlived an etcd outage")
         else:
             current = await client.get(key)
             if current is None or current.value.decode("utf-8", "replace") != self.instance:
