@@ -125,6 +125,30 @@ async def test_split_on_one_instance_is_served_by_the_other(
             doc = json.loads(keys["/zdtest/services/default/state"])
             assert doc["weights"] == {"blue": 0, "green": 100}
             assert [s["id"] for s in doc["added"]] == ["green-extra"]
+            # a command that no longer applies (whether B had seen the change or not)
+            # is refused with the current state
+            await admin_a.ok("DELETE", "/api/v1/backends/green-extra")
+            answer = await admin_b.call("DELETE", "/api/v1/backends/green-extra")
+            assert answer.status == 404, answer
+            current = answer.json()["current"]
+            assert "green-extra" not in current["backends"]
+            assert current["weights"] == {"blue": 0, "green": 100}
+            # and one made on a state B may not have seen yet is checked against etcd
+            # before B says 404: a backend added on A is drained through B at once
+            await admin_a.ok(
+                "POST",
+                "/api/v1/backends",
+                {"pool": "green", "address": green.address, "id": "green-late"},
+                status=201,
+            )
+            drained = await admin_b.ok("POST", "/api/v1/backends/green-late/drain")
+            assert drained["changed"] is True
+            plan = {"to": "blue", "steps": [{"weight": 50, "pause": "1m"}, {"weight": 100}]}
+            await admin_a.ok("POST", "/api/v1/rollouts", plan, status=201)
+            answer = await admin_b.call("POST", "/api/v1/rollouts", plan)
+            assert answer.status == 409, answer
+            assert "one rollout at a time" in answer.json()["error"]
+            assert answer.json()["current"]["rollout"]["id"] == 1
     finally:
         a.stop()
         b.stop()

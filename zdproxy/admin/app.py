@@ -119,9 +119,11 @@ def _redact_aiohttp_parse_errors() -> None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: more keys of the error answer (a refusal on shared state: the current state)
+        self.extra = extra
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -337,7 +339,11 @@ class AdminApi:
                 # a request sent after the answer sees it (as with one process)
                 await self.workers_synced()
             return response
-        except (ApiError, ControlError) as exc:
+        except ApiError as exc:
+            if exc.extra:
+                return json_response({"error": str(exc), **exc.extra}, exc.status)
+            return error_response(exc.status, str(exc))
+        except ControlError as exc:
             return error_response(exc.status, str(exc))
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -627,8 +633,15 @@ class AdminApi:
             shadow = self.shadow if svc.runtime is self.runtime else None
             controllers = [c for c in (svc.rollouts, svc.rolling, shadow) if c]
             if svc.shared is not None:
-                # etcd: a compare-and-swap commit, retried against fresh state
-                return await svc.shared.mutate(change, controllers)
+                # etcd: a compare-and-swap commit, retried against fresh state; a
+                # command that no longer applies there says what the state is now
+                try:
+                    return await svc.shared.mutate(change, controllers)
+                except ControlError as exc:
+                    if exc.status not in (404, 409):
+                        raise
+                    current = {"current": svc.shared.current()}
+                    raise ApiError(exc.status, str(exc), current) from None
             saved = [(c, c.checkpoint()) for c in controllers]
             mark = svc.persistence.mark()
             result = change()

@@ -546,6 +546,16 @@ class ServiceState:
         local = [e.to_json() for e in self.pending]
         self.runtime.events.replace([self.cache[i] for i in sorted(self.cache)] + local)
 
+    def current(self) -> dict[str, Any]:
+        """The shared state as this instance has it now, in short (for a 409/404)."""
+        runtime = self.runtime
+        return {
+            "revision": self.revision,
+            "weights": dict(runtime.pool_weights),
+            "backends": {b.id: b.admin.value for b in runtime.backends.values()},
+            "rollout": (runtime.rollout_state or {}).get("current"),
+        }
+
     def view(self) -> dict[str, Any]:
         return {
             "key": self.state_key,
