@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from ports import free_port
 from support import Backend, async_wait_for, in_thread
 from support_control import AdminClient, AdminProxy, admin_config, dummy_pools
 from support_etcd import EtcdServer
@@ -138,7 +139,7 @@ async def test_split_on_one_instance_is_served_by_the_other(
             await admin_a.ok(
                 "POST",
                 "/api/v1/backends",
-                {"pool": "green", "address": green.address, "id": "green-late"},
+                {"pool": "green", "address": f"127.0.0.1:{free_port()}", "id": "green-late"},
                 status=201,
             )
             drained = await admin_b.ok("POST", "/api/v1/backends/green-late/drain")
@@ -582,3 +583,67 @@ async def test_each_service_has_its_own_shared_state(tmp_path: Path, etcd: EtcdS
 async def _svc_connected(admin: AdminClient) -> bool:
     state = await admin.ok("GET", "/api/v1/services/api/state")
     return bool(state["persistence"]["etcd"]["connected"])
+
+
+def _runtime() -> Any:
+    from zdproxy.config.schema import Config
+    from zdproxy.control.runtime import Runtime
+
+    config = Config.model_validate(
+        {
+            "listen": ["127.0.0.1:8080"],
+            "state": {"path": None},
+            "health_check": {"enabled": False},
+            "pools": {
+                "blue": {"weight": 100, "backends": [{"id": "b1", "address": "127.0.0.1:9"}]},
+                "green": {"weight": 0, "backends": [{"id": "g1", "address": "127.0.0.1:10"}]},
+            },
+        }
+    )
+    return Runtime(config)
+
+
+async def test_commands_on_a_stale_view_are_rerun_on_the_current_state(etcd: EtcdServer) -> None:
+    """Two instances in one process, neither watching: each sees the other's
+    changes only through the compare-and-swap (deterministic staleness)."""
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    settings = EtcdConfig(endpoints=(etcd.endpoint,), prefix="/zdstale/")
+    clusters = [Cluster(settings), Cluster(settings)]
+    runtimes = [_runtime(), _runtime()]
+    states = [c.add_service("default", r, None) for c, r in zip(clusters, runtimes, strict=True)]
+    try:
+        for cluster in clusters:
+            cluster.running = True
+            await cluster._full_resync()
+        a, b = states
+        ra, rb = runtimes
+        await a.mutate(lambda: ra.split({"blue": 30, "green": 70}, "ops-a"), [])
+        # B still believes blue=100: its split is rerun after A's, not over it
+        await b.mutate(lambda: rb.split({"blue": 40, "green": 60}, "ops-b"), [])
+        assert b.conflicts == 1
+        events = [json.loads(v) for v in etcd.get_prefix(a.events_prefix).values()]
+        assert [(e["before"], e["after"]) for e in events] == [
+            ({"blue": 100, "green": 0}, {"blue": 30, "green": 70}),
+            ({"blue": 30, "green": 70}, {"blue": 40, "green": 60}),
+        ]
+        # A adds a backend; B, which has not seen it, drains it: checked, not refused
+        await a.mutate(lambda: ra.add_backend("green", "127.0.0.1:11", "g2", actor="ops-a"), [])
+        assert "g2" not in rb.backends
+        event = await b.mutate(lambda: rb.drain("g2", "ops-b"), [])
+        assert event is not None and rb.backends["g2"].admin.value == "draining"
+        # and a backend B never had is still 404 once the view is known current
+        with pytest.raises(Exception, match="no backend with id 'nope'") as refused:
+            await b.mutate(lambda: rb.drain("nope", "ops-b"), [])
+        assert getattr(refused.value, "status", None) == 404
+        # a no-op on a stale view is checked too: A drains g2 (already draining) after
+        # B's change, so A first learns it (no event, no conflict answer)
+        assert await a.mutate(lambda: ra.drain("g2", "ops-a"), []) is None
+        assert ra.backends["g2"].admin.value == "draining"
+        doc = json.loads(etcd.get_prefix(a.state_key)[a.state_key])
+        assert doc["weights"] == {"blue": 40, "green": 60}
+        assert doc["admin"] == {"g2": "draining"}
+    finally:
+        for cluster in clusters:
+            await cluster.client.close()
