@@ -23,7 +23,7 @@ from support_control import AdminClient, AdminProxy, admin_config, dummy_pools
 from support_etcd import EtcdServer
 from support_upgrade import UpgradingProxy, upgrade_config
 
-from zdproxy.control.etcd import EtcdClient, EtcdCompacted, put_op
+from zdproxy.control.etcd import EtcdClient, EtcdCompacted, EtcdError, put_op
 
 
 @pytest.fixture
@@ -647,3 +647,50 @@ async def test_commands_on_a_stale_view_are_rerun_on_the_current_state(etcd: Etc
     finally:
         for cluster in clusters:
             await cluster.client.close()
+
+
+async def test_etcd_user_and_password(etcd: EtcdServer, tmp_path: Path) -> None:
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    for path, body in (
+        ("/v3/auth/user/add", {"name": "root", "password": "s3cret"}),
+        ("/v3/auth/user/grant", {"user": "root", "role": "root"}),
+        ("/v3/auth/enable", {}),
+    ):
+        etcd.call(path, body)
+    secret = tmp_path / "etcd-password"
+    secret.write_text("s3cret\n")
+    good = EtcdConfig.model_validate(
+        {
+            "endpoints": [etcd.endpoint],
+            "prefix": "/zdauth/",
+            "auth": {"username": "root", "password_file": str(secret)},
+        }
+    )
+    cluster = Cluster(good)
+    cluster.add_service("default", _runtime(), None)
+    try:
+        await cluster._full_resync()
+        assert cluster.available
+        stored = await cluster.client.get("/zdauth/services/default/state")
+        assert stored is not None and json.loads(stored.value)["weights"]["blue"] == 100
+    finally:
+        await cluster.client.close()
+    secret.write_text("wrong\n")
+    refused = Cluster(good)
+    refused.add_service("default", _runtime(), None)
+    try:
+        with pytest.raises(EtcdError, match="authentication failed"):
+            await refused._full_resync()
+    finally:
+        await refused.client.close()
+    # unreadable credentials: zdproxy refuses to start, saying why
+    pools = {"blue": {"weight": 100, "backends": [{"address": "127.0.0.1:9"}]}}
+    config = shared_config(pools, etcd)
+    config["state"]["etcd"]["auth"] = {"username": "root", "password_env": "ZDTEST_NO_SUCH_VAR"}
+    proxy = AdminProxy(config, tmp_path)
+    proxy.start(wait=False)
+    assert proxy.wait(20) == 1
+    assert "the environment variable ZDTEST_NO_SUCH_VAR (password_env) is not set" in proxy.log()
+    proxy.stop()

@@ -46,7 +46,7 @@ from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
-from zdproxy.control.shared import Cluster, ServiceState
+from zdproxy.control.shared import Cluster, EtcdSettingsError, ServiceState
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
 from zdproxy.metrics import (
@@ -862,7 +862,13 @@ class ControlPlane:
         runtime = server.runtime
         state = config.state
         #: ``state.etcd``: this instance's link to the shared state
-        self.cluster = Cluster(state.etcd) if state.etcd is not None else None
+        self.cluster: Cluster | None = None
+        if state.etcd is not None:
+            try:
+                self.cluster = Cluster(state.etcd)
+            except EtcdSettingsError as exc:
+                log.error("cannot start: %s", exc)
+                raise SystemExit(1) from None
         path = state.path if state.etcd is None else None
         named = bool(config.services)
         self.services: dict[str, ServiceApi] = {}

@@ -61,7 +61,7 @@ from zdproxy.control.etcd import (
     sleep_backoff,
 )
 from zdproxy.control.events import Event
-from zdproxy.errors import Conflict, ControlError
+from zdproxy.errors import Conflict, ControlError, ZdproxyError
 
 if TYPE_CHECKING:
     from zdproxy.config.schema import EtcdConfig
@@ -93,6 +93,10 @@ class EtcdDown(ControlError):
             "the proxy keeps serving with the last known state",
             status=503,
         )
+
+
+class EtcdSettingsError(ZdproxyError):
+    """The etcd credentials cannot be read; zdproxy refuses to start."""
 
 
 class Outcome(enum.Enum):
@@ -580,10 +584,21 @@ def build_client(config: EtcdConfig) -> EtcdClient:
     if config.auth is not None:
         username = config.auth.username
         if config.auth.password_file is not None:
-            with open(config.auth.password_file, encoding="utf-8") as f:
-                password = f.read().strip()
+            try:
+                with open(config.auth.password_file, encoding="utf-8") as f:
+                    password = f.read().strip()
+            except OSError as exc:
+                raise EtcdSettingsError(
+                    f"state.etcd.auth.password_file: cannot read {config.auth.password_file} "
+                    f"({exc.strerror or exc})"
+                ) from None
         elif config.auth.password_env is not None:
             password = os.environ.get(config.auth.password_env, "")
+            if not password:
+                raise EtcdSettingsError(
+                    f"state.etcd.auth: the environment variable {config.auth.password_env} "
+                    "(password_env) is not set"
+                )
     return EtcdClient(
         config.endpoints,
         ssl_context=context,
