@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import urllib.error
 import urllib.request
@@ -36,13 +37,15 @@ def etcd_binary() -> str:
 class EtcdServer:
     """One single-member etcd cluster; ``restart`` keeps its data and ports."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tls: tuple[Path, Path, Path] | None = None) -> None:
+        """``tls``: (server certificate, its key, the CA that signed it): https."""
         self.workdir = workdir
+        self.tls = tls
         self.data_dir = workdir / "etcd-data"
         self.client_port = free_port()
         self.peer_port = free_port()
         self.endpoint = f"127.0.0.1:{self.client_port}"
-        self.url = f"http://{self.endpoint}"
+        self.url = f"{'https' if tls else 'http'}://{self.endpoint}"
         self.log_path = workdir / "etcd.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -70,6 +73,11 @@ class EtcdServer:
                 f"zdtest={peer}",
                 "--log-level",
                 "warn",
+                *(
+                    ["--cert-file", str(self.tls[0]), "--key-file", str(self.tls[1])]
+                    if self.tls is not None
+                    else []
+                ),
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -81,10 +89,15 @@ class EtcdServer:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"etcd exited early:\n{self.log()}")
         try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as answer:
+            with urllib.request.urlopen(
+                self.url + "/health", timeout=1, context=self._context()
+            ) as answer:
                 return bool(json.loads(answer.read()).get("health") == "true")
         except (OSError, ValueError, urllib.error.URLError):
             return False
+
+    def _context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.tls[2])) if self.tls else None
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -112,7 +125,7 @@ class EtcdServer:
         request = urllib.request.Request(
             self.url + path, data=json.dumps(body).encode(), method="POST"
         )
-        with urllib.request.urlopen(request, timeout=5) as answer:
+        with urllib.request.urlopen(request, timeout=5, context=self._context()) as answer:
             result: dict[str, Any] = json.loads(answer.read())
             return result
 

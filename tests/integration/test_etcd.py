@@ -694,3 +694,36 @@ async def test_etcd_user_and_password(etcd: EtcdServer, tmp_path: Path) -> None:
     assert proxy.wait(20) == 1
     assert "the environment variable ZDTEST_NO_SUCH_VAR (password_env) is not set" in proxy.log()
     proxy.stop()
+
+
+async def test_etcd_over_tls(tmp_path: Path) -> None:
+    from support_tls import Pki
+
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    pki = Pki(tmp_path / "pki")
+    pair = pki.issue("etcd", "etcd", "localhost", ip="127.0.0.1")
+    server = EtcdServer(tmp_path, tls=(pair.cert, pair.key, pki.ca)).start()
+    try:
+        trusted = EtcdConfig.model_validate(
+            {"endpoints": [server.url], "prefix": "/zdtls/", "tls": {"ca": str(pki.ca)}}
+        )
+        cluster = Cluster(trusted)
+        cluster.add_service("default", _runtime(), None)
+        try:
+            await cluster._full_resync()
+            assert cluster.available
+            assert "/zdtls/services/default/state" in server.get_prefix("/zdtls/")
+        finally:
+            await cluster.client.close()
+        # without the CA, etcd's certificate is not trusted: no connection
+        untrusted = Cluster(EtcdConfig(endpoints=(server.url,), prefix="/zdtls/"))
+        untrusted.add_service("default", _runtime(), None)
+        try:
+            with pytest.raises(EtcdError, match=r"[Cc]ertificate"):
+                await untrusted._full_resync()
+        finally:
+            await untrusted.client.close()
+    finally:
+        server.stop()
