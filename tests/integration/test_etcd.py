@@ -727,3 +727,41 @@ async def test_etcd_over_tls(tmp_path: Path) -> None:
             await untrusted.client.close()
     finally:
         server.stop()
+
+
+async def test_an_affinity_pin_made_by_one_instance_holds_on_the_others(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    pools = real_pools(blue, green)
+    pools["blue"]["weight"], pools["green"]["weight"] = 50, 50
+    procs = []
+    for n in range(2):
+        workdir = tmp_path / f"zd{n}"
+        workdir.mkdir()
+        # a generated signing key (no secret configured): the first instance's is shared
+        config = shared_config(pools, etcd, sticky={"mode": "pool"})
+        procs.append(AdminProxy(config, workdir).start())
+    try:
+        async with (
+            AdminClient(procs[1].admin_url) as admin_b,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session,
+        ):
+            await async_wait_for(lambda: _connected(admin_b), 10, "B connected")
+            pins: dict[str, str] = {}
+            while len(pins) < 2:  # a pin to each pool, made by A
+                async with session.get(procs[0].url + "/") as response:
+                    pins.setdefault(
+                        response.headers["X-Backend"], response.cookies["zd_affinity"].value
+                    )
+            for pool, cookie in pins.items():
+                for _ in range(10):
+                    async with session.get(
+                        procs[1].url + "/", headers={"Cookie": f"zd_affinity={cookie}"}
+                    ) as response:
+                        assert response.headers["X-Backend"] == pool
+    finally:
+        for proc in procs:
+            proc.stop()
+        await blue.stop()
+        await green.stop()

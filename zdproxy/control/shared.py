@@ -75,7 +75,19 @@ Totals = tuple[tuple[int, ...], tuple[int, ...]]
 
 #: the parts of ``Runtime.export_state`` that all instances share (rolling updates
 #: and shadow settings stay per instance)
-SHARED_KEYS = ("format", "config_weights", "weights", "admin", "added", "removed", "rollouts")
+#: state sections of other parts that are shared: the generated sticky signing key
+#: (a pin made by one instance is honoured by all)
+SHARED_SECTIONS = ("sticky",)
+SHARED_KEYS = (
+    "format",
+    "config_weights",
+    "weights",
+    "admin",
+    "added",
+    "removed",
+    "rollouts",
+    *SHARED_SECTIONS,
+)
 #: a command is tried this often against fresh state before the caller gets 409
 MAX_ATTEMPTS = 20
 #: audit events kept in etcd per service, in rings of ``admin.events_ring``
@@ -203,6 +215,10 @@ def converge(runtime: Runtime, doc: Mapping[str, Any]) -> None:
         )
     rollouts = doc.get("rollouts")
     runtime.rollout_state = rollouts if isinstance(rollouts, dict) else None
+    for key in SHARED_SECTIONS:
+        section = runtime._sections.get(key)
+        if section is not None and key in doc and doc[key] != section[0]():
+            section[1](doc[key])
     runtime.publish()
 
 
