@@ -49,13 +49,19 @@ def real_pools(blue: Backend, green: Backend) -> dict[str, Any]:
 
 
 def instances(
-    pools: dict[str, Any], etcd: EtcdServer, tmp_path: Path, count: int
+    pools: dict[str, Any],
+    etcd: EtcdServer,
+    tmp_path: Path,
+    count: int,
+    extra: dict[int, dict[str, Any]] | None = None,
 ) -> list[AdminProxy]:
+    """``extra``: more config keys for instance n."""
     started = []
     for n in range(count):
         workdir = tmp_path / f"zd{n}"
         workdir.mkdir()
-        started.append(AdminProxy(shared_config(pools, etcd), workdir).start())
+        config = shared_config(pools, etcd, **(extra or {}).get(n, {}))
+        started.append(AdminProxy(config, workdir).start())
     return started
 
 
@@ -75,7 +81,8 @@ async def test_split_on_one_instance_is_served_by_the_other(
     tmp_path: Path, etcd: EtcdServer
 ) -> None:
     blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
-    a, b = instances(real_pools(blue, green), etcd, tmp_path, 2)
+    # B serves with worker processes: its control process talks to etcd for them
+    a, b = instances(real_pools(blue, green), etcd, tmp_path, 2, {1: {"workers": 2}})
     try:
         async with (
             AdminClient(a.admin_url) as admin_a,
@@ -98,6 +105,7 @@ async def test_split_on_one_instance_is_served_by_the_other(
             for _ in range(20):
                 assert await served_by(session, b.url) == "green"
             state_b = await admin_b.state()
+            assert len(state_b["workers"]) == 2
             assert state_b["pools"]["blue"]["weight"] == 0
             assert state_b["pools"]["green"]["weight"] == 100
             # B's audit log holds A's change, with the instance that made it
