@@ -773,3 +773,28 @@ async def test_an_affinity_pin_made_by_one_instance_holds_on_the_others(
             proc.stop()
         await blue.stop()
         await green.stop()
+
+
+async def test_an_instance_started_while_etcd_is_down_serves_and_catches_up(
+    tmp_path: Path, etcd: EtcdServer
+) -> None:
+    blue, green = await Backend("blue", "blue").start(), await Backend("green", "green").start()
+    etcd.stop()
+    (a,) = instances(real_pools(blue, green), etcd, tmp_path, 1)
+    try:
+        async with AdminClient(a.admin_url) as admin, aiohttp.ClientSession() as session:
+            assert await served_by(session, a.url) == "blue"
+            view = await etcd_view(admin)
+            assert view["connected"] is False and "unreachable" in view["error"]
+            answer = await admin.call("POST", "/api/v1/flip", {"to": "green"})
+            assert answer.status == 503, answer
+            etcd.start()
+            await async_wait_for(lambda: _connected(admin), 15, "connected after etcd started")
+            await admin.ok("POST", "/api/v1/flip", {"to": "green"})
+            doc = json.loads(etcd.get_prefix("/zdtest/")["/zdtest/services/default/state"])
+            assert doc["weights"] == {"blue": 0, "green": 100}
+            assert await served_by(session, a.url) == "green"
+    finally:
+        a.stop()
+        await blue.stop()
+        await green.stop()
