@@ -20,8 +20,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 from ports import free_port
-from support import wait_for
+from support import Backend, wait_for
+from support_control import AdminClient, AdminProxy, admin_config
 
 
 def etcd_binary() -> str:
@@ -149,6 +151,72 @@ class EtcdServer:
         self.call("/v3/kv/compaction", {"revision": revision, "physical": True})
 
 
-def etcd_state(config: dict[str, Any], etcd: EtcdServer) -> dict[str, Any]:
-    """A zdproxy config's ``state`` section pointing at ``etcd``."""
-    return {**config, "state": {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/zdtest/"}}}
+# ---- zdproxy instances sharing one etcd ---------------------------------------------------
+
+
+def shared_config(pools: dict[str, Any], etcd: EtcdServer, **extra: Any) -> dict[str, Any]:
+    config = admin_config(pools, None, **extra)
+    config["state"] = {"etcd": {"endpoints": [etcd.endpoint], "prefix": "/zdtest/", "lease_ttl": 2}}
+    return config
+
+
+def real_pools(blue: Backend, green: Backend) -> dict[str, Any]:
+    return {
+        "blue": {"weight": 100, "backends": [{"id": "blue-1", "address": blue.address}]},
+        "green": {"weight": 0, "backends": [{"id": "green-1", "address": green.address}]},
+    }
+
+
+def instances(
+    pools: dict[str, Any],
+    etcd: EtcdServer,
+    tmp_path: Path,
+    count: int,
+    extra: dict[int, dict[str, Any]] | None = None,
+) -> list[AdminProxy]:
+    """``extra``: more config keys for instance n."""
+    started = []
+    for n in range(count):
+        workdir = tmp_path / f"zd{n}"
+        workdir.mkdir()
+        config = shared_config(pools, etcd, **(extra or {}).get(n, {}))
+        started.append(AdminProxy(config, workdir).start())
+    return started
+
+
+async def etcd_view(admin: AdminClient) -> dict[str, Any]:
+    state = await admin.state()
+    view: dict[str, Any] = state["persistence"]["etcd"]
+    return view
+
+
+async def served_by(session: aiohttp.ClientSession, url: str) -> str:
+    async with session.get(url + "/") as response:
+        assert response.status == 200, response.status
+        return response.headers["X-Backend"]
+
+
+async def connected(admin: AdminClient) -> bool:
+    return bool((await etcd_view(admin))["connected"])
+
+
+async def pool_weights(admin: AdminClient) -> dict[str, int]:
+    return {p: v["weight"] for p, v in (await admin.state())["pools"].items()}
+
+
+def small_runtime() -> Any:
+    from zdproxy.config.schema import Config
+    from zdproxy.control.runtime import Runtime
+
+    config = Config.model_validate(
+        {
+            "listen": ["127.0.0.1:8080"],
+            "state": {"path": None},
+            "health_check": {"enabled": False},
+            "pools": {
+                "blue": {"weight": 100, "backends": [{"id": "b1", "address": "127.0.0.1:9"}]},
+                "green": {"weight": 0, "backends": [{"id": "g1", "address": "127.0.0.1:10"}]},
+            },
+        }
+    )
+    return Runtime(config)
