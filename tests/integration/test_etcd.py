@@ -1,8 +1,8 @@
 """Several real ``zdproxy run`` processes sharing their state through a real etcd
 (started by the test on loopback): a split made on one is served by the others,
 concurrent changes through two instances serialise, an etcd outage costs no
-request, services and affinity pins are shared. More in ``test_etcd_cluster.py`` (a separate module, so that the two
-run in parallel).
+request, services and affinity pins are shared. More in ``test_etcd_cluster.py``
+(a separate module, so that the two run in parallel).
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -237,6 +238,8 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
                 assert (await admin.backend("blue-1") or {})["admin"] == "enabled"
                 health = await admin.call("GET", "/healthz", token=None)
                 assert health.status == 200
+                metrics = (await admin.call("GET", "/metrics")).body.decode()
+                assert "\nzdproxy_etcd_connected 0.0\n" in metrics
             for admin in (admin_a, admin_b):
                 await async_wait_for(
                     lambda admin=admin: _not_leading(admin), 10, "no leader without etcd"
@@ -254,6 +257,11 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
                 return [v["leader"] for v in views].count(True) == 1
 
             await async_wait_for(one_leader, 15, "one rollout leader after the outage")
+            metrics = (await admin_a.call("GET", "/metrics")).body.decode()
+            assert "\nzdproxy_etcd_connected 1.0\n" in metrics
+            # the 50/50 split at least (and the first state, when A wrote it)
+            commits = re.search(r'zdproxy_etcd_commits_total\{service="default"\} (\S+)', metrics)
+            assert commits is not None and float(commits.group(1)) >= 1
             await admin_b.ok("PUT", "/api/v1/split", {"blue": 20, "green": 80})
             await async_wait_for(
                 lambda: _has_weights(admin_a, {"blue": 20, "green": 80}), 10, "A converged"

@@ -52,6 +52,7 @@ from zdproxy.errors import ControlError
 from zdproxy.metrics import (
     CONTENT_TYPE_LATEST,
     DataPathCounts,
+    EtcdCollector,
     RolloutCollector,
     ShadowCollector,
     build_registry,
@@ -911,6 +912,8 @@ class ControlPlane:
             services=self.services if named else None,
             upgrade=server.upgrader.upgrade,
         )
+        if self.cluster is not None:
+            self.api.registry.register(EtcdCollector(self.cluster.figures))
         if not named:
             # one service: the API's record of it is this one (with its shared state)
             only = next(iter(self.services.values()))

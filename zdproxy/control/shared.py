@@ -889,6 +889,17 @@ class Cluster:
         # analysis reads the pools this instance knows
         return {pool: merged[pool] for pool in local}
 
+    def figures(self) -> dict[str, Any]:
+        """For the metrics: the link, the lead, commits and conflicts by service."""
+        return {
+            "connected": self.available,
+            "leader": self.leader,
+            "services": {
+                name: {"commits": state.commits, "conflicts": state.conflicts}
+                for name, state in self.services.items()
+            },
+        }
+
     def view(self) -> dict[str, Any]:
         return {
             "endpoints": list(self.client.endpoints),
