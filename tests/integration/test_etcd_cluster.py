@@ -327,6 +327,9 @@ async def test_etcd_user_and_password(etcd: EtcdServer, tmp_path: Path) -> None:
         assert cluster.available
         stored = await cluster.client.get("/zdauth/services/default/state")
         assert stored is not None and json.loads(stored.value)["weights"]["blue"] == 100
+        # a token etcd no longer knows (they expire when idle) is replaced on the fly
+        cluster.client._token = "expired.token"
+        assert await cluster.client.get("/zdauth/services/default/state") is not None
     finally:
         await cluster.client.close()
     secret.write_text("wrong\n")

@@ -40,6 +40,10 @@ class EtcdUnavailable(EtcdError):
     """No etcd endpoint could be reached (or it did not answer in time)."""
 
 
+class _TokenExpired(EtcdError):
+    """The auth token was refused (it expires when idle)."""
+
+
 class EtcdCompacted(EtcdError):
     """A watch asked for a revision that etcd has compacted away."""
 
@@ -184,8 +188,9 @@ class EtcdClient:
                 raise EtcdError(f"{path}: not JSON ({response.status})") from None
             if response.status != 200:
                 message = data.get("message") or data.get("error") or text[:200]
-                if response.status == 401 or "token" in str(message):
-                    self._token = None  # expired: authenticate again next time
+                if auth and self._token and (response.status == 401 or "token" in str(message)):
+                    self._token = None  # expired: authenticate again
+                    raise _TokenExpired(f"{path}: {response.status} {message}")
                 raise EtcdError(f"{path}: {response.status} {message}")
             if not isinstance(data, dict):
                 raise EtcdError(f"{path}: unexpected answer")
@@ -201,7 +206,12 @@ class EtcdClient:
             base = self.endpoints[index]
             try:
                 await self._authenticate(base)
-                answer = await self._post_once(base, path, body)
+                try:
+                    answer = await self._post_once(base, path, body)
+                except _TokenExpired:
+                    # etcd's simple tokens expire when idle: once more with a new one
+                    await self._authenticate(base)
+                    answer = await self._post_once(base, path, body)
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 problems.append(f"{base}: {type(exc).__name__} {exc}".strip())
                 continue
