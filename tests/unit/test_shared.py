@@ -292,3 +292,25 @@ def test_watch_messages() -> None:
     assert compacted.value.compact_revision == 4
     with pytest.raises(EtcdUnavailable):
         _watch_batch({"error": {"message": "boom"}})
+
+
+def test_the_leaders_totals_add_every_instance_and_keep_departed_ones() -> None:
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    runtime = make_runtime()
+    runtime.pool_stats["blue"].record(200, 0.01, 1.0)
+    cluster = Cluster(EtcdConfig())
+    cluster.add_service("default", runtime, None)
+    blue_other = ((0, 0, 5, 0, 0, 1), (0,) * FINE_BUCKETS)
+    cluster.peers = {
+        "b": {"default": {"blue": blue_other, "gone": blue_other}},
+        # an instance whose key expired: still counted (the totals never go back)
+        "c": {"default": {"blue": blue_other}},
+        "d": {"other-service": {"blue": blue_other}},
+    }
+    merged = cluster.merged_totals("default", runtime)
+    assert set(merged) == {"blue", "green"}  # pools this instance knows
+    assert merged["blue"][0] == (0, 0, 11, 0, 0, 2)
+    assert sum(merged["blue"][1]) == 1
+    assert merged["green"] == runtime.pool_stats["green"].totals()
