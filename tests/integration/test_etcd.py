@@ -64,10 +64,20 @@ async def test_split_on_one_instance_is_served_by_the_other(
 
             await async_wait_for(b_serves_green, 10, "B serving green")
             elapsed = time.monotonic() - started
-            print(f"\nconvergence: split on A served by B after {elapsed * 1000:.0f} ms")
-            # from then on every request to B goes to green
-            for _ in range(20):
-                assert await served_by(session, b.url) == "green"
+            # and every one of B's workers: 20 requests in a row to green (a worker
+            # gets the control process's new snapshot a moment after another)
+            streak = 0
+
+            async def b_all_green() -> bool:
+                nonlocal streak
+                streak = streak + 1 if await b_serves_green() else 0
+                return streak >= 20
+
+            await async_wait_for(b_all_green, 10, "all of B's workers serving green")
+            print(
+                f"\nconvergence: split on A served by B after {elapsed * 1000:.0f} ms, "
+                f"20 in a row (both workers) after {(time.monotonic() - started) * 1000:.0f} ms"
+            )
             state_b = await admin_b.state()
             assert len(state_b["workers"]) == 2
             assert state_b["pools"]["blue"]["weight"] == 0

@@ -89,7 +89,7 @@ SHARED_KEYS = (
     *SHARED_SECTIONS,
 )
 #: a command is tried this often against fresh state before the caller gets 409
-MAX_ATTEMPTS = 20
+MAX_ATTEMPTS = 30
 #: audit events kept in etcd per service, in rings of ``admin.events_ring``
 EVENTS_KEPT_RINGS = 10
 #: refusals that depend on the state (not on the request): checked against etcd
