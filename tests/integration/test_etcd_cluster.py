@@ -445,3 +445,31 @@ async def test_an_instance_whose_watch_revision_was_compacted_rereads_the_state(
             watch.cancel()
         for cluster in (writer, reader):
             await cluster.client.close()
+
+
+async def test_a_wiped_or_damaged_prefix_is_rewritten_from_the_running_state(
+    etcd: EtcdServer,
+) -> None:
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    cluster = Cluster(EtcdConfig(endpoints=(etcd.endpoint,), prefix="/zdwipe/"))
+    runtime = small_runtime()
+    state = cluster.add_service("default", runtime, None)
+    try:
+        cluster.running = True
+        await cluster._full_resync()
+        await state.mutate(lambda: runtime.split({"blue": 60, "green": 40}, "ops"), [])
+        # someone deletes the whole prefix, and leaves a broken event behind
+        await cluster.client.delete_range("/zdwipe/", "/zdwipe0")
+        await cluster.client.put(state.events_prefix + "000000000099", "{not json")
+        await state.resync()
+        doc = json.loads(etcd.get_prefix(state.state_key)[state.state_key])
+        assert doc["weights"] == {"blue": 60, "green": 40}
+        assert runtime.pool_weights == {"blue": 60, "green": 40}
+        # and the next change goes on from there
+        await state.mutate(lambda: runtime.split({"blue": 10, "green": 90}, "ops"), [])
+        doc = json.loads(etcd.get_prefix(state.state_key)[state.state_key])
+        assert doc["weights"] == {"blue": 10, "green": 90}
+    finally:
+        await cluster.client.close()

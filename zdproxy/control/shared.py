@@ -496,9 +496,11 @@ class ServiceState:
         start and after a reconnection). The first instance writes its state."""
         _, kvs = await self.cluster.client.get_prefix(self.state_key.rpartition("/")[0] + "/")
         state_kv = next((kv for kv in kvs if kv.key == self.state_key), None)
-        self._remember(json.loads(kv.value) for kv in kvs if kv.key.startswith(self.events_prefix))
+        self.add_events(kv for kv in kvs if kv.key.startswith(self.events_prefix))
         if state_kv is None:
+            # the first instance (or the prefix was wiped): this state is the truth
             self.revision = 0
+            self.doc = None
             self.dirty = True
             if await self._commit_locked() is Outcome.CONFLICT:
                 await self._resync_locked()
@@ -518,7 +520,7 @@ class ServiceState:
     def _apply(self, kv: KeyValue) -> None:
         try:
             doc = json.loads(kv.value)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.error("etcd key %s is not JSON: ignored", kv.key)
             return
         if not isinstance(doc, dict):
@@ -547,8 +549,8 @@ class ServiceState:
         for kv in kvs:
             try:
                 records.append(json.loads(kv.value))
-            except ValueError:
-                continue
+            except (ValueError, RecursionError):
+                log.error("etcd key %s is not JSON: ignored", kv.key)
         self._remember(records)
 
     def _remember(self, records: Iterable[Any]) -> None:
