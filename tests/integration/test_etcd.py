@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 from ports import free_port
 from support import Backend, async_wait_for
-from support_control import AdminClient, AdminProxy, dummy_pools
+from support_control import AdminClient, AdminProxy, actl, dummy_pools
 from support_etcd import (
     EtcdServer,
     connected,
@@ -254,6 +254,11 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
                 await async_wait_for(
                     lambda admin=admin: _not_leading(admin), 10, "no leader without etcd"
                 )
+            # the CLI says so too (inside the 10 s: it costs no time)
+            status = await actl(a.admin_url, "status")
+            assert status.returncode == 0 and "etcd: UNREACHABLE" in status.stdout, status
+            split = await actl(a.admin_url, "split", "blue=100", "green=0")
+            assert split.returncode != 0 and "etcd is unreachable" in split.stderr, split
             during = served
             await asyncio.sleep(max(0.0, 10.0 - (time.monotonic() - down)))
             assert served > during  # traffic went on while etcd was away
@@ -269,6 +274,8 @@ async def test_etcd_outage_under_load(tmp_path: Path, etcd: EtcdServer) -> None:
             await async_wait_for(one_leader, 15, "one rollout leader after the outage")
             metrics = (await admin_a.call("GET", "/metrics")).body.decode()
             assert "\nzdproxy_etcd_connected 1.0\n" in metrics
+            status = await actl(a.admin_url, "status")
+            assert "etcd: connected" in status.stdout, status
             # the 50/50 split at least (and the first state, when A wrote it)
             commits = re.search(r'zdproxy_etcd_commits_total\{service="default"\} (\S+)', metrics)
             assert commits is not None and float(commits.group(1)) >= 1
