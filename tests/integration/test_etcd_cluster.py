@@ -473,3 +473,27 @@ async def test_a_wiped_or_damaged_prefix_is_rewritten_from_the_running_state(
         assert doc["weights"] == {"blue": 10, "green": 90}
     finally:
         await cluster.client.close()
+
+
+async def test_an_instance_whose_watch_died_silently_still_converges(etcd: EtcdServer) -> None:
+    from zdproxy.config.schema import EtcdConfig
+    from zdproxy.control.shared import Cluster
+
+    settings = EtcdConfig(endpoints=(etcd.endpoint,), prefix="/zdsilent/", lease_ttl=2)
+    writer, reader = Cluster(settings), Cluster(settings)
+    ra, rb = small_runtime(), small_runtime()
+    a = writer.add_service("default", ra, None)
+    reader.add_service("default", rb, None)
+    try:
+        writer.running = True
+        await writer._full_resync()
+        await reader.start()
+        watch = reader._tasks[0]
+        watch.cancel()  # the watch stream is gone; nothing says so
+        await a.mutate(lambda: ra.split({"blue": 20, "green": 80}, "a"), [])
+        await async_wait_for(
+            lambda: rb.pool_weights == {"blue": 20, "green": 80}, 10, "B converged without a watch"
+        )
+    finally:
+        await reader.stop()
+        await writer.client.close()

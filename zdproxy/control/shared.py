@@ -828,6 +828,12 @@ class Cluster:
             self._published = (counters, self.lease)
         if self.leader:
             await self._trim_events()
+        for state in self.services.values():
+            # a safety net under the watch (a stream that died without a word): the
+            # state key read here is applied when it is ahead of this instance
+            kv = await client.get(state.state_key)
+            if kv is not None and kv.mod_revision > state.revision:
+                await state.apply_remote(kv)
         _, kvs = await client.get_prefix(self.prefix + "instances/")
         for kv in kvs:
             other = kv.key.rpartition("/")[2]
