@@ -136,6 +136,11 @@ def print_status(state: dict[str, Any], out: TextIO) -> None:
     persistence = state.get("persistence") or {}
     if persistence.get("last_error"):
         out.write(f"\nwarning: {persistence['last_error']}\n")
+    etcd = persistence.get("etcd")
+    if etcd:
+        link = "connected" if etcd.get("connected") else f"UNREACHABLE ({etcd.get('error')})"
+        lead = ", rollout leader" if etcd.get("leader") else ""
+        out.write(f"\netcd: {link}{lead}; instance {etcd.get('instance')}\n")
 
 
 def _weights(result: dict[str, Any]) -> str:

@@ -319,3 +319,38 @@ def build_registry(
 def render(registry: CollectorRegistry) -> bytes:
     """The text exposition format."""
     return generate_latest(registry)
+
+
+class EtcdCollector(Collector):
+    """The link to etcd (``state.etcd``, ``control.shared.Cluster.figures``)."""
+
+    def __init__(self, figures: Callable[[], dict[str, Any]]) -> None:
+        self.figures = figures
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        figures = self.figures()
+        yield GaugeMetricFamily(
+            "zdproxy_etcd_connected",
+            "1 while etcd answers (changes are refused with 503 otherwise).",
+            value=1 if figures["connected"] else 0,
+        )
+        yield GaugeMetricFamily(
+            "zdproxy_etcd_leader",
+            "1 while this instance is the rollout leader.",
+            value=1 if figures["leader"] else 0,
+        )
+        for name, key, text in (
+            ("zdproxy_etcd_commits", "commits", "State changes written to etcd, by service."),
+            (
+                "zdproxy_etcd_conflicts",
+                "conflicts",
+                "Commands rerun because another instance changed the state first, by service.",
+            ),
+        ):
+            family = CounterMetricFamily(name, text, labels=["service"])
+            for service, counts in figures["services"].items():
+                family.add_metric([service], counts[key])
+            yield family

@@ -65,11 +65,13 @@ from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController
 from zdproxy.control.runtime import Runtime
 from zdproxy.control.shadow import ShadowControl
+from zdproxy.control.shared import Cluster, EtcdSettingsError, ServiceState
 from zdproxy.control.store import FileStore, Persistence
 from zdproxy.errors import ControlError
 from zdproxy.metrics import (
     CONTENT_TYPE_LATEST,
     DataPathCounts,
+    EtcdCollector,
     RolloutCollector,
     ShadowCollector,
     build_registry,
@@ -135,9 +137,11 @@ def _redact_aiohttp_parse_errors() -> None:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        #: more keys of the error answer (a refusal on shared state: the current state)
+        self.extra = extra
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -181,6 +185,8 @@ class ServiceApi:
     persistence: Persistence
     rolling: RollingUpdates | None = None
     rollouts: RolloutController | None = None
+    #: ``state.etcd``: the service's state shared with the other instances
+    shared: ServiceState | None = None
 
 
 class AdminApi:
@@ -351,7 +357,11 @@ class AdminApi:
                 # a request sent after the answer sees it (as with one process)
                 await self.workers_synced()
             return response
-        except (ApiError, ControlError) as exc:
+        except ApiError as exc:
+            if exc.extra:
+                return json_response({"error": str(exc), **exc.extra}, exc.status)
+            return error_response(exc.status, str(exc))
+        except ControlError as exc:
             return error_response(exc.status, str(exc))
         except web.HTTPException as exc:
             if exc.status < 400:
@@ -419,6 +429,8 @@ class AdminApi:
             svc.rollouts,
             self.figures.get(svc.name),
         )
+        if svc.shared is not None:
+            view["persistence"]["etcd"] = {**svc.shared.cluster.view(), **svc.shared.view()}
         # who asks: the dashboard greys out its buttons for a read token
         token = request[_TOKEN]
         view["token"] = {"name": token.name, "role": token.role}
@@ -627,6 +639,16 @@ class AdminApi:
             # the controllers keep state of their own beside the runtime's
             shadow = self.shadow if svc.runtime is self.runtime else None
             controllers = [c for c in (svc.rollouts, svc.rolling, shadow) if c]
+            if svc.shared is not None:
+                # etcd: a compare-and-swap commit, retried against fresh state; a
+                # command that no longer applies there says what the state is now
+                try:
+                    return await svc.shared.mutate(change, controllers)
+                except ControlError as exc:
+                    if exc.status not in (404, 409):
+                        raise
+                    current = {"current": svc.shared.current()}
+                    raise ApiError(exc.status, str(exc), current) from None
             saved = [(c, c.checkpoint()) for c in controllers]
             mark = svc.persistence.mark()
             result = change()
@@ -844,8 +866,14 @@ class ControlPlane:
         config = server.config
         runtime = server.runtime
         state = config.state
+        #: ``state.etcd``: this instance's link to the shared state
+        self.cluster: Cluster | None = None
         if state.etcd is not None:
-            log.warning("state.etcd is not supported yet: runtime state is kept in memory only")
+            try:
+                self.cluster = Cluster(state.etcd)
+            except EtcdSettingsError as exc:
+                log.error("cannot start: %s", exc)
+                raise SystemExit(1) from None
         path = state.path if state.etcd is None else None
         named = bool(config.services)
         self.services: dict[str, ServiceApi] = {}
@@ -864,6 +892,11 @@ class ControlPlane:
                 ),
                 service.rolling,
                 service.rollouts,
+                (
+                    self.cluster.add_service(name, service.runtime, service.rollouts)
+                    if self.cluster is not None
+                    else None
+                ),
             )
         self.persistence = next(
             s for s in self.services.values() if s.runtime is runtime
@@ -883,6 +916,12 @@ class ControlPlane:
             services=self.services if named else None,
             upgrade=server.upgrader.upgrade,
         )
+        if self.cluster is not None:
+            self.api.registry.register(EtcdCollector(self.cluster.figures))
+        if not named:
+            # one service: the API's record of it is this one (with its shared state)
+            only = next(iter(self.services.values()))
+            self.api.primary = self.api.services[only.name] = only
         if server.workers is not None:
             self.api.workers = server.workers.describe
             self.api.workers_synced = server.workers.synced
@@ -994,6 +1033,12 @@ def install(server: ProxyServer) -> None:
         server.persistences.append(svc.persistence)
         svc.persistence.restore(handover.service_state(svc.name) if handover is not None else None)
         svc.persistence.attach()
+    if plane.cluster is not None:
+        # before the admin API and the rollout drivers: the shared state is read first
+        server.start_hooks.append(plane.cluster.start)
+        server.stop_hooks.append(plane.cluster.stop)
+        server.pause_hooks.append(plane.cluster.pause)
+        server.resume_hooks.append(plane.cluster.resume)
     server.start_hooks.append(plane.start)
     server.retire_hooks.append(plane.retire)
     server.stop_hooks.append(plane.stop)

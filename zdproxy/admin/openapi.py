@@ -140,6 +140,11 @@ _SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "path": {"type": "string", "nullable": True},
                     "last_error": {"type": "string", "nullable": True},
+                    "etcd": {
+                        "type": "object",
+                        "description": "with state.etcd: the link to the shared state "
+                        "(connected, error, instance, leader, revision, commits, conflicts)",
+                    },
                 },
             },
         },
@@ -157,6 +162,10 @@ _SCHEMAS: dict[str, Any] = {
             "after": {"nullable": True},
             "note": {"type": "string", "nullable": True},
             "service": {"type": "string", "description": "with several services"},
+            "instance": {
+                "type": "string",
+                "description": "with state.etcd: the instance that made the change",
+            },
         },
     },
     "WeightsResult": {

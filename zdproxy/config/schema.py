@@ -272,19 +272,97 @@ class AdminConfig(_Model):
         return value
 
 
+_ETCD_ENDPOINT_RE = re.compile(r"^(?:(https?)://)?([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})/?$")
+_ETCD_PREFIX_RE = re.compile(r"^/[A-Za-z0-9_.:/-]*/$")
+
+
+def _check_etcd_endpoint(value: str) -> str:
+    match = _ETCD_ENDPOINT_RE.match(value)
+    if match is None or not 1 <= int(match.group(3)) <= 65535:
+        raise ValueError(
+            f"invalid etcd endpoint {value!r}: use host:port or http(s)://host:port "
+            "(etcd's client URL, e.g. 127.0.0.1:2379)"
+        )
+    return value.rstrip("/")
+
+
+EtcdEndpoint = Annotated[str, AfterValidator(_check_etcd_endpoint)]
+
+
+class EtcdTls(_Model):
+    """TLS to etcd (its client URLs are https): the CA that signs etcd's
+    certificate, and a client certificate when etcd asks for one."""
+
+    ca: CaPath | None = None
+    """PEM file of the CA that signs etcd's server certificate; `null`: the system's CAs"""
+    cert: CertPath | None = None
+    """client certificate (PEM) for etcd's `--client-cert-auth`; with `key`"""
+    key: KeyPath | None = None
+    """private key of `cert`, PEM, unencrypted"""
+
+    @model_validator(mode="after")
+    def _pair(self) -> EtcdTls:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key, or neither")
+        if self.cert is not None and self.key is not None:
+            check_pair(self.cert, self.key)
+        return self
+
+
+class EtcdAuth(_Model):
+    """etcd's user/password authentication (``etcdctl auth enable``)."""
+
+    username: str = Field(min_length=1)
+    """etcd user name"""
+    password_env: str | None = "ZDPROXY_ETCD_PASSWORD"
+    """environment variable holding the password"""
+    password_file: str | None = None
+    """file holding the password (instead of `password_env`); a path"""
+
+
 class EtcdConfig(_Model):
-    endpoints: tuple[str, ...] = ("127.0.0.1:2379",)
-    """etcd endpoints"""
+    """Shared state in etcd: every instance with the same `endpoints` and `prefix`
+    follows the same weights, backends, drains and rollout (see docs/etcd.md)."""
+
+    endpoints: tuple[EtcdEndpoint, ...] = ("127.0.0.1:2379",)
+    """etcd client URLs (`host:port` or `http(s)://host:port`), tried in turn"""
     prefix: str = "/zdproxy/"
-    """key prefix"""
+    """key prefix for this deployment's state; starts and ends with `/`; instances that share
+    it share their state"""
+    tls: EtcdTls | None = None
+    """TLS to etcd (https endpoints); `null`: plain HTTP unless an endpoint says https"""
+    auth: EtcdAuth | None = None
+    """etcd user and password; `null`: no authentication"""
+    lease_ttl: int = Field(default=3, ge=2, le=60)
+    """seconds an instance's leases (rollout leadership, published traffic counters)
+    outlive it: another instance takes over a rollout within about this time"""
+    timeout: PositiveDuration = 2.0
+    """time limit of one etcd call; past it the endpoint counts as down"""
+
+    @field_validator("endpoints")
+    @classmethod
+    def _some_endpoint(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("needs at least one etcd endpoint")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix_shape(cls, value: str) -> str:
+        if not _ETCD_PREFIX_RE.match(value):
+            raise ValueError(
+                f"invalid etcd prefix {value!r}: it must start and end with / and use only "
+                "letters, digits and _ . : - / (e.g. /zdproxy/shop/)"
+            )
+        return value
 
 
 class StateConfig(_Model):
     path: str | None = "./zdproxy-state.json"
     """JSON file that keeps weights, drains and the rollout across restarts; `null`: memory only"""
     etcd: EtcdConfig | None = None
-    """keep state in etcd instead, shared by several instances (set `path` or `etcd`, not both) (not
-    built yet: accepted, logged as not available, state stays in memory)"""
+    """keep state in etcd instead, shared by several instances (set `path` or `etcd`, not both);
+    see docs/etcd.md"""
 
     @model_validator(mode="after")
     def _one_store(self) -> StateConfig:

@@ -115,6 +115,13 @@ class EventLog:
         while self._ring and self._ring[-1]["id"] >= first_id:
             self._ring.pop()
 
+    def replace(self, records: Iterable[dict[str, Any]]) -> None:
+        """Make the ring hold ``records`` (oldest first; shared state: etcd's log)."""
+        self._ring.clear()
+        self._ring.extend(records)
+        if self._ring:
+            self.next_id = max(self.next_id, int(self._ring[-1]["id"]) + 1)
+
     def list(self, since: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         """Events with an id above ``since``, oldest first; the newest ``limit`` of them."""
         events = [e for e in self._ring if e["id"] > since]

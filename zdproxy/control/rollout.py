@@ -29,7 +29,7 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -453,6 +453,11 @@ class RolloutController:
         self.rollback_counts = [0] * (len(ROLLBACK_BUCKETS) + 1)
         self.rollback_sum = 0.0
         runtime.weights_guard = self._guard
+        #: shared state (``control.shared``): True while another instance leads, so
+        #: this one follows the shared rollout instead of ticking it
+        self.passive: Callable[[], bool] | None = None
+        #: shared state: the per-pool counters of every instance, summed
+        self.totals_source: Callable[[], dict[str, Totals]] | None = None
 
     # ---- operator actions (the admin API calls these) ------------------------
 
@@ -560,6 +565,8 @@ class RolloutController:
     # ---- time-driven progress ---------------------------------------------------
 
     def tick(self, now: float | None = None) -> None:
+        if self.passive is not None and self.passive():
+            return
         if now is None:
             now = self.clock()
         if self.settling is not None:
@@ -676,6 +683,8 @@ class RolloutController:
         return f"waiting for pool {plan.to}: {ready} of {need} backends ready{detail}"
 
     def _totals(self) -> dict[str, Totals]:
+        if self.totals_source is not None:
+            return self.totals_source()
         return {name: stats.totals() for name, stats in self.runtime.pool_stats.items()}
 
     # ---- analysis ---------------------------------------------------------------------
