@@ -196,12 +196,11 @@ def converge(runtime: Runtime, doc: Mapping[str, Any]) -> None:
         want = Admin(admin.get(backend.id, Admin.ENABLED.value))
         if backend.admin is want:
             continue
-        backend.admin = want
+        runtime._set_admin_flags(backend, want)
         if want is Admin.DRAINING:
             runtime.drain_started[backend.id] = runtime.clock()
         else:
             runtime.drain_started.pop(backend.id, None)
-        runtime._update(backend)
     weights = doc.get("weights") or {}
     if set(weights) == set(runtime.pool_weights) and sum(weights.values()) == 100:
         runtime.pool_weights = {name: int(weights[name]) for name in runtime.pool_weights}
