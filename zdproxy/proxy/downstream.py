@@ -17,22 +17,21 @@ import httptools
 from zdproxy.errors import ProxyError
 from zdproxy.http.head import error_response
 from zdproxy.proxy.context import ProxyContext
+from zdproxy.proxy.deadlines import (
+    BODY,
+    HEADER,
+    IDLE,
+    LINGER,
+    NO_DEADLINE,
+    RECLAIMED,
+    TUNNEL,
+    UPSTREAM,
+    Deadline,
+)
 from zdproxy.proxy.exchange import Exchange
 from zdproxy.proxy.tunnel import Tunnel
 
 log = logging.getLogger("zdproxy.error")
-
-# deadline kinds, checked by the sweeper
-NO_DEADLINE = 0
-HEADER = 1
-IDLE = 2
-BODY = 3
-UPSTREAM = 4
-TUNNEL = 5
-#: closing after an error: our side is shut, the client's input is read and dropped
-LINGER = 6
-#: an idle connection closed to make room at limits.max_connections
-RECLAIMED = 7
 
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_PIPELINE = 8
@@ -85,7 +84,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_eof = False
         self.reading_paused = False
         self.deadline = 0.0
-        self.deadline_kind = NO_DEADLINE
+        self.deadline_kind: Deadline = NO_DEADLINE
         self.head_bytes = 0
         self.header_count = 0
         #: bytes of the unfinished header line the parser holds (across reads)
@@ -306,7 +305,7 @@ class ClientConnection(asyncio.Protocol):
 
     # called by exchanges
 
-    def set_deadline(self, kind: int, seconds: float) -> None:
+    def set_deadline(self, kind: Deadline, seconds: float) -> None:
         self.deadline_kind = kind
         self.deadline = self.ctx.now + seconds
 

@@ -39,12 +39,14 @@ from zdproxy.http.head import (
 from zdproxy.http.routes import RouteTable, strip
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
+from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from zdproxy.balancing.selector import Selector
     from zdproxy.proxy.downstream import ClientConnection
+    from zdproxy.proxy.shadow import ShadowCopy
 
 log = logging.getLogger("zdproxy.error")
 
@@ -165,10 +167,6 @@ class Exchange:
         "xfwd",
     )
 
-    #: a ``proxy.shadow.ShadowCopy``, set only on the requests copied to the shadow
-    #: pool (never initialised on the others: they pay nothing for it)
-    shadow: Any
-
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.url = b""
@@ -236,6 +234,10 @@ class Exchange:
         self.after_reject: bytes | None = None
         #: response bytes produced during the current upstream read, not yet written
         self.out: list[bytes] | None = None
+        #: the copy of this request sent to the shadow pool (``proxy.shadow``), set
+        #: when the request is picked; the exchange tells it what the live request
+        #: does at the few points it cares about (start, body, complete, record)
+        self.shadow: ShadowCopy | None = None
 
     # ---- parse -------------------------------------------------------------
 
@@ -455,8 +457,11 @@ class Exchange:
             self.hash_key = self._hash_key(ctx.hash_on)
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
             self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
-            return
-        self._dispatch(None)
+        else:
+            self._dispatch(None)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_start(self)
 
     def _hash_key(self, header: bytes) -> str | None:
         """What ``sticky.mode: hash`` hashes: the client address, or a header's value."""
@@ -563,7 +568,7 @@ class Exchange:
         if self.request_done:
             if chunked:
                 parts.append(LAST_CHUNK)
-            conn.set_deadline(4, conn.ctx.t_upstream)
+            conn.set_deadline(UPSTREAM, conn.ctx.t_upstream)
         transport.writelines(parts)
 
     # ---- request body ------------------------------------------------------
@@ -582,6 +587,9 @@ class Exchange:
                         ProxyError("request body too large", status=413, cause="body-too-large")
                     )
             raise _reject(413, "body-too-large", "request body too large")
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_request_body(data)
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             if self.request_chunked:
@@ -602,14 +610,15 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.request_done = True
-        if self.finished:
-            return
         upstream = self.upstream
-        if upstream is not None and upstream.transport is not None:
+        if not self.finished and upstream is not None and upstream.transport is not None:
             if self.request_chunked:
                 upstream.transport.write(LAST_CHUNK)
             if not self.response_started:
-                self.conn.set_deadline(4, self.conn.ctx.t_upstream)
+                self.conn.set_deadline(UPSTREAM, self.conn.ctx.t_upstream)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_request_complete(self)
 
     # ---- response ----------------------------------------------------------
 
@@ -683,7 +692,7 @@ class Exchange:
         self.response_started = True
         # held until the end of this read, so head and body leave in one syscall
         self.out = [b"".join(parts)]
-        conn.set_deadline(4, ctx.t_upstream)
+        conn.set_deadline(UPSTREAM, ctx.t_upstream)
         return chunked and not no_body
 
     def on_response_body(self, data: bytes) -> None:
@@ -697,6 +706,9 @@ class Exchange:
             out.append(data)
         conn = self.conn
         conn.deadline = conn.ctx.now + conn.ctx.t_upstream
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_response_body(data)
 
     def flush_response(self) -> None:
         """Write what this read of the upstream produced, in one call."""
@@ -986,6 +998,9 @@ class Exchange:
         access = self.conn.ctx.access_log
         if access is not None:
             access.add(self, status, cause)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_live_answer(self, status)
         backend = self.backend
         if backend is None:
             return

@@ -13,13 +13,12 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from zdproxy.balancing.model import Backend
+from zdproxy.proxy.deadlines import TUNNEL
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
     from zdproxy.proxy.exchange import Exchange
     from zdproxy.proxy.upstream import UpstreamConnection
-
-TUNNEL_DEADLINE = 5  # downstream.TUNNEL
 
 
 class Tunnel:
@@ -82,7 +81,7 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
     conn.tunnel_ref = tunnel
     if conn.queue and conn.queue[0] is exchange:
         conn.queue.popleft()
-    conn.set_deadline(TUNNEL_DEADLINE, ctx.t_tunnel)
+    conn.set_deadline(TUNNEL, ctx.t_tunnel)
     if rest:
         client.write(rest)
     if exchange.upgrade_data:
