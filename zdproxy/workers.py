@@ -34,6 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zdproxy.balancing.failures import Failure
+from zdproxy.balancing.failures import parse as parse_failure
 from zdproxy.balancing.model import Admin, Backend, Health, Snapshot, derive_state
 from zdproxy.balancing.stats import PoolStats
 from zdproxy.config.schema import ShadowConfig
@@ -146,7 +148,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.results: list[tuple[str, str]] = []
 
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         backend.failures += 1
         if len(self.results) < 10_000:
             self.results.append((backend.id, kind))
@@ -454,10 +456,12 @@ class WorkerSet:
                 backend = backends.get(backend_id)
                 if backend is None:
                     continue
-                if kind:
-                    observer.failure(backend, kind, now)
-                else:
+                if not kind:
                     observer.success(backend, now)
+                    continue
+                failure = parse_failure(kind)
+                if failure is not None:  # (a kind this process does not know: dropped)
+                    observer.failure(backend, failure, now)
         shadow = report.get("shadow")
         worker.shadow_in_flight = 0
         sender = server.shadow_sender

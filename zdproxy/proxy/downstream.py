@@ -29,6 +29,7 @@ from zdproxy.proxy.deadlines import (
     Deadline,
 )
 from zdproxy.proxy.exchange import Exchange
+from zdproxy.proxy.phases import PARSING
 from zdproxy.proxy.tunnel import Tunnel
 
 log = logging.getLogger("zdproxy.error")
@@ -156,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
             return
         parsing = self.parsing
         if (
-            (parsing is None or parsing.in_head)
+            (parsing is None or parsing.phase is PARSING)
             and len(data) + self.line_bytes > self.ctx.max_header_bytes
             and self._line_over_limit(data)
         ):
@@ -176,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
             self._parse_error(exc)
             return
         parsing = self.parsing
-        if parsing is not None and (parsing.in_head or self.trailer):
+        if parsing is not None and (parsing.phase is PARSING or self.trailer):
             self._hold_partial_line(data)
         elif self.line_bytes:
             self.line_bytes = 0

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
+from zdproxy.balancing.failures import LOCAL, Failure
 from zdproxy.balancing.model import Backend, BackendState
+from zdproxy.balancing.retry import may_retry
 from zdproxy.errors import (
     BadRequest,
     BadUpstreamResponse,
@@ -41,6 +43,20 @@ from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
+from zdproxy.proxy.phases import (
+    ALLOWED,
+    AWAITING,
+    CONNECTING,
+    DISPATCHING,
+    DONE,
+    HOLDING_MASK,
+    PARSING,
+    QUEUED,
+    RELAYING,
+    TUNNEL,
+    Phase,
+    PhaseError,
+)
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -106,6 +122,11 @@ def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
 
+#: what ``_detach`` does with the upstream connection
+_POOL = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
+_CLOSE = 1  # closed after what was written to it
+_ABORT = 2  # reset now (a cut response, a hung backend, the client gone)
+
 
 class Exchange:
     __slots__ = (
@@ -123,23 +144,20 @@ class Exchange:
         "expect_continue",
         "expects_body",
         "extra_headers",
-        "finished",
         "forwarded",
         "framing_doubtful",
         "hash_key",
         "head_at",
-        "holding",
         "host",
         "idempotent",
-        "in_head",
         "method",
         "out",
         "pending",
         "pending_bytes",
+        "phase",
         "pool_override",
         "received_body",
         "replay",
-        "request_body_started",
         "request_chunked",
         "request_done",
         "request_head",
@@ -148,7 +166,6 @@ class Exchange:
         "response_close_delimited",
         "response_has_no_body",
         "response_sent",
-        "response_started",
         "selector",
         "set_cookie",
         "shadow",
@@ -172,7 +189,8 @@ class Exchange:
         self.url = b""
         self.method = b""
         self.version = "1.1"
-        self.in_head = True
+        #: where the exchange is in its life (``proxy.phases``); moved by ``_to`` only
+        self.phase: Phase = PARSING
         self.forwarded: list[bytes] = []
         self.checker = HeadChecker()
         self.host: bytes | None = None
@@ -198,7 +216,6 @@ class Exchange:
         self.expects_body = False
         self.request_head = b""
         self.request_done = False
-        self.request_body_started = False
         self.received_body = 0
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -210,7 +227,6 @@ class Exchange:
         self.upstream_url: bytes | None = None
         self.upstream: UpstreamConnection | None = None
         self.attempts = 0
-        self.holding = False
         self.started_at = 0.0
         #: loop time of the response head, and response body bytes: for the access log
         self.head_at = 0.0
@@ -219,7 +235,6 @@ class Exchange:
         self.request_id_in: bytes | None = None
         self.request_id: bytes | None = None
         self.status = 0
-        self.response_started = False
         #: response bytes were written to the client (before that, an error can
         #: still be answered in their place)
         self.response_sent = False
@@ -230,7 +245,6 @@ class Exchange:
         self.framing_doubtful = False
         self.chunk_out = False
         self.upstream_keep_alive = False
-        self.finished = False
         self.after_reject: bytes | None = None
         #: response bytes produced during the current upstream read, not yet written
         self.out: list[bytes] | None = None
@@ -302,7 +316,6 @@ class Exchange:
                 self.affinity = val
 
     def headers_complete(self, parser: httptools.HttpRequestParser) -> None:
-        self.in_head = False
         method = parser.get_method()
         self.method = method
         version = parser.get_http_version()
@@ -357,6 +370,7 @@ class Exchange:
             ctx.shadow_acc -= ctx.shadow_step
             if ctx.shadow_acc < 0:
                 ctx.shadow.sample(self)
+        self._to(QUEUED)
 
     def _route(self, routes: RouteTable[Selector]) -> None:
         """Pick the service by host and path (``zdproxy.http.routes``)."""
@@ -474,6 +488,9 @@ class Exchange:
         return None
 
     def _dispatch(self, exclude: Backend | None) -> None:
+        """Choose a backend (the first attempt, or a retry without ``exclude``) and
+        send the request on a pooled connection to it, or open one."""
+        self._to(DISPATCHING)
         ctx = self.conn.ctx
         selector = self.selector
         if selector is None:
@@ -484,13 +501,13 @@ class Exchange:
             self.fail(NoBackend("no healthy backend"))
             return
         self.backend = backend
-        self.holding = True
-        backend.in_flight += 1
         self.attempts += 1
         upstream = ctx.upstreams.acquire(backend)
         if upstream is not None:
+            self._to(AWAITING)
             self._attach(upstream)
         else:
+            self._to(CONNECTING)
             ctx.loop.create_task(self._connect(backend))
 
     async def _connect(self, backend: Backend) -> None:
@@ -509,27 +526,23 @@ class Exchange:
         except (OSError, TimeoutError) as exc:
             self._on_connect_failed(backend, exc)
             return
-        if self.finished or self.backend is not backend:
-            upstream.close()
+        if self.phase is not CONNECTING or self.backend is not backend:
+            upstream.close()  # the exchange ended, or moved on, while this connected
             return
+        self._to(AWAITING)
         self._attach(upstream)
 
     def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno in OUT_OF_FDS:
             self._out_of_fds(exc)
             return
-        kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
-        _count(backend.upstream_errors, kind)
-        ctx = self.conn.ctx
-        ctx.observer.failure(backend, "connect", ctx.now)
-        self._release_backend()
-        if self.finished:
-            return
-        if self.attempts <= ctx.retry_attempts and ctx.retry_policy.allow_retry(ctx.now):
-            ctx.counters.retries += 1
-            self._dispatch(backend)
-            return
-        self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
+        kind = Failure.CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else Failure.CONNECT_REFUSED
+        self._failed(backend, kind)
+        if self.phase is not CONNECTING or self.backend is not backend:
+            return  # the exchange ended, or moved on, while this connected
+        self._retry_or_fail(
+            kind, None, UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}")
+        )
 
     def _out_of_fds(self, exc: OSError) -> None:
         """No descriptor for an upstream connection: this process's limit, not the
@@ -537,7 +550,6 @@ class Exchange:
         ctx = self.conn.ctx
         ctx.out_of_fds("connecting to a backend", exc)
         ctx.upstreams.close_all()  # idle ones only: descriptors back for the next requests
-        self._release_backend()
         self.fail(
             ProxyError("proxy out of file descriptors", status=503, cause="local-resource-limit")
         )
@@ -580,7 +592,7 @@ class Exchange:
         if max_body and self.received_body > max_body:
             self.client_keep_alive = False
             if conn.queue and conn.queue[0] is self:
-                if self.response_started:
+                if self.phase is RELAYING:
                     self._truncated("request body too large")
                 else:
                     self.fail(
@@ -611,10 +623,11 @@ class Exchange:
     def on_request_complete(self) -> None:
         self.request_done = True
         upstream = self.upstream
-        if not self.finished and upstream is not None and upstream.transport is not None:
+        # an upstream connection is attached only while AWAITING or RELAYING
+        if upstream is not None and upstream.transport is not None:
             if self.request_chunked:
                 upstream.transport.write(LAST_CHUNK)
-            if not self.response_started:
+            if self.phase is AWAITING:
                 self.conn.set_deadline(UPSTREAM, self.conn.ctx.t_upstream)
         shadow = self.shadow
         if shadow is not None:
@@ -689,7 +702,7 @@ class Exchange:
         elif self.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.response_started = True
+        self._to(RELAYING)
         # held until the end of this read, so head and body leave in one syscall
         self.out = [b"".join(parts)]
         conn.set_deadline(UPSTREAM, ctx.t_upstream)
@@ -726,7 +739,7 @@ class Exchange:
                     transport.writelines(out)
 
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
-        if self.status == 0 or self.status == 101:
+        if self.phase is not RELAYING or self.status == 101:
             return  # interim response, or a tunnel's handshake
         self.upstream_keep_alive = keep_alive and not self.framing_doubtful
         self._finish(clean=True)
@@ -750,9 +763,10 @@ class Exchange:
     # ---- failures ----------------------------------------------------------
 
     def on_upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
-        if self.finished or upstream is not self.upstream:
+        if self.phase >= DONE or upstream is not self.upstream:
             return
-        if self.response_started:
+        self.upstream = None  # gone: nothing to close, pool or abort
+        if self.phase is RELAYING:
             if self.response_close_delimited:
                 # the body was delimited by the close: that is its normal end
                 self.upstream_keep_alive = False
@@ -762,27 +776,27 @@ class Exchange:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "reset")
-            ctx = self.conn.ctx
-            ctx.observer.failure(backend, "reset", ctx.now)
-        if self._may_retry(upstream):
-            self._retry()
-            return
-        self.fail(ProxyError("upstream closed the connection", cause="upstream-reset"))
+            self._failed(backend, Failure.RESET)
+        self._retry_or_fail(
+            Failure.RESET,
+            upstream,
+            ProxyError("upstream closed the connection", cause="upstream-reset"),
+        )
 
     def on_bad_response(self, upstream: UpstreamConnection, exc: Exception) -> None:
         """The backend's response broke the protocol or a limit. Never retried: the
-        backend received the request (see ``_may_retry``). Counted against the
-        backend: the 502 goes to passive health like any 5xx."""
-        if self.finished:
+        backend received the request (``balancing.retry.may_retry``). Counted
+        against the backend: the 502 goes to passive health like any 5xx."""
+        if self.phase >= DONE:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "bad_response")
+            self._failed(backend, Failure.BAD_RESPONSE)
         if self.response_sent:
             self._truncated(f"invalid upstream response: {exc}", backend_fault=True)
             return
-        # nothing reached the client yet (a head built in this read is dropped)
+        # nothing reached the client yet (a head built in this read is dropped);
+        # the upstream connection closed itself
         self.upstream = None
         self.out = None
         self.chunk_out = False
@@ -790,42 +804,24 @@ class Exchange:
         self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
 
     def on_upstream_timeout(self) -> None:
-        if self.finished:
+        if self.phase >= DONE:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "timeout")
-            ctx = self.conn.ctx
-            ctx.observer.failure(backend, "timeout", ctx.now)
-        if self.response_started:
+            self._failed(backend, Failure.TIMEOUT)
+        if self.phase is RELAYING:
             self._truncated("upstream timed out mid-response", backend_fault=True)
-        elif self._may_retry_after_timeout():
-            # a hung backend: the request goes to another one (nginx's
-            # proxy_next_upstream timeout), the silent connection is dropped
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.exchange = None
-                upstream.abort()
-            self._retry()
         else:
-            self.fail(UpstreamTimeout("backend did not answer in time"))
-
-    def _may_retry_after_timeout(self) -> bool:
-        ctx = self.conn.ctx
-        upstream = self.upstream
-        return (
-            self.idempotent
-            and self.request_done
-            and not (upstream is not None and upstream.got_bytes)
-            and not self.request_body_started_and_lost()
-            and self.attempts <= ctx.retry_attempts
-            and ctx.retry_policy.allow_retry(ctx.now)
-        )
+            # a hung backend: the request may go to another one (nginx's
+            # proxy_next_upstream timeout), the silent connection is dropped
+            self._retry_or_fail(
+                Failure.TIMEOUT, self.upstream, UpstreamTimeout("backend did not answer in time")
+            )
 
     def on_body_timeout(self) -> None:
-        if self.finished:
+        if self.phase >= DONE:
             return
-        if self.response_started:
+        if self.phase is RELAYING:
             self._truncated("request body timeout")
         else:
             self.client_keep_alive = False
@@ -835,89 +831,80 @@ class Exchange:
         """The request body turned out malformed: the request never completes, so the
         upstream connection (holding part of it) is closed and the client gets ``error``
         (or, when response bytes already went out, a closed connection)."""
-        if self.finished:
+        if self.phase >= DONE:
             return
         self.client_keep_alive = False
-        if self.response_started:
+        if self.phase is RELAYING:
             self._truncated(str(error))
         else:
             self.fail(error)
 
     def on_client_lost(self) -> None:
         """The client went away: never reuse the upstream connection."""
-        if self.finished:
+        if self.phase >= DONE:
             return
-        self.finished = True
         access = self.conn.ctx.access_log
         if access is not None and self.started_at:
             access.add(self, 499, "client-closed")  # nginx's code for it
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.abort()
-        self._release_backend()
+        self._end(_ABORT)
 
-    def _may_retry(self, upstream: UpstreamConnection) -> bool:
-        """Retry rule for a connection lost before the client got anything.
+    def _failed(self, backend: Backend, kind: Failure) -> None:
+        """Count a failure against ``backend`` (``zdproxy_upstream_errors_total``)
+        and tell passive health about a connection-level one (answers, a bad
+        response's 502 included, reach it through ``_record``)."""
+        errors = backend.upstream_errors
+        label = kind.value
+        errors[label] = errors.get(label, 0) + 1
+        if kind in LOCAL:
+            ctx = self.conn.ctx
+            ctx.observer.failure(backend, kind, ctx.now)
 
-        A backend that sent any byte of a response (an interim 1xx, part of a
-        head) received the request and worked on it: the request is not sent
-        again (nginx's ``proxy_next_upstream`` would; a broken backend that
-        answers garbage would then see every request several times). Bad
-        responses are never retried either (``on_bad_response``).
-        """
-        if upstream.got_bytes:
-            return False
+    def _retry_or_fail(
+        self, kind: Failure, upstream: UpstreamConnection | None, error: ProxyError
+    ) -> None:
+        """The one retry decision of the data path, for an attempt that failed
+        before any response byte reached the client: the rule
+        (``balancing.retry.may_retry``), then the retry budget; else ``error``."""
         ctx = self.conn.ctx
-        if self.attempts > ctx.retry_attempts or not ctx.retry_policy.allow_retry(ctx.now):
-            return False
-        if self.request_body_started_and_lost():
-            return False
-        # the keep-alive race: a reused connection closed before answering
-        race = upstream.reused and not upstream.got_bytes
-        return self.idempotent or (race and not self.expects_body)
+        if may_retry(
+            kind,
+            attempts=self.attempts,
+            max_attempts=ctx.retry_attempts,
+            idempotent=self.idempotent,
+            request_done=self.request_done,
+            expects_body=self.expects_body,
+            body_kept=not self.request_body_lost(),
+            reused=upstream is not None and upstream.reused,
+            got_bytes=upstream is not None and upstream.got_bytes,
+        ) and ctx.retry_policy.allow_retry(ctx.now):
+            ctx.counters.retries += 1
+            self._detach(_ABORT)  # a silent connection (a timeout) is dropped
+            self._dispatch(self.backend)
+        else:
+            self.fail(error)
 
-    def request_body_started_and_lost(self) -> bool:
+    def request_body_lost(self) -> bool:
+        """Part of the body went upstream and was not kept: it cannot be sent again."""
         return self.expects_body and self.replay is None
-
-    def _retry(self) -> None:
-        self.conn.ctx.counters.retries += 1
-        failed = self.backend
-        self.upstream = None
-        self._release_backend()
-        self._dispatch(failed)
 
     def _truncated(self, why: str, backend_fault: bool = False) -> None:
         """After response bytes went out: close the client so it sees the cut.
         ``backend_fault``: the backend broke off its own answer, which counts
         against it as a 502 (the client's status was a lie)."""
         log.info("closing client connection: %s", why)
-        self.finished = True
         self._record(
             502 if self.status == 0 or backend_fault else self.status, "response-truncated"
         )
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.abort()
-        self._release_backend()
+        self._end(_ABORT)
         transport = self.conn.transport
         if transport is not None:
             transport.abort()
 
     def fail(self, error: ProxyError) -> None:
         """Answer an error the proxy generated (nothing was sent to the client yet)."""
-        if self.finished:
+        if self.phase >= DONE:
             return
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.close()
-        self._release_backend()
-        self.finished = True
+        self._end(_CLOSE)
         self.status = error.status
         conn = self.conn
         # a request whose body was not fully read leaves the framing in doubt
@@ -950,9 +937,7 @@ class Exchange:
     # ---- finish ------------------------------------------------------------
 
     def _finish(self, clean: bool) -> None:
-        self.finished = True
         conn = self.conn
-        ctx = conn.ctx
         if self.chunk_out:
             if self.out is None:
                 self.out = [LAST_CHUNK]
@@ -960,31 +945,72 @@ class Exchange:
                 self.out.append(LAST_CHUNK)
         self.flush_response()
         self._record(self.status)
-        upstream = self.upstream
-        self.upstream = None
         backend = self.backend
-        if upstream is not None:
-            if (
-                clean
-                and self.upstream_keep_alive
-                and self.request_done
-                and backend is not None
-                and backend.state is BackendState.UP
-            ):
-                # back to the pool at the end of the read being parsed (a response
-                # only completes inside one), once no byte followed it
-                upstream.exchange = None
-                upstream.idle_since = ctx.now
-                upstream.reusable = True
-            else:
-                upstream.exchange = None
-                upstream.close()
-        self._release_backend()
+        if (
+            clean
+            and self.upstream_keep_alive
+            and self.request_done
+            and backend is not None
+            and backend.state is BackendState.UP
+        ):
+            self._end(_POOL)
+        else:
+            self._end(_CLOSE)
         keep_alive = self.client_keep_alive and self.request_done
         if not self.request_done:
             # the answer came before the request body ended: close both sides
             conn.closing = True
         self._after_response(keep_alive)
+
+    # ---- phases and the one way out ------------------------------------------
+
+    def _to(self, phase: Phase) -> None:
+        """Move to ``phase``, as ``proxy.phases.TRANSITIONS`` allows, and take or
+        give back the backend's ``in_flight`` slot on the way into or out of the
+        phases that hold it (``HOLDING``): the one place it is counted."""
+        old = self.phase
+        if not (ALLOWED[old] >> phase) & 1:
+            raise PhaseError(old, phase)
+        self.phase = phase
+        held = (HOLDING_MASK >> old) & 1
+        if held != (HOLDING_MASK >> phase) & 1:
+            backend = self.backend
+            if backend is not None:
+                backend.in_flight += -1 if held else 1
+
+    def _detach(self, fate: int) -> None:
+        """Let go of the upstream connection: back to the pool (``_POOL``: at the end
+        of the read being parsed, once no byte followed the response), closed
+        after what was written (``_CLOSE``) or reset now (``_ABORT``)."""
+        upstream = self.upstream
+        if upstream is None:
+            return
+        self.upstream = None
+        upstream.exchange = None
+        if fate == _POOL:
+            upstream.idle_since = self.conn.ctx.now
+            upstream.reusable = True
+        elif fate == _CLOSE:
+            upstream.close()
+        else:
+            upstream.abort()
+
+    def _end(self, fate: int) -> None:
+        """The exchange is over: the upstream connection goes as ``fate`` says, the
+        backend's slot is given back (the move to DONE)."""
+        self._detach(fate)
+        self._to(DONE)
+
+    def become_tunnel(self) -> Backend | None:
+        """The 101 was relayed: the tunnel takes over both connections and the
+        backend's ``in_flight`` slot (given back when it closes); returns that backend."""
+        self._to(TUNNEL)
+        self._record(101)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+        return self.backend
 
     def _after_response(self, keep_alive: bool) -> None:
         conn = self.conn
@@ -1009,20 +1035,13 @@ class Exchange:
         ctx = self.conn.ctx
         now = ctx.loop.time()
         if status >= 500:
-            ctx.observer.failure(backend, "5xx", now)
+            ctx.observer.failure(backend, Failure.STATUS_5XX, now)
         elif backend.failures:
             ctx.observer.success(backend, now)
         selector = self.selector
         view = selector.pool_view(backend.pool) if selector is not None else None
         if view is not None:
             view.stats.record(status, now - self.started_at, now)
-
-    def _release_backend(self) -> None:
-        if self.holding:
-            self.holding = False
-            backend = self.backend
-            if backend is not None:
-                backend.in_flight -= 1
 
     def pause_upstream_reading(self) -> None:
         upstream = self.upstream

@@ -65,16 +65,11 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
         exchange.on_client_lost()
         return
     ctx = conn.ctx
-    exchange.finished = True
-    exchange._record(101)
-    # the exchange hands its hold on the backend over to the tunnel
-    backend = exchange.backend if exchange.holding else None
-    exchange.holding = False
-    exchange.upstream = None
+    # the exchange hands its hold on the backend (in_flight) over to the tunnel
+    backend = exchange.become_tunnel()
     tunnel = Tunnel(ctx, backend, client, server)
     ctx.tunnels.add(tunnel)
     ctx.counters.tunnels_total += 1
-    upstream.exchange = None
     upstream.tunnel_peer = client
     upstream.tunnel_ref = tunnel
     conn.tunnel = server
