@@ -13,8 +13,13 @@ from zdproxy.balancing.failures import Failure
 from zdproxy.proxy.deadlines import BODY, HEADER, IDLE, LINGER, TUNNEL, UPSTREAM
 from zdproxy.proxy.downstream import LINGER_SECONDS
 from zdproxy.proxy.phases import (
-    ALLOWED,
+    AWAITING,
+    DONE,
     HOLDING,
+    ILLEGAL,
+    MOVES,
+    PARSING,
+    RELAYING,
     TRANSITIONS,
     Phase,
     PhaseError,
@@ -68,9 +73,15 @@ def test_the_table_is_complete_and_only_done_and_tunnel_are_final() -> None:
     assert [p for p in Phase if not TRANSITIONS[p]] == [Phase.DONE, Phase.TUNNEL]
     # every phase can end (DONE is reachable from all but the tunnel)
     assert all(reachable(p, Phase.DONE) for p in Phase if p is not Phase.TUNNEL)
-    # the masks the exchange checks say exactly what the table says
+    # the lookup the exchange does says exactly what the table says, and moves
+    # the in_flight slot on the way into and out of the holding phases only
     for old in Phase:
-        assert {new for new in Phase if ALLOWED[old] >> new & 1} == TRANSITIONS[old]
+        moves = {new: MOVES[old << 3 | new] for new in Phase}
+        assert {new for new, move in moves.items() if move != ILLEGAL} == TRANSITIONS[old]
+        for new in TRANSITIONS[old]:
+            assert moves[new] == (new in HOLDING) - (old in HOLDING)
+    assert MOVES[AWAITING << 3 | RELAYING] == 0 and MOVES[RELAYING << 3 | DONE] == -1
+    assert MOVES[PARSING << 3 | RELAYING] == ILLEGAL and MOVES[DONE << 3 | DONE] == ILLEGAL
     # a response is relayed only after a backend was chosen and asked
     assert Phase.RELAYING not in TRANSITIONS[Phase.DISPATCHING]
     assert {Phase.CONNECTING, Phase.AWAITING, Phase.RELAYING, Phase.TUNNEL} == HOLDING
@@ -81,10 +92,10 @@ def test_an_illegal_move_raises_and_changes_nothing() -> None:
     conn, _ = proxy.client()
     conn.data_received(b"GET / HTTP/1.1\r\n")
     exchange = current(conn)
-    assert exchange.phase is Phase.PARSING
+    assert exchange.phase == Phase.PARSING
     with pytest.raises(PhaseError, match="from PARSING to TUNNEL"):
         exchange.become_tunnel()  # a tunnel needs a relayed 101
-    assert exchange.phase is Phase.PARSING
+    assert exchange.phase == Phase.PARSING
 
 
 def test_nothing_moves_out_of_done() -> None:
@@ -94,14 +105,14 @@ def test_nothing_moves_out_of_done() -> None:
     conn.data_received(GET)
     exchange = current(conn)
     conn.connection_lost(None)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     with pytest.raises(PhaseError, match="from DONE to TUNNEL"):
         exchange.become_tunnel()
     # the late events of a finished exchange are ignored, never a second end
     exchange.on_upstream_timeout()
     exchange.on_body_timeout()
     exchange.on_client_lost()
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
 
 
@@ -140,14 +151,14 @@ async def test_a_request_on_a_new_connection() -> None:
     conn, client = proxy.client()
     conn.data_received(GET)
     exchange = current(conn)
-    assert exchange.phase is Phase.CONNECTING
+    assert exchange.phase == Phase.CONNECTING
     assert in_flight(proxy) == {"blue-1": 1, "blue-2": 0}
     await proxy.run_tasks()
-    assert exchange.phase is Phase.AWAITING
+    assert exchange.phase == Phase.AWAITING
     (upstream,) = proxy.opened
     assert upstream.transport is not None
     upstream.data_received(OK_HEAD + b"hello")
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert client.take() == OK_HEAD_OUT + b"hello"
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
 
@@ -159,12 +170,12 @@ async def test_the_client_leaving_while_connecting_closes_the_late_connection() 
     conn.data_received(GET)
     exchange = current(conn)
     conn.connection_lost(None)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
     await proxy.run_tasks()  # connects after the exchange ended: closed, not attached
     (upstream,) = proxy.opened
     assert upstream.closed and upstream.exchange is None
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
 
 
 def test_a_reset_before_the_head_is_retried_on_the_other_backend() -> None:
@@ -180,7 +191,7 @@ def test_a_reset_before_the_head_is_retried_on_the_other_backend() -> None:
     other_id = spare.backend.id
     sent.connection_lost(ConnectionResetError())
     # AWAITING -> DISPATCHING -> AWAITING, on the other backend's pooled connection
-    assert exchange.phase is Phase.AWAITING and exchange.backend is spare.backend
+    assert exchange.phase == Phase.AWAITING and exchange.backend is spare.backend
     assert exchange.attempts == 2 and proxy.ctx.counters.retries == 1
     assert in_flight(proxy) == {sent_id: 0, other_id: 1}
     assert proxy.backend(sent_id).upstream_errors == {"reset": 1}
@@ -190,7 +201,7 @@ def test_a_reset_before_the_head_is_retried_on_the_other_backend() -> None:
     assert spare_t.take() == GET_UP
     spare.data_received(OK_HEAD + b"hello")
     assert client.take() == OK_HEAD_OUT + b"hello"
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert in_flight(proxy) == {sent_id: 0, other_id: 0}
 
 
@@ -200,11 +211,11 @@ def test_a_post_reset_on_a_fresh_connection_is_answered_502_and_not_retried() ->
     conn, client = proxy.client()
     conn.data_received(b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 2\r\n\r\nab")
     exchange = current(conn)
-    assert exchange.phase is Phase.AWAITING
+    assert exchange.phase == Phase.AWAITING
     assert upstream.reused  # taken from the pool: the race is possible, but...
     assert exchange.expects_body  # ...a request with a body is never resent for it
     upstream.connection_lost(ConnectionResetError())
-    assert exchange.phase is Phase.DONE and exchange.attempts == 1
+    assert exchange.phase == Phase.DONE and exchange.attempts == 1
     assert client.take() == error(
         "502 Bad Gateway", "upstream-reset", "upstream closed the connection", close=False
     )
@@ -219,7 +230,7 @@ async def test_a_refused_connect_is_retried_then_answered_502() -> None:
     conn.data_received(GET)
     exchange = current(conn)
     await proxy.run_tasks()
-    assert exchange.phase is Phase.DONE and exchange.attempts == 2
+    assert exchange.phase == Phase.DONE and exchange.attempts == 2
     # each attempt took a slot and gave it back once: never below zero
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
     kinds = [kind for _, kind in proxy.observer.failures]
@@ -239,9 +250,9 @@ def test_the_client_leaving_mid_relay_aborts_the_upstream_connection() -> None:
     conn.data_received(GET)
     exchange = current(conn)
     upstream.data_received(OK_HEAD + b"he")
-    assert exchange.phase is Phase.RELAYING
+    assert exchange.phase == Phase.RELAYING
     conn.connection_lost(None)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     # half a response on it: reset, never pooled
     assert up.aborted and upstream.exchange is None
     assert proxy.pools.idle_count("blue-1") == 0
@@ -258,7 +269,7 @@ def test_an_upstream_close_mid_body_cuts_the_client_and_counts_a_502() -> None:
     exchange = current(conn)
     upstream.data_received(OK_HEAD + b"he")
     upstream.connection_lost(None)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert client.take() == OK_HEAD_OUT + b"he"  # nothing after: no error appended
     assert client.aborted
     assert proxy.backend("blue-1").codes == {502: 1}
@@ -273,7 +284,7 @@ def test_a_bad_response_head_is_answered_502_in_its_place() -> None:
     conn.data_received(GET)
     exchange = current(conn)
     upstream.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n")
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert client.take() == error(
         "502 Bad Gateway",
         "bad-upstream-response",
@@ -297,7 +308,7 @@ def test_a_websocket_upgrade_hands_the_slot_to_the_tunnel() -> None:
         b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n"
         b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nfrom-server"
     )
-    assert exchange.phase is Phase.TUNNEL
+    assert exchange.phase == Phase.TUNNEL
     assert client.take() == (
         b"HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
         b"\r\nX-Zdproxy-Pool: blue\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nfrom-server"
@@ -362,9 +373,9 @@ def test_upstream_deadline_answers_504_when_not_retried() -> None:
     exchange = current(conn)
     assert conn.deadline_kind is UPSTREAM
     proxy.advance(29.9)
-    assert exchange.phase is Phase.AWAITING and client.take() == b""
+    assert exchange.phase == Phase.AWAITING and client.take() == b""
     proxy.advance(0.1)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert client.take() == error(
         "504 Gateway Timeout", "upstream-timeout", "backend did not answer in time", close=False
     )
@@ -387,7 +398,7 @@ def test_upstream_deadline_retries_an_idempotent_request_elsewhere() -> None:
     # the silent connection is reset; the request went out again on the other one
     assert hung_t.aborted
     assert spare_t.take() == GET_UP
-    assert exchange.phase is Phase.AWAITING and exchange.attempts == 2
+    assert exchange.phase == Phase.AWAITING and exchange.attempts == 2
     assert sum(in_flight(proxy).values()) == 1
     assert client.take() == b""
 
@@ -401,7 +412,7 @@ def test_upstream_deadline_mid_relay_cuts_without_an_error_answer() -> None:
     upstream.data_received(OK_HEAD + b"he")
     assert conn.deadline_kind is UPSTREAM
     proxy.advance(30)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     # no 504 after a 200 head: the client sees the cut
     assert client.take() == OK_HEAD_OUT + b"he"
     assert client.aborted and up.aborted
@@ -416,11 +427,11 @@ def test_body_deadline_answers_408_and_closes_the_upstream_connection() -> None:
     conn, client = proxy.client()
     conn.data_received(b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\nabc")
     exchange = current(conn)
-    assert exchange.phase is Phase.AWAITING and conn.deadline_kind is BODY
+    assert exchange.phase == Phase.AWAITING and conn.deadline_kind is BODY
     proxy.advance(19.9)
     assert client.take() == b""
     proxy.advance(0.1)
-    assert exchange.phase is Phase.DONE
+    assert exchange.phase == Phase.DONE
     assert client.take() == error(
         "408 Request Timeout", "request-body-timeout", "request body timeout"
     )

@@ -157,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
             return
         parsing = self.parsing
         if (
-            (parsing is None or parsing.phase is PARSING)
+            (parsing is None or parsing.phase == PARSING)
             and len(data) + self.line_bytes > self.ctx.max_header_bytes
             and self._line_over_limit(data)
         ):
@@ -177,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
             self._parse_error(exc)
             return
         parsing = self.parsing
-        if parsing is not None and (parsing.phase is PARSING or self.trailer):
+        if parsing is not None and (parsing.phase == PARSING or self.trailer):
             self._hold_partial_line(data)
         elif self.line_bytes:
             self.line_bytes = 0

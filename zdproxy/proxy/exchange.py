@@ -44,17 +44,16 @@ from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
 from zdproxy.proxy.phases import (
-    ALLOWED,
     AWAITING,
     CONNECTING,
     DISPATCHING,
     DONE,
-    HOLDING_MASK,
+    ILLEGAL,
+    MOVES,
     PARSING,
     QUEUED,
     RELAYING,
     TUNNEL,
-    Phase,
     PhaseError,
 )
 from zdproxy.proxy.upstream import UpstreamConnection
@@ -190,7 +189,8 @@ class Exchange:
         self.method = b""
         self.version = "1.1"
         #: where the exchange is in its life (``proxy.phases``); moved by ``_to`` only
-        self.phase: Phase = PARSING
+        #: (a ``proxy.phases.Phase`` value, kept as a plain int)
+        self.phase: int = PARSING
         self.forwarded: list[bytes] = []
         self.checker = HeadChecker()
         self.host: bytes | None = None
@@ -526,7 +526,7 @@ class Exchange:
         except (OSError, TimeoutError) as exc:
             self._on_connect_failed(backend, exc)
             return
-        if self.phase is not CONNECTING or self.backend is not backend:
+        if self.phase != CONNECTING or self.backend is not backend:
             upstream.close()  # the exchange ended, or moved on, while this connected
             return
         self._to(AWAITING)
@@ -538,7 +538,7 @@ class Exchange:
             return
         kind = Failure.CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else Failure.CONNECT_REFUSED
         self._failed(backend, kind)
-        if self.phase is not CONNECTING or self.backend is not backend:
+        if self.phase != CONNECTING or self.backend is not backend:
             return  # the exchange ended, or moved on, while this connected
         self._retry_or_fail(
             kind, None, UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}")
@@ -592,7 +592,7 @@ class Exchange:
         if max_body and self.received_body > max_body:
             self.client_keep_alive = False
             if conn.queue and conn.queue[0] is self:
-                if self.phase is RELAYING:
+                if self.phase == RELAYING:
                     self._truncated("request body too large")
                 else:
                     self.fail(
@@ -627,7 +627,7 @@ class Exchange:
         if upstream is not None and upstream.transport is not None:
             if self.request_chunked:
                 upstream.transport.write(LAST_CHUNK)
-            if self.phase is AWAITING:
+            if self.phase == AWAITING:
                 self.conn.set_deadline(UPSTREAM, self.conn.ctx.t_upstream)
         shadow = self.shadow
         if shadow is not None:
@@ -739,7 +739,7 @@ class Exchange:
                     transport.writelines(out)
 
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
-        if self.phase is not RELAYING or self.status == 101:
+        if self.phase != RELAYING or self.status == 101:
             return  # interim response, or a tunnel's handshake
         self.upstream_keep_alive = keep_alive and not self.framing_doubtful
         self._finish(clean=True)
@@ -766,7 +766,7 @@ class Exchange:
         if self.phase >= DONE or upstream is not self.upstream:
             return
         self.upstream = None  # gone: nothing to close, pool or abort
-        if self.phase is RELAYING:
+        if self.phase == RELAYING:
             if self.response_close_delimited:
                 # the body was delimited by the close: that is its normal end
                 self.upstream_keep_alive = False
@@ -809,7 +809,7 @@ class Exchange:
         backend = self.backend
         if backend is not None:
             self._failed(backend, Failure.TIMEOUT)
-        if self.phase is RELAYING:
+        if self.phase == RELAYING:
             self._truncated("upstream timed out mid-response", backend_fault=True)
         else:
             # a hung backend: the request may go to another one (nginx's
@@ -821,7 +821,7 @@ class Exchange:
     def on_body_timeout(self) -> None:
         if self.phase >= DONE:
             return
-        if self.phase is RELAYING:
+        if self.phase == RELAYING:
             self._truncated("request body timeout")
         else:
             self.client_keep_alive = False
@@ -834,7 +834,7 @@ class Exchange:
         if self.phase >= DONE:
             return
         self.client_keep_alive = False
-        if self.phase is RELAYING:
+        if self.phase == RELAYING:
             self._truncated(str(error))
         else:
             self.fail(error)
@@ -964,19 +964,19 @@ class Exchange:
 
     # ---- phases and the one way out ------------------------------------------
 
-    def _to(self, phase: Phase) -> None:
+    def _to(self, phase: int) -> None:
         """Move to ``phase``, as ``proxy.phases.TRANSITIONS`` allows, and take or
         give back the backend's ``in_flight`` slot on the way into or out of the
         phases that hold it (``HOLDING``): the one place it is counted."""
         old = self.phase
-        if not (ALLOWED[old] >> phase) & 1:
+        move = MOVES[old << 3 | phase]
+        if move == ILLEGAL:
             raise PhaseError(old, phase)
         self.phase = phase
-        held = (HOLDING_MASK >> old) & 1
-        if held != (HOLDING_MASK >> phase) & 1:
+        if move:
             backend = self.backend
             if backend is not None:
-                backend.in_flight += -1 if held else 1
+                backend.in_flight += move
 
     def _detach(self, fate: int) -> None:
         """Let go of the upstream connection: back to the pool (``_POOL``: at the end
