@@ -54,7 +54,7 @@ from zdproxy.proxy.phases import (
     QUEUED,
     RELAYING,
     TUNNEL,
-    PhaseError,
+    illegal_move,
 )
 from zdproxy.proxy.upstream import UpstreamConnection
 
@@ -488,7 +488,7 @@ class Exchange:
         return None
 
     def _dispatch(self, exclude: Backend | None) -> None:
-        """Choose a backend (the first attempt, or a retry without ``exclude``) and
+        """Choose a backend (the first attempt, or a retry: ``exclude`` failed) and
         send the request on a pooled connection to it, or open one."""
         self._to(DISPATCHING)
         ctx = self.conn.ctx
@@ -971,7 +971,7 @@ class Exchange:
         old = self.phase
         move = MOVES[old << 3 | phase]
         if move == ILLEGAL:
-            raise PhaseError(old, phase)
+            raise illegal_move(old, phase)
         self.phase = phase
         if move:
             backend = self.backend

@@ -82,9 +82,9 @@ MOVES: Final[tuple[int, ...]] = tuple(_move(old, new) for old in Phase for new i
 
 
 class PhaseError(RuntimeError):
-    """A move the table does not allow: a bug in the data path, never the peer's doing."""
+    """A move the table does not allow: a bug in the data path, never the peer's doing.
+    (Message only: mypyc compiles exception subclasses without attributes of their own.)"""
 
-    def __init__(self, old: int, new: int) -> None:
-        super().__init__(f"exchange cannot move from {Phase(old).name} to {Phase(new).name}")
-        self.old = Phase(old)
-        self.new = Phase(new)
+
+def illegal_move(old: int, new: int) -> PhaseError:
+    return PhaseError(f"exchange cannot move from {Phase(old).name} to {Phase(new).name}")
