@@ -142,7 +142,7 @@ def test_a_request_on_a_pooled_connection() -> None:
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
     assert proxy.pools.idle_count("blue-1") == 1 and not up.closed
     assert proxy.backend("blue-1").codes == {200: 1}
-    assert conn.deadline_kind is IDLE and not client.closed
+    assert conn.deadline_kind == IDLE and not client.closed
 
 
 async def test_a_request_on_a_new_connection() -> None:
@@ -315,7 +315,7 @@ def test_a_websocket_upgrade_hands_the_slot_to_the_tunnel() -> None:
     )
     # the tunnel holds the backend now; closing it gives the slot back
     assert in_flight(proxy) == {"blue-1": 1, "blue-2": 0}
-    assert conn.deadline_kind is TUNNEL and conn.deadline == proxy.ctx.now + 50
+    assert conn.deadline_kind == TUNNEL and conn.deadline == proxy.ctx.now + 50
     proxy.advance(49.9)
     assert not client.closed
     proxy.advance(0.1)
@@ -331,7 +331,7 @@ def test_header_deadline_answers_408_then_lingers_then_aborts() -> None:
     proxy = Proxy(QUIET)
     conn, client = proxy.client()
     conn.data_received(b"GET / HTTP/1.1\r\nHost: a")
-    assert conn.deadline_kind is HEADER
+    assert conn.deadline_kind == HEADER
     proxy.advance(9.99)
     assert client.take() == b"" and not client.closed
     proxy.advance(0.01)
@@ -339,7 +339,7 @@ def test_header_deadline_answers_408_then_lingers_then_aborts() -> None:
         "408 Request Timeout", "request-header-timeout", "request header timeout"
     )
     # our side shut (FIN), the client's bytes read and dropped, for a while
-    assert client.eof_written and not client.closed and conn.deadline_kind is LINGER
+    assert client.eof_written and not client.closed and conn.deadline_kind == LINGER
     proxy.advance(LINGER_SECONDS)
     assert client.aborted
 
@@ -358,7 +358,7 @@ def test_idle_deadline_closes_a_keep_alive_connection() -> None:
     conn.data_received(GET)
     upstream.data_received(OK_HEAD + b"hello")
     client.take()
-    assert conn.deadline_kind is IDLE
+    assert conn.deadline_kind == IDLE
     proxy.advance(39.9)
     assert not client.closed
     proxy.advance(0.1)
@@ -371,7 +371,7 @@ def test_upstream_deadline_answers_504_when_not_retried() -> None:
     conn, client = proxy.client()
     conn.data_received(GET)
     exchange = current(conn)
-    assert conn.deadline_kind is UPSTREAM
+    assert conn.deadline_kind == UPSTREAM
     proxy.advance(29.9)
     assert exchange.phase == Phase.AWAITING and client.take() == b""
     proxy.advance(0.1)
@@ -383,7 +383,7 @@ def test_upstream_deadline_answers_504_when_not_retried() -> None:
     assert proxy.backend("blue-1").upstream_errors == {"timeout": 1}
     assert proxy.observer.failures[0] == ("blue-1", Failure.TIMEOUT)
     assert in_flight(proxy) == {"blue-1": 0, "blue-2": 0}
-    assert conn.deadline_kind is IDLE  # the client connection stays
+    assert conn.deadline_kind == IDLE  # the client connection stays
 
 
 def test_upstream_deadline_retries_an_idempotent_request_elsewhere() -> None:
@@ -410,7 +410,7 @@ def test_upstream_deadline_mid_relay_cuts_without_an_error_answer() -> None:
     conn.data_received(GET)
     exchange = current(conn)
     upstream.data_received(OK_HEAD + b"he")
-    assert conn.deadline_kind is UPSTREAM
+    assert conn.deadline_kind == UPSTREAM
     proxy.advance(30)
     assert exchange.phase == Phase.DONE
     # no 504 after a 200 head: the client sees the cut
@@ -427,7 +427,7 @@ def test_body_deadline_answers_408_and_closes_the_upstream_connection() -> None:
     conn, client = proxy.client()
     conn.data_received(b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 10\r\n\r\nabc")
     exchange = current(conn)
-    assert exchange.phase == Phase.AWAITING and conn.deadline_kind is BODY
+    assert exchange.phase == Phase.AWAITING and conn.deadline_kind == BODY
     proxy.advance(19.9)
     assert client.take() == b""
     proxy.advance(0.1)
@@ -445,11 +445,11 @@ def test_the_upstream_deadline_starts_when_the_body_is_complete() -> None:
     _upstream, _up = proxy.pooled("blue-1")
     conn, client = proxy.client()
     conn.data_received(b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\nab")
-    assert conn.deadline_kind is BODY
+    assert conn.deadline_kind == BODY
     proxy.advance(15)
     conn.data_received(b"cd")
     # the wait for the answer begins now, not when the head went out
-    assert conn.deadline_kind is UPSTREAM and conn.deadline == proxy.ctx.now + 30
+    assert conn.deadline_kind == UPSTREAM and conn.deadline == proxy.ctx.now + 30
     proxy.advance(29.9)
     assert client.take() == b""
     proxy.advance(0.1)

@@ -26,7 +26,6 @@ from zdproxy.proxy.deadlines import (
     RECLAIMED,
     TUNNEL,
     UPSTREAM,
-    Deadline,
 )
 from zdproxy.proxy.exchange import Exchange
 from zdproxy.proxy.phases import PARSING
@@ -85,7 +84,8 @@ class ClientConnection(asyncio.Protocol):
         self.client_eof = False
         self.reading_paused = False
         self.deadline = 0.0
-        self.deadline_kind: Deadline = NO_DEADLINE
+        #: a ``proxy.deadlines.Deadline`` value, kept as a plain int
+        self.deadline_kind = NO_DEADLINE
         self.head_bytes = 0
         self.header_count = 0
         #: bytes of the unfinished header line the parser holds (across reads)
@@ -306,7 +306,7 @@ class ClientConnection(asyncio.Protocol):
 
     # called by exchanges
 
-    def set_deadline(self, kind: Deadline, seconds: float) -> None:
+    def set_deadline(self, kind: int, seconds: float) -> None:
         self.deadline_kind = kind
         self.deadline = self.ctx.now + seconds
 

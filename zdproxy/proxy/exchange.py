@@ -121,7 +121,7 @@ def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
 
-#: what ``_detach`` does with the upstream connection
+#: what ``_let_go`` does with the upstream connection
 _POOL = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
 _CLOSE = 1  # closed after what was written to it
 _ABORT = 2  # reset now (a cut response, a hung backend, the client gone)
@@ -472,6 +472,7 @@ class Exchange:
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
             self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
         else:
+            self._to(DISPATCHING)
             self._dispatch(None)
         shadow = self.shadow
         if shadow is not None:
@@ -489,8 +490,7 @@ class Exchange:
 
     def _dispatch(self, exclude: Backend | None) -> None:
         """Choose a backend (the first attempt, or a retry: ``exclude`` failed) and
-        send the request on a pooled connection to it, or open one."""
-        self._to(DISPATCHING)
+        send the request on a pooled connection to it, or open one (in DISPATCHING)."""
         ctx = self.conn.ctx
         selector = self.selector
         if selector is None:
@@ -846,7 +846,7 @@ class Exchange:
         access = self.conn.ctx.access_log
         if access is not None and self.started_at:
             access.add(self, 499, "client-closed")  # nginx's code for it
-        self._end(_ABORT)
+        self._let_go(_ABORT, DONE)
 
     def _failed(self, backend: Backend, kind: Failure) -> None:
         """Count a failure against ``backend`` (``zdproxy_upstream_errors_total``)
@@ -878,7 +878,8 @@ class Exchange:
             got_bytes=upstream is not None and upstream.got_bytes,
         ) and ctx.retry_policy.allow_retry(ctx.now):
             ctx.counters.retries += 1
-            self._detach(_ABORT)  # a silent connection (a timeout) is dropped
+            # a silent connection (a timeout) is dropped; the failed backend excluded
+            self._let_go(_ABORT, DISPATCHING)
             self._dispatch(self.backend)
         else:
             self.fail(error)
@@ -895,7 +896,7 @@ class Exchange:
         self._record(
             502 if self.status == 0 or backend_fault else self.status, "response-truncated"
         )
-        self._end(_ABORT)
+        self._let_go(_ABORT, DONE)
         transport = self.conn.transport
         if transport is not None:
             transport.abort()
@@ -904,7 +905,7 @@ class Exchange:
         """Answer an error the proxy generated (nothing was sent to the client yet)."""
         if self.phase >= DONE:
             return
-        self._end(_CLOSE)
+        self._let_go(_CLOSE, DONE)
         self.status = error.status
         conn = self.conn
         # a request whose body was not fully read leaves the framing in doubt
@@ -953,9 +954,9 @@ class Exchange:
             and backend is not None
             and backend.state is BackendState.UP
         ):
-            self._end(_POOL)
+            self._let_go(_POOL, DONE)
         else:
-            self._end(_CLOSE)
+            self._let_go(_CLOSE, DONE)
         keep_alive = self.client_keep_alive and self.request_done
         if not self.request_done:
             # the answer came before the request body ended: close both sides
@@ -978,28 +979,24 @@ class Exchange:
             if backend is not None:
                 backend.in_flight += move
 
-    def _detach(self, fate: int) -> None:
-        """Let go of the upstream connection: back to the pool (``_POOL``: at the end
-        of the read being parsed, once no byte followed the response), closed
-        after what was written (``_CLOSE``) or reset now (``_ABORT``)."""
+    def _let_go(self, fate: int, phase: int) -> None:
+        """The one way out of an attempt: let go of the upstream connection (back to
+        the pool, ``_POOL``, at the end of the read being parsed, once no byte
+        followed the response; closed after what was written, ``_CLOSE``; or reset
+        now, ``_ABORT``), then move to ``phase``: DONE, or DISPATCHING for a retry
+        (either gives the backend's slot back)."""
         upstream = self.upstream
-        if upstream is None:
-            return
-        self.upstream = None
-        upstream.exchange = None
-        if fate == _POOL:
-            upstream.idle_since = self.conn.ctx.now
-            upstream.reusable = True
-        elif fate == _CLOSE:
-            upstream.close()
-        else:
-            upstream.abort()
-
-    def _end(self, fate: int) -> None:
-        """The exchange is over: the upstream connection goes as ``fate`` says, the
-        backend's slot is given back (the move to DONE)."""
-        self._detach(fate)
-        self._to(DONE)
+        if upstream is not None:
+            self.upstream = None
+            upstream.exchange = None
+            if fate == _POOL:
+                upstream.idle_since = self.conn.ctx.now
+                upstream.reusable = True
+            elif fate == _CLOSE:
+                upstream.close()
+            else:
+                upstream.abort()
+        self._to(phase)
 
     def become_tunnel(self) -> Backend | None:
         """The 101 was relayed: the tunnel takes over both connections and the
