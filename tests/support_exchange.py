@@ -87,6 +87,20 @@ class FakeTransport:
         return data
 
 
+class FakeTask:
+    """A task the data path started, for the test to run (``coro``) or drop."""
+
+    def __init__(self, coro: Coroutine[Any, Any, None]) -> None:
+        self.coro = coro
+        self.callbacks: list[Callable[[Any], object]] = []
+
+    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
+        self.callbacks.append(callback)
+
+    def cancel(self) -> None:
+        self.coro.close()
+
+
 class FakeLoop:
     """The loop the data path sees: a clock the test sets, tasks kept for the test
     to run, and ``create_connection`` answered from ``Proxy.connects``."""
@@ -94,14 +108,15 @@ class FakeLoop:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.clock = 1000.0
-        self.tasks: list[Coroutine[Any, Any, None]] = []
+        self.tasks: list[FakeTask] = []
 
     def time(self) -> float:
         return self.clock
 
-    def create_task(self, coro: Coroutine[Any, Any, None]) -> Coroutine[Any, Any, None]:
-        self.tasks.append(coro)
-        return coro
+    def create_task(self, coro: Coroutine[Any, Any, None]) -> FakeTask:
+        task = FakeTask(coro)
+        self.tasks.append(task)
+        return task
 
     async def create_connection(
         self, factory: Callable[[], UpstreamConnection], host: str, port: int, **kwargs: Any
@@ -176,7 +191,7 @@ class Proxy:
     async def run_tasks(self) -> None:
         """Run the connects the data path started (they finish at once here)."""
         while self.loop.tasks:
-            await self.loop.tasks.pop(0)
+            await self.loop.tasks.pop(0).coro
 
 
 def current(conn: ClientConnection) -> Exchange:

@@ -5,13 +5,16 @@ a clock the test advances (tests/support_exchange.py). Exact bytes throughout.""
 from __future__ import annotations
 
 import itertools
+import zlib
 
 import pytest
 from support_exchange import CONFIG, Proxy, current
 
 from zdproxy.balancing.failures import Failure
+from zdproxy.config.schema import ShadowConfig
 from zdproxy.proxy.deadlines import BODY, HEADER, IDLE, LINGER, TUNNEL, UPSTREAM
 from zdproxy.proxy.downstream import LINGER_SECONDS
+from zdproxy.proxy.exchange import Exchange
 from zdproxy.proxy.phases import (
     AWAITING,
     DONE,
@@ -24,6 +27,7 @@ from zdproxy.proxy.phases import (
     Phase,
     PhaseError,
 )
+from zdproxy.proxy.shadow import ShadowSender
 
 QUIET = CONFIG + "http: {request_id: {enabled: false}}\n"
 NO_RETRIES = QUIET + "retries: {attempts: 0}\n"
@@ -454,3 +458,36 @@ def test_the_upstream_deadline_starts_when_the_body_is_complete() -> None:
     assert client.take() == b""
     proxy.advance(0.1)
     assert client.take().startswith(b"HTTP/1.1 504 Gateway Timeout\r\n")
+
+
+# ---- shadow copies: a hook on the exchange, never a class swap ------------------
+
+
+SHADOWED = QUIET.replace(
+    "pools:\n", "pools:\n  dark: {weight: 0, backends: [{address: 127.0.0.1:9003}]}\n"
+)
+
+
+def test_a_copied_request_keeps_its_class_and_feeds_its_copy() -> None:
+    proxy = Proxy(SHADOWED)
+    sender = ShadowSender(proxy.ctx)
+    sender.configure(ShadowConfig(pool="dark", percent=100, compare_body=True))
+    proxy.ctx.shadow = sender
+    upstream, up = proxy.pooled("blue-1")
+    conn, client = proxy.client()
+    conn.data_received(b"POST /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 4\r\n\r\nab")
+    exchange = current(conn)
+    copy = exchange.shadow
+    # the class never changes (compiled classes refuse __class__ assignment)
+    assert type(exchange) is Exchange and copy is not None
+    # started (dispatched) and holding the body so far; sent once the body is whole
+    assert copy.started and copy.body == [b"ab"] and not proxy.loop.tasks
+    conn.data_received(b"cd")
+    assert copy.request_done and sender.sent == 1
+    (task,) = proxy.loop.tasks
+    task.cancel()  # the copy's own connection is not the point here
+    upstream.data_received(OK_HEAD + b"hello")
+    assert client.take() == OK_HEAD_OUT + b"hello"
+    # the live answer is recorded on the copy, for the comparison
+    assert copy.live_status == 200 and copy.live_crc == zlib.crc32(b"hello")
+    assert up.take().endswith(b"\r\n\r\nabcd")
