@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
@@ -1058,10 +1058,6 @@ def without_body(response: bytes) -> bytes:
 
 def _frame(chunk: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(chunk), chunk)
-
-
-def _count(counter: dict[Any, int], key: object) -> None:
-    counter[key] = counter.get(key, 0) + 1
 
 
 def _reject(status: int, cause: str, message: str) -> ProxyError:
