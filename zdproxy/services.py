@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Backend
 from zdproxy.balancing.passive import PassiveObserver
 from zdproxy.balancing.selector import Selector, WeightedSelector
@@ -123,7 +124,7 @@ class ServiceObservers:
                 return observer
         return None
 
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         observer = self._owner(backend)
         if observer is None:
             backend.failures += 1

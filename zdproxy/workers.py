@@ -35,6 +35,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zdproxy.balancing.failures import Failure
+from zdproxy.balancing.failures import parse as parse_failure
 from zdproxy.balancing.model import Backend, Snapshot
 from zdproxy.config.schema import ShadowConfig
 from zdproxy.control.shadow import settings_json
@@ -107,7 +109,7 @@ class RecordingObserver:
     def __init__(self) -> None:
         self.results: list[tuple[str, str]] = []
 
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         backend.failures += 1
         if len(self.results) < 10_000:
             self.results.append((backend.id, kind))
@@ -426,10 +428,12 @@ class WorkerSet:
                 backend = backends.get(backend_id)
                 if backend is None:
                     continue
-                if kind:
-                    observer.failure(backend, kind, now)
-                else:
+                if not kind:
                     observer.success(backend, now)
+                    continue
+                failure = parse_failure(kind)
+                if failure is not None:  # (a kind this process does not know: dropped)
+                    observer.failure(backend, failure, now)
         shadow = report.get("shadow")
         worker.shadow_in_flight = 0
         sender = server.shadow_sender

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from zdproxy.balancing.retry import RetryBudget
+from zdproxy.balancing.failures import LOCAL, Failure, parse
+from zdproxy.balancing.retry import RetryBudget, may_retry
 
 
 def test_floor_lets_a_quiet_proxy_retry() -> None:
@@ -58,3 +59,72 @@ def test_zero_budget_with_floor() -> None:
 def test_window_must_be_positive() -> None:
     with pytest.raises(ValueError):
         RetryBudget(20.0, window=0)
+
+
+# ---- the rule: which failed attempt may go to another backend ------------------
+
+FACTS: dict[str, object] = {
+    "attempts": 1,
+    "max_attempts": 2,
+    "idempotent": True,
+    "request_done": True,
+    "expects_body": False,
+    "body_kept": True,
+    "reused": False,
+    "got_bytes": False,
+}
+
+
+def rule(failure: Failure, **changes: object) -> bool:
+    facts = {**FACTS, **changes}
+    return may_retry(failure, **facts)  # type: ignore[arg-type]
+
+
+def test_a_connect_failure_is_retried_whatever_the_method() -> None:
+    for kind in (Failure.CONNECT_REFUSED, Failure.CONNECT_TIMEOUT):
+        assert rule(kind, idempotent=False, expects_body=True, request_done=False)
+        # attempts: 1 + max_attempts in all
+        assert rule(kind, attempts=2) and not rule(kind, attempts=3)
+
+
+def test_a_reset_is_retried_for_idempotent_requests_and_the_keep_alive_race() -> None:
+    assert rule(Failure.RESET)
+    assert not rule(Failure.RESET, idempotent=False)
+    # a pooled connection closed as the request went out: safe without a body
+    assert rule(Failure.RESET, idempotent=False, reused=True)
+    assert not rule(Failure.RESET, idempotent=False, reused=True, expects_body=True)
+    # the backend sent a byte (it had the request), or the body cannot be replayed
+    assert not rule(Failure.RESET, got_bytes=True)
+    assert not rule(Failure.RESET, body_kept=False)
+    assert not rule(Failure.RESET, attempts=3)
+
+
+def test_a_timeout_is_retried_only_for_a_whole_idempotent_request() -> None:
+    assert rule(Failure.TIMEOUT)
+    assert not rule(Failure.TIMEOUT, request_done=False)
+    assert not rule(Failure.TIMEOUT, idempotent=False, reused=True)
+    assert not rule(Failure.TIMEOUT, got_bytes=True)
+
+
+def test_answers_are_never_retried() -> None:
+    for kind in (Failure.BAD_RESPONSE, Failure.STATUS_5XX, Failure.STRAY_BYTES):
+        assert not rule(kind)
+
+
+def test_failure_kinds_are_the_metric_labels_and_local_ones_are_connection_level() -> None:
+    assert {f.value for f in Failure} == {
+        "connect_refused",
+        "connect_timeout",
+        "reset",
+        "timeout",
+        "bad_response",
+        "stray_bytes",
+        "5xx",
+    }
+    assert {f for f in Failure if f in LOCAL} == {
+        Failure.CONNECT_REFUSED,
+        Failure.CONNECT_TIMEOUT,
+        Failure.RESET,
+        Failure.TIMEOUT,
+    }
+    assert parse("reset") is Failure.RESET and parse("connect") is None

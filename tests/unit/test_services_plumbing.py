@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Backend
 from zdproxy.config.loader import load_config_text
 from zdproxy.control.runtime import Runtime
@@ -32,7 +33,7 @@ class Recorder:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str]] = []
 
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         self.calls.append(("failure", backend.id))
 
     def success(self, backend: Backend, now: float) -> None:
@@ -43,13 +44,13 @@ def test_a_result_goes_to_the_owner_of_the_backend_only() -> None:
     shop, api = runtimes()
     shop_seen, api_seen = Recorder(), Recorder()
     observers = ServiceObservers([(shop, shop_seen), (api, api_seen)])
-    observers.failure(api.backends["api-blue-1"], "5xx", 1.0)
+    observers.failure(api.backends["api-blue-1"], Failure.STATUS_5XX, 1.0)
     observers.success(shop.backends["shop-blue-1"], 2.0)
     assert shop_seen.calls == [("success", "shop-blue-1")]
     assert api_seen.calls == [("failure", "api-blue-1")]
     # a backend no service owns any more (removed): counted on the backend itself
     gone = Backend("gone-1", "blue", "127.0.0.1", 1)
-    observers.failure(gone, "connect", 3.0)
+    observers.failure(gone, Failure.CONNECT_REFUSED, 3.0)
     assert gone.failures == 1 and shop_seen.calls == [("success", "shop-blue-1")]
 
 

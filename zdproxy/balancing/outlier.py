@@ -28,10 +28,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from zdproxy.balancing.failures import LOCAL, Failure
 from zdproxy.config.schema import OutlierConfig
-
-#: failure kinds that count as locally seen (connection-level) failures
-LOCAL_KINDS = frozenset({"connect", "reset", "timeout"})
 
 
 @dataclass(slots=True)
@@ -82,7 +80,7 @@ class OutlierPolicy:
     # ---- outcomes ------------------------------------------------------------
 
     def failure(
-        self, backend_id: str, pool: str, kind: str, now: float, pool_size: int
+        self, backend_id: str, pool: str, kind: Failure, now: float, pool_size: int
     ) -> Ejection | None:
         """Count a failure; an ``Ejection`` when the backend must go out now.
 
@@ -93,7 +91,7 @@ class OutlierPolicy:
         if record.ejected_until is not None:
             return None  # already out; late answers of requests sent before
         record.consecutive_5xx += 1
-        if kind in LOCAL_KINDS:
+        if kind in LOCAL:
             record.consecutive_local += 1
         config = self.config
         if not config.enabled:

@@ -7,20 +7,21 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Backend
 
 
 class PassiveObserver(Protocol):
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
-        """A 5xx answer (``kind`` "5xx") or a connection-level failure
-        ("connect", "reset", "timeout")."""
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
+        """A 5xx answer (``Failure.STATUS_5XX``, a bad or cut response included) or a
+        connection-level failure (``failures.LOCAL``: connect, reset, timeout)."""
 
     def success(self, backend: Backend, now: float) -> None:
         """A good answer from a backend that has a failure streak."""
 
 
 class NullObserver:
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         backend.failures += 1
 
     def success(self, backend: Backend, now: float) -> None:

@@ -1,4 +1,11 @@
-"""The retry budget: retries may add at most a set share of extra load.
+"""When a failed request goes to another backend: the rule (``may_retry``) and the
+retry budget (``RetryBudget``), which bounds how many retries the rule may grant.
+
+The data path asks once, in one place (``Exchange._retry_or_fail``): first the
+rule, with the facts of the attempt; then, only for a request the rule lets
+through, the budget (which counts every retry it grants).
+
+The retry budget: retries may add at most a set share of extra load.
 
 Retries rescue single requests, but when a whole pool is failing they
 multiply the load on what is left of it (a retry storm). The budget, as in
@@ -15,6 +22,8 @@ are O(1) amortised and allocate nothing. Implements
 """
 
 from __future__ import annotations
+
+from zdproxy.balancing.failures import Failure
 
 #: the sliding window, in one-second buckets
 WINDOW_SECONDS = 10
@@ -104,3 +113,47 @@ class RetryBudget:
             "granted_total": self.granted,
             "denied_total": self.denied,
         }
+
+
+def may_retry(
+    failure: Failure,
+    *,
+    attempts: int,
+    max_attempts: int,
+    idempotent: bool,
+    request_done: bool,
+    expects_body: bool,
+    body_kept: bool,
+    reused: bool,
+    got_bytes: bool,
+) -> bool:
+    """Whether a request whose attempt failed with ``failure``, before any byte of
+    a response reached the client, may be sent to another backend.
+
+    ``attempts`` were made of ``1 + max_attempts`` allowed (``retries.attempts``);
+    ``body_kept``: the body sent so far can be sent again (nothing, or all of it
+    within ``retries.buffer_body_bytes``); ``reused``: the attempt ran on a pooled
+    keep-alive connection; ``got_bytes``: the backend sent any byte back.
+
+    - A connect failure never reached a backend: any request goes again.
+    - A backend that sent any byte (a 1xx, part of a head) received the request
+      and worked on it: never again (a broken backend that answers garbage would
+      otherwise see every request several times). Nor when the body is lost.
+    - A reset: an idempotent request, or the keep-alive race (a pooled connection
+      the backend closed as the request went out) for a request without a body.
+    - A timeout: an idempotent request that was sent whole (nginx's
+      ``proxy_next_upstream timeout``); the hung backend may still be working on it.
+    - Anything else (a bad response, a 5xx answer) was an answer: relayed, never
+      retried.
+    """
+    if attempts > max_attempts:
+        return False
+    if failure is Failure.CONNECT_REFUSED or failure is Failure.CONNECT_TIMEOUT:
+        return True
+    if got_bytes or not body_kept:
+        return False
+    if failure is Failure.RESET:
+        return idempotent or (reused and not expects_body)
+    if failure is Failure.TIMEOUT:
+        return idempotent and request_done
+    return False

@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Any
 
+from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Admin, Backend, BackendState
 from zdproxy.balancing.outlier import OutlierPolicy
 from zdproxy.config.schema import OutlierConfig
@@ -43,7 +44,7 @@ class OutlierDetector:
 
     # ---- PassiveObserver ----------------------------------------------------
 
-    def failure(self, backend: Backend, kind: str, now: float) -> None:
+    def failure(self, backend: Backend, kind: Failure, now: float) -> None:
         backend.failures += 1
         if backend.state is not BackendState.UP or backend.ejected:
             return  # out of rotation already (down, draining, ...): nothing to decide

@@ -17,22 +17,21 @@ import httptools
 from zdproxy.errors import ProxyError
 from zdproxy.http.head import error_response
 from zdproxy.proxy.context import ProxyContext
+from zdproxy.proxy.deadlines import (
+    BODY,
+    HEADER,
+    IDLE,
+    LINGER,
+    NO_DEADLINE,
+    RECLAIMED,
+    TUNNEL,
+    UPSTREAM,
+)
 from zdproxy.proxy.exchange import Exchange
+from zdproxy.proxy.phases import PARSING
 from zdproxy.proxy.tunnel import Tunnel
 
 log = logging.getLogger("zdproxy.error")
-
-# deadline kinds, checked by the sweeper
-NO_DEADLINE = 0
-HEADER = 1
-IDLE = 2
-BODY = 3
-UPSTREAM = 4
-TUNNEL = 5
-#: closing after an error: our side is shut, the client's input is read and dropped
-LINGER = 6
-#: an idle connection closed to make room at limits.max_connections
-RECLAIMED = 7
 
 #: pipelined requests parsed ahead of the one being answered before reading pauses
 MAX_PIPELINE = 8
@@ -85,6 +84,7 @@ class ClientConnection(asyncio.Protocol):
         self.client_eof = False
         self.reading_paused = False
         self.deadline = 0.0
+        #: a ``proxy.deadlines.Deadline`` value, kept as a plain int
         self.deadline_kind = NO_DEADLINE
         self.head_bytes = 0
         self.header_count = 0
@@ -157,7 +157,7 @@ class ClientConnection(asyncio.Protocol):
             return
         parsing = self.parsing
         if (
-            (parsing is None or parsing.in_head)
+            (parsing is None or parsing.phase == PARSING)
             and len(data) + self.line_bytes > self.ctx.max_header_bytes
             and self._line_over_limit(data)
         ):
@@ -177,7 +177,7 @@ class ClientConnection(asyncio.Protocol):
             self._parse_error(exc)
             return
         parsing = self.parsing
-        if parsing is not None and (parsing.in_head or self.trailer):
+        if parsing is not None and (parsing.phase == PARSING or self.trailer):
             self._hold_partial_line(data)
         elif self.line_bytes:
             self.line_bytes = 0

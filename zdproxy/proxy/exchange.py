@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import httptools
 
+from zdproxy.balancing.failures import LOCAL, Failure
 from zdproxy.balancing.model import Backend, BackendState
+from zdproxy.balancing.retry import may_retry
 from zdproxy.errors import (
     BadRequest,
     BadUpstreamResponse,
@@ -39,12 +41,27 @@ from zdproxy.http.head import (
 from zdproxy.http.routes import RouteTable, strip
 from zdproxy.http.rules import HeadChecker, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
+from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
+from zdproxy.proxy.phases import (
+    AWAITING,
+    CONNECTING,
+    DISPATCHING,
+    DONE,
+    ILLEGAL,
+    MOVES,
+    PARSING,
+    QUEUED,
+    RELAYING,
+    TUNNEL,
+    illegal_move,
+)
 from zdproxy.proxy.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from zdproxy.balancing.selector import Selector
     from zdproxy.proxy.downstream import ClientConnection
+    from zdproxy.proxy.shadow import ShadowCopy
 
 log = logging.getLogger("zdproxy.error")
 
@@ -104,6 +121,11 @@ def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
 #: request body chunks held before the upstream is connected, before reading pauses
 _PENDING_LIMIT = 256 * 1024
 
+#: what ``_let_go`` does with the upstream connection
+_POOL = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
+_CLOSE = 1  # closed after what was written to it
+_ABORT = 2  # reset now (a cut response, a hung backend, the client gone)
+
 
 class Exchange:
     __slots__ = (
@@ -121,23 +143,20 @@ class Exchange:
         "expect_continue",
         "expects_body",
         "extra_headers",
-        "finished",
         "forwarded",
         "framing_doubtful",
         "hash_key",
         "head_at",
-        "holding",
         "host",
         "idempotent",
-        "in_head",
         "method",
         "out",
         "pending",
         "pending_bytes",
+        "phase",
         "pool_override",
         "received_body",
         "replay",
-        "request_body_started",
         "request_chunked",
         "request_done",
         "request_head",
@@ -146,7 +165,6 @@ class Exchange:
         "response_close_delimited",
         "response_has_no_body",
         "response_sent",
-        "response_started",
         "selector",
         "set_cookie",
         "shadow",
@@ -165,16 +183,14 @@ class Exchange:
         "xfwd",
     )
 
-    #: a ``proxy.shadow.ShadowCopy``, set only on the requests copied to the shadow
-    #: pool (never initialised on the others: they pay nothing for it)
-    shadow: Any
-
     def __init__(self, conn: ClientConnection) -> None:
         self.conn = conn
         self.url = b""
         self.method = b""
         self.version = "1.1"
-        self.in_head = True
+        #: where the exchange is in its life (``proxy.phases``); moved by ``_to`` only
+        #: (a ``proxy.phases.Phase`` value, kept as a plain int)
+        self.phase: int = PARSING
         self.forwarded: list[bytes] = []
         self.checker = HeadChecker()
         self.host: bytes | None = None
@@ -200,7 +216,6 @@ class Exchange:
         self.expects_body = False
         self.request_head = b""
         self.request_done = False
-        self.request_body_started = False
         self.received_body = 0
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -212,7 +227,6 @@ class Exchange:
         self.upstream_url: bytes | None = None
         self.upstream: UpstreamConnection | None = None
         self.attempts = 0
-        self.holding = False
         self.started_at = 0.0
         #: loop time of the response head, and response body bytes: for the access log
         self.head_at = 0.0
@@ -221,7 +235,6 @@ class Exchange:
         self.request_id_in: bytes | None = None
         self.request_id: bytes | None = None
         self.status = 0
-        self.response_started = False
         #: response bytes were written to the client (before that, an error can
         #: still be answered in their place)
         self.response_sent = False
@@ -232,10 +245,13 @@ class Exchange:
         self.framing_doubtful = False
         self.chunk_out = False
         self.upstream_keep_alive = False
-        self.finished = False
         self.after_reject: bytes | None = None
         #: response bytes produced during the current upstream read, not yet written
         self.out: list[bytes] | None = None
+        #: the copy of this request sent to the shadow pool (``proxy.shadow``), set
+        #: when the request is picked; the exchange tells it what the live request
+        #: does at the few points it cares about (start, body, complete, record)
+        self.shadow: ShadowCopy | None = None
 
     # ---- parse -------------------------------------------------------------
 
@@ -300,7 +316,6 @@ class Exchange:
                 self.affinity = val
 
     def headers_complete(self, parser: httptools.HttpRequestParser) -> None:
-        self.in_head = False
         method = parser.get_method()
         self.method = method
         version = parser.get_http_version()
@@ -355,6 +370,7 @@ class Exchange:
             ctx.shadow_acc -= ctx.shadow_step
             if ctx.shadow_acc < 0:
                 ctx.shadow.sample(self)
+        self._to(QUEUED)
 
     def _route(self, routes: RouteTable[Selector]) -> None:
         """Pick the service by host and path (``zdproxy.http.routes``)."""
@@ -455,8 +471,12 @@ class Exchange:
             self.hash_key = self._hash_key(ctx.hash_on)
         if self.upgrade is not None and self.upgrade.lower() == b"websocket" and not self.ws_key:
             self.fail(BadRequest("WebSocket upgrade without Sec-WebSocket-Key"))
-            return
-        self._dispatch(None)
+        else:
+            self._to(DISPATCHING)
+            self._dispatch(None)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_start(self)
 
     def _hash_key(self, header: bytes) -> str | None:
         """What ``sticky.mode: hash`` hashes: the client address, or a header's value."""
@@ -469,6 +489,8 @@ class Exchange:
         return None
 
     def _dispatch(self, exclude: Backend | None) -> None:
+        """Choose a backend (the first attempt, or a retry: ``exclude`` failed) and
+        send the request on a pooled connection to it, or open one (in DISPATCHING)."""
         ctx = self.conn.ctx
         selector = self.selector
         if selector is None:
@@ -479,13 +501,13 @@ class Exchange:
             self.fail(NoBackend("no healthy backend"))
             return
         self.backend = backend
-        self.holding = True
-        backend.in_flight += 1
         self.attempts += 1
         upstream = ctx.upstreams.acquire(backend)
         if upstream is not None:
+            self._to(AWAITING)
             self._attach(upstream)
         else:
+            self._to(CONNECTING)
             ctx.loop.create_task(self._connect(backend))
 
     async def _connect(self, backend: Backend) -> None:
@@ -504,27 +526,23 @@ class Exchange:
         except (OSError, TimeoutError) as exc:
             self._on_connect_failed(backend, exc)
             return
-        if self.finished or self.backend is not backend:
-            upstream.close()
+        if self.phase != CONNECTING or self.backend is not backend:
+            upstream.close()  # the exchange ended, or moved on, while this connected
             return
+        self._to(AWAITING)
         self._attach(upstream)
 
     def _on_connect_failed(self, backend: Backend, exc: BaseException) -> None:
         if isinstance(exc, OSError) and exc.errno in OUT_OF_FDS:
             self._out_of_fds(exc)
             return
-        kind = "connect_timeout" if isinstance(exc, TimeoutError) else "connect_refused"
-        _count(backend.upstream_errors, kind)
-        ctx = self.conn.ctx
-        ctx.observer.failure(backend, "connect", ctx.now)
-        self._release_backend()
-        if self.finished:
-            return
-        if self.attempts <= ctx.retry_attempts and ctx.retry_policy.allow_retry(ctx.now):
-            ctx.counters.retries += 1
-            self._dispatch(backend)
-            return
-        self.fail(UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}"))
+        kind = Failure.CONNECT_TIMEOUT if isinstance(exc, TimeoutError) else Failure.CONNECT_REFUSED
+        self._failed(backend, kind)
+        if self.phase != CONNECTING or self.backend is not backend:
+            return  # the exchange ended, or moved on, while this connected
+        self._retry_or_fail(
+            kind, None, UpstreamConnectError(f"cannot connect to backend {backend.id}: {exc}")
+        )
 
     def _out_of_fds(self, exc: OSError) -> None:
         """No descriptor for an upstream connection: this process's limit, not the
@@ -532,7 +550,6 @@ class Exchange:
         ctx = self.conn.ctx
         ctx.out_of_fds("connecting to a backend", exc)
         ctx.upstreams.close_all()  # idle ones only: descriptors back for the next requests
-        self._release_backend()
         self.fail(
             ProxyError("proxy out of file descriptors", status=503, cause="local-resource-limit")
         )
@@ -563,7 +580,7 @@ class Exchange:
         if self.request_done:
             if chunked:
                 parts.append(LAST_CHUNK)
-            conn.set_deadline(4, conn.ctx.t_upstream)
+            conn.set_deadline(UPSTREAM, conn.ctx.t_upstream)
         transport.writelines(parts)
 
     # ---- request body ------------------------------------------------------
@@ -575,13 +592,16 @@ class Exchange:
         if max_body and self.received_body > max_body:
             self.client_keep_alive = False
             if conn.queue and conn.queue[0] is self:
-                if self.response_started:
+                if self.phase == RELAYING:
                     self._truncated("request body too large")
                 else:
                     self.fail(
                         ProxyError("request body too large", status=413, cause="body-too-large")
                     )
             raise _reject(413, "body-too-large", "request body too large")
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_request_body(data)
         upstream = self.upstream
         if upstream is not None and upstream.transport is not None:
             if self.request_chunked:
@@ -602,14 +622,16 @@ class Exchange:
 
     def on_request_complete(self) -> None:
         self.request_done = True
-        if self.finished:
-            return
         upstream = self.upstream
+        # an upstream connection is attached only while AWAITING or RELAYING
         if upstream is not None and upstream.transport is not None:
             if self.request_chunked:
                 upstream.transport.write(LAST_CHUNK)
-            if not self.response_started:
-                self.conn.set_deadline(4, self.conn.ctx.t_upstream)
+            if self.phase == AWAITING:
+                self.conn.set_deadline(UPSTREAM, self.conn.ctx.t_upstream)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_request_complete(self)
 
     # ---- response ----------------------------------------------------------
 
@@ -680,10 +702,10 @@ class Exchange:
         elif self.version == "1.0":
             parts.append(b"Connection: keep-alive\r\n")
         parts.append(b"\r\n")
-        self.response_started = True
+        self._to(RELAYING)
         # held until the end of this read, so head and body leave in one syscall
         self.out = [b"".join(parts)]
-        conn.set_deadline(4, ctx.t_upstream)
+        conn.set_deadline(UPSTREAM, ctx.t_upstream)
         return chunked and not no_body
 
     def on_response_body(self, data: bytes) -> None:
@@ -697,6 +719,9 @@ class Exchange:
             out.append(data)
         conn = self.conn
         conn.deadline = conn.ctx.now + conn.ctx.t_upstream
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_response_body(data)
 
     def flush_response(self) -> None:
         """Write what this read of the upstream produced, in one call."""
@@ -714,7 +739,7 @@ class Exchange:
                     transport.writelines(out)
 
     def on_response_complete(self, upstream: UpstreamConnection, keep_alive: bool) -> None:
-        if self.status == 0 or self.status == 101:
+        if self.phase != RELAYING or self.status == 101:
             return  # interim response, or a tunnel's handshake
         self.upstream_keep_alive = keep_alive and not self.framing_doubtful
         self._finish(clean=True)
@@ -738,9 +763,10 @@ class Exchange:
     # ---- failures ----------------------------------------------------------
 
     def on_upstream_lost(self, upstream: UpstreamConnection, exc: Exception | None) -> None:
-        if self.finished or upstream is not self.upstream:
+        if self.phase >= DONE or upstream is not self.upstream:
             return
-        if self.response_started:
+        self.upstream = None  # gone: nothing to close, pool or abort
+        if self.phase == RELAYING:
             if self.response_close_delimited:
                 # the body was delimited by the close: that is its normal end
                 self.upstream_keep_alive = False
@@ -750,27 +776,27 @@ class Exchange:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "reset")
-            ctx = self.conn.ctx
-            ctx.observer.failure(backend, "reset", ctx.now)
-        if self._may_retry(upstream):
-            self._retry()
-            return
-        self.fail(ProxyError("upstream closed the connection", cause="upstream-reset"))
+            self._failed(backend, Failure.RESET)
+        self._retry_or_fail(
+            Failure.RESET,
+            upstream,
+            ProxyError("upstream closed the connection", cause="upstream-reset"),
+        )
 
     def on_bad_response(self, upstream: UpstreamConnection, exc: Exception) -> None:
         """The backend's response broke the protocol or a limit. Never retried: the
-        backend received the request (see ``_may_retry``). Counted against the
-        backend: the 502 goes to passive health like any 5xx."""
-        if self.finished:
+        backend received the request (``balancing.retry.may_retry``). Counted
+        against the backend: the 502 goes to passive health like any 5xx."""
+        if self.phase >= DONE:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "bad_response")
+            self._failed(backend, Failure.BAD_RESPONSE)
         if self.response_sent:
             self._truncated(f"invalid upstream response: {exc}", backend_fault=True)
             return
-        # nothing reached the client yet (a head built in this read is dropped)
+        # nothing reached the client yet (a head built in this read is dropped);
+        # the upstream connection closed itself
         self.upstream = None
         self.out = None
         self.chunk_out = False
@@ -778,42 +804,24 @@ class Exchange:
         self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
 
     def on_upstream_timeout(self) -> None:
-        if self.finished:
+        if self.phase >= DONE:
             return
         backend = self.backend
         if backend is not None:
-            _count(backend.upstream_errors, "timeout")
-            ctx = self.conn.ctx
-            ctx.observer.failure(backend, "timeout", ctx.now)
-        if self.response_started:
+            self._failed(backend, Failure.TIMEOUT)
+        if self.phase == RELAYING:
             self._truncated("upstream timed out mid-response", backend_fault=True)
-        elif self._may_retry_after_timeout():
-            # a hung backend: the request goes to another one (nginx's
-            # proxy_next_upstream timeout), the silent connection is dropped
-            upstream = self.upstream
-            if upstream is not None:
-                upstream.exchange = None
-                upstream.abort()
-            self._retry()
         else:
-            self.fail(UpstreamTimeout("backend did not answer in time"))
-
-    def _may_retry_after_timeout(self) -> bool:
-        ctx = self.conn.ctx
-        upstream = self.upstream
-        return (
-            self.idempotent
-            and self.request_done
-            and not (upstream is not None and upstream.got_bytes)
-            and not self.request_body_started_and_lost()
-            and self.attempts <= ctx.retry_attempts
-            and ctx.retry_policy.allow_retry(ctx.now)
-        )
+            # a hung backend: the request may go to another one (nginx's
+            # proxy_next_upstream timeout), the silent connection is dropped
+            self._retry_or_fail(
+                Failure.TIMEOUT, self.upstream, UpstreamTimeout("backend did not answer in time")
+            )
 
     def on_body_timeout(self) -> None:
-        if self.finished:
+        if self.phase >= DONE:
             return
-        if self.response_started:
+        if self.phase == RELAYING:
             self._truncated("request body timeout")
         else:
             self.client_keep_alive = False
@@ -823,89 +831,81 @@ class Exchange:
         """The request body turned out malformed: the request never completes, so the
         upstream connection (holding part of it) is closed and the client gets ``error``
         (or, when response bytes already went out, a closed connection)."""
-        if self.finished:
+        if self.phase >= DONE:
             return
         self.client_keep_alive = False
-        if self.response_started:
+        if self.phase == RELAYING:
             self._truncated(str(error))
         else:
             self.fail(error)
 
     def on_client_lost(self) -> None:
         """The client went away: never reuse the upstream connection."""
-        if self.finished:
+        if self.phase >= DONE:
             return
-        self.finished = True
         access = self.conn.ctx.access_log
         if access is not None and self.started_at:
             access.add(self, 499, "client-closed")  # nginx's code for it
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.abort()
-        self._release_backend()
+        self._let_go(_ABORT, DONE)
 
-    def _may_retry(self, upstream: UpstreamConnection) -> bool:
-        """Retry rule for a connection lost before the client got anything.
+    def _failed(self, backend: Backend, kind: Failure) -> None:
+        """Count a failure against ``backend`` (``zdproxy_upstream_errors_total``)
+        and tell passive health about a connection-level one (answers, a bad
+        response's 502 included, reach it through ``_record``)."""
+        errors = backend.upstream_errors
+        label = kind.value
+        errors[label] = errors.get(label, 0) + 1
+        if kind in LOCAL:
+            ctx = self.conn.ctx
+            ctx.observer.failure(backend, kind, ctx.now)
 
-        A backend that sent any byte of a response (an interim 1xx, part of a
-        head) received the request and worked on it: the request is not sent
-        again (nginx's ``proxy_next_upstream`` would; a broken backend that
-        answers garbage would then see every request several times). Bad
-        responses are never retried either (``on_bad_response``).
-        """
-        if upstream.got_bytes:
-            return False
+    def _retry_or_fail(
+        self, kind: Failure, upstream: UpstreamConnection | None, error: ProxyError
+    ) -> None:
+        """The one retry decision of the data path, for an attempt that failed
+        before any response byte reached the client: the rule
+        (``balancing.retry.may_retry``), then the retry budget; else ``error``."""
         ctx = self.conn.ctx
-        if self.attempts > ctx.retry_attempts or not ctx.retry_policy.allow_retry(ctx.now):
-            return False
-        if self.request_body_started_and_lost():
-            return False
-        # the keep-alive race: a reused connection closed before answering
-        race = upstream.reused and not upstream.got_bytes
-        return self.idempotent or (race and not self.expects_body)
+        if may_retry(
+            kind,
+            attempts=self.attempts,
+            max_attempts=ctx.retry_attempts,
+            idempotent=self.idempotent,
+            request_done=self.request_done,
+            expects_body=self.expects_body,
+            body_kept=not self.request_body_lost(),
+            reused=upstream is not None and upstream.reused,
+            got_bytes=upstream is not None and upstream.got_bytes,
+        ) and ctx.retry_policy.allow_retry(ctx.now):
+            ctx.counters.retries += 1
+            # a silent connection (a timeout) is dropped; the failed backend excluded
+            self._let_go(_ABORT, DISPATCHING)
+            self._dispatch(self.backend)
+        else:
+            self.fail(error)
 
-    def request_body_started_and_lost(self) -> bool:
+    def request_body_lost(self) -> bool:
+        """Part of the body went upstream and was not kept: it cannot be sent again."""
         return self.expects_body and self.replay is None
-
-    def _retry(self) -> None:
-        self.conn.ctx.counters.retries += 1
-        failed = self.backend
-        self.upstream = None
-        self._release_backend()
-        self._dispatch(failed)
 
     def _truncated(self, why: str, backend_fault: bool = False) -> None:
         """After response bytes went out: close the client so it sees the cut.
         ``backend_fault``: the backend broke off its own answer, which counts
         against it as a 502 (the client's status was a lie)."""
         log.info("closing client connection: %s", why)
-        self.finished = True
         self._record(
             502 if self.status == 0 or backend_fault else self.status, "response-truncated"
         )
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.abort()
-        self._release_backend()
+        self._let_go(_ABORT, DONE)
         transport = self.conn.transport
         if transport is not None:
             transport.abort()
 
     def fail(self, error: ProxyError) -> None:
         """Answer an error the proxy generated (nothing was sent to the client yet)."""
-        if self.finished:
+        if self.phase >= DONE:
             return
-        upstream = self.upstream
-        self.upstream = None
-        if upstream is not None:
-            upstream.exchange = None
-            upstream.close()
-        self._release_backend()
-        self.finished = True
+        self._let_go(_CLOSE, DONE)
         self.status = error.status
         conn = self.conn
         # a request whose body was not fully read leaves the framing in doubt
@@ -938,9 +938,7 @@ class Exchange:
     # ---- finish ------------------------------------------------------------
 
     def _finish(self, clean: bool) -> None:
-        self.finished = True
         conn = self.conn
-        ctx = conn.ctx
         if self.chunk_out:
             if self.out is None:
                 self.out = [LAST_CHUNK]
@@ -948,31 +946,68 @@ class Exchange:
                 self.out.append(LAST_CHUNK)
         self.flush_response()
         self._record(self.status)
-        upstream = self.upstream
-        self.upstream = None
         backend = self.backend
-        if upstream is not None:
-            if (
-                clean
-                and self.upstream_keep_alive
-                and self.request_done
-                and backend is not None
-                and backend.state is BackendState.UP
-            ):
-                # back to the pool at the end of the read being parsed (a response
-                # only completes inside one), once no byte followed it
-                upstream.exchange = None
-                upstream.idle_since = ctx.now
-                upstream.reusable = True
-            else:
-                upstream.exchange = None
-                upstream.close()
-        self._release_backend()
+        if (
+            clean
+            and self.upstream_keep_alive
+            and self.request_done
+            and backend is not None
+            and backend.state is BackendState.UP
+        ):
+            self._let_go(_POOL, DONE)
+        else:
+            self._let_go(_CLOSE, DONE)
         keep_alive = self.client_keep_alive and self.request_done
         if not self.request_done:
             # the answer came before the request body ended: close both sides
             conn.closing = True
         self._after_response(keep_alive)
+
+    # ---- phases and the one way out ------------------------------------------
+
+    def _to(self, phase: int) -> None:
+        """Move to ``phase``, as ``proxy.phases.TRANSITIONS`` allows, and take or
+        give back the backend's ``in_flight`` slot on the way into or out of the
+        phases that hold it (``HOLDING``): the one place it is counted."""
+        old = self.phase
+        move = MOVES[old << 3 | phase]
+        if move == ILLEGAL:
+            raise illegal_move(old, phase)
+        self.phase = phase
+        if move:
+            backend = self.backend
+            if backend is not None:
+                backend.in_flight += move
+
+    def _let_go(self, fate: int, phase: int) -> None:
+        """The one way out of an attempt: let go of the upstream connection (back to
+        the pool, ``_POOL``, at the end of the read being parsed, once no byte
+        followed the response; closed after what was written, ``_CLOSE``; or reset
+        now, ``_ABORT``), then move to ``phase``: DONE, or DISPATCHING for a retry
+        (either gives the backend's slot back)."""
+        upstream = self.upstream
+        if upstream is not None:
+            self.upstream = None
+            upstream.exchange = None
+            if fate == _POOL:
+                upstream.idle_since = self.conn.ctx.now
+                upstream.reusable = True
+            elif fate == _CLOSE:
+                upstream.close()
+            else:
+                upstream.abort()
+        self._to(phase)
+
+    def become_tunnel(self) -> Backend | None:
+        """The 101 was relayed: the tunnel takes over both connections and the
+        backend's ``in_flight`` slot (given back when it closes); returns that backend."""
+        self._to(TUNNEL)
+        self._record(101)
+        upstream = self.upstream
+        self.upstream = None
+        if upstream is not None:
+            upstream.exchange = None
+        return self.backend
 
     def _after_response(self, keep_alive: bool) -> None:
         conn = self.conn
@@ -986,6 +1021,9 @@ class Exchange:
         access = self.conn.ctx.access_log
         if access is not None:
             access.add(self, status, cause)
+        shadow = self.shadow
+        if shadow is not None:
+            shadow.on_live_answer(self, status)
         backend = self.backend
         if backend is None:
             return
@@ -994,20 +1032,13 @@ class Exchange:
         ctx = self.conn.ctx
         now = ctx.loop.time()
         if status >= 500:
-            ctx.observer.failure(backend, "5xx", now)
+            ctx.observer.failure(backend, Failure.STATUS_5XX, now)
         elif backend.failures:
             ctx.observer.success(backend, now)
         selector = self.selector
         view = selector.pool_view(backend.pool) if selector is not None else None
         if view is not None:
             view.stats.record(status, now - self.started_at, now)
-
-    def _release_backend(self) -> None:
-        if self.holding:
-            self.holding = False
-            backend = self.backend
-            if backend is not None:
-                backend.in_flight -= 1
 
     def pause_upstream_reading(self) -> None:
         upstream = self.upstream
@@ -1027,10 +1058,6 @@ def without_body(response: bytes) -> bytes:
 
 def _frame(chunk: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(chunk), chunk)
-
-
-def _count(counter: dict[Any, int], key: object) -> None:
-    counter[key] = counter.get(key, 0) + 1
 
 
 def _reject(status: int, cause: str, message: str) -> ProxyError:

@@ -8,9 +8,9 @@ the request is copied and ``SCALE`` is added back: over N requests exactly
 request that is not picked costs that one subtraction and comparison in
 ``Exchange.headers_complete`` and nothing else.
 
-A picked exchange becomes a ``ShadowedExchange`` (the same slots, so its class
-can be swapped in place): its overrides capture the request body (up to
-``max_body_bytes``; a larger one cancels the copy), and once the live request is
+A picked exchange gets a ``ShadowCopy`` (``Exchange.shadow``; None on the
+others), which the exchange calls at the points it cares about: it captures the
+request body (up to ``max_body_bytes``; a larger one cancels the copy), and once the live request is
 complete and its backend chosen, the copy is sent on its own connection to a
 backend of the shadow pool, marked with the shadow header and
 ``Connection: close``. The live exchange never waits for it: the copy runs in a
@@ -31,10 +31,10 @@ import httptools
 
 from zdproxy.balancing.model import Backend
 from zdproxy.config.schema import ShadowConfig
-from zdproxy.proxy.exchange import Exchange
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
+    from zdproxy.proxy.exchange import Exchange
 
 log = logging.getLogger("zdproxy.error")
 
@@ -95,55 +95,42 @@ class ShadowCopy:
             self.body = []
             self.sender.count(result)
 
+    # ---- the live exchange calls these (only on the requests that were picked) ----
 
-class ShadowedExchange(Exchange):
-    """An exchange whose request is copied to the shadow pool. The same slots as
-    ``Exchange`` (its class is swapped in place when the request is picked), so
-    requests that are not copied run none of these overrides."""
-
-    __slots__ = ()
-
-    def start(self) -> None:
-        super().start()
-        copy: ShadowCopy = self.shadow
-        copy.started = True
-        backend = self.backend
-        if backend is not None and backend.pool == copy.sender.pool:
-            copy.cancel("skipped")  # routed to the shadow pool itself (an override)
-        elif copy.request_done:
-            copy.sender.fire(self, copy)
+    def on_start(self, exchange: Exchange) -> None:
+        """The live request was dispatched (or refused): its backend is known."""
+        self.started = True
+        backend = exchange.backend
+        if backend is not None and backend.pool == self.sender.pool:
+            self.cancel("skipped")  # routed to the shadow pool itself (an override)
+        elif self.request_done:
+            self.sender.fire(exchange, self)
 
     def on_request_body(self, data: bytes) -> None:
-        super().on_request_body(data)
-        copy: ShadowCopy = self.shadow
-        if copy.cancelled:
+        if self.cancelled:
             return
-        copy.body_bytes += len(data)
-        if copy.body_bytes > copy.sender.max_body:
-            copy.cancel("too_large")
+        self.body_bytes += len(data)
+        if self.body_bytes > self.sender.max_body:
+            self.cancel("too_large")
         else:
-            copy.body.append(data)
+            self.body.append(data)
 
-    def on_request_complete(self) -> None:
-        super().on_request_complete()
-        copy: ShadowCopy = self.shadow
-        copy.request_done = True
-        if copy.started and not copy.cancelled:
-            copy.sender.fire(self, copy)
+    def on_request_complete(self, exchange: Exchange) -> None:
+        self.request_done = True
+        if self.started and not self.cancelled:
+            self.sender.fire(exchange, self)
 
     def on_response_body(self, data: bytes) -> None:
-        super().on_response_body(data)
-        copy: ShadowCopy = self.shadow
-        if copy.sender.compare_body:
-            copy.live_crc = zlib.crc32(data, copy.live_crc)
+        if self.sender.compare_body:
+            self.live_crc = zlib.crc32(data, self.live_crc)
 
-    def _record(self, status: int, cause: str | None = None) -> None:
-        super()._record(status, cause)
-        copy: ShadowCopy = self.shadow
-        copy.live_status = status
-        copy.live_latency = self.conn.ctx.loop.time() - self.started_at
-        if copy.shadow_status:
-            copy.sender.compare(copy)
+    def on_live_answer(self, exchange: Exchange, status: int) -> None:
+        """The live request is over (``Exchange._record``): compare when the copy's
+        answer is in already."""
+        self.live_status = status
+        self.live_latency = exchange.conn.ctx.loop.time() - exchange.started_at
+        if self.shadow_status:
+            self.sender.compare(self)
 
 
 class ShadowResponse(asyncio.Protocol):
@@ -244,9 +231,9 @@ class ShadowSender:
         if length is not None and length > self.max_body:
             self.count("too_large")
             return
+        # the exchange tells the copy what the live request does; requests not
+        # picked pay one None test at each of those points
         exchange.shadow = ShadowCopy(self)
-        # same slots: the swap is allowed and costs nothing to requests not picked
-        exchange.__class__ = ShadowedExchange
 
     def fire(self, exchange: Exchange, copy: ShadowCopy) -> None:
         """The live request is complete and on its way: send the copy."""

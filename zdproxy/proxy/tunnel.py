@@ -13,13 +13,12 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from zdproxy.balancing.model import Backend
+from zdproxy.proxy.deadlines import TUNNEL
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
     from zdproxy.proxy.exchange import Exchange
     from zdproxy.proxy.upstream import UpstreamConnection
-
-TUNNEL_DEADLINE = 5  # downstream.TUNNEL
 
 
 class Tunnel:
@@ -66,23 +65,18 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
         exchange.on_client_lost()
         return
     ctx = conn.ctx
-    exchange.finished = True
-    exchange._record(101)
-    # the exchange hands its hold on the backend over to the tunnel
-    backend = exchange.backend if exchange.holding else None
-    exchange.holding = False
-    exchange.upstream = None
+    # the exchange hands its hold on the backend (in_flight) over to the tunnel
+    backend = exchange.become_tunnel()
     tunnel = Tunnel(ctx, backend, client, server)
     ctx.tunnels.add(tunnel)
     ctx.counters.tunnels_total += 1
-    upstream.exchange = None
     upstream.tunnel_peer = client
     upstream.tunnel_ref = tunnel
     conn.tunnel = server
     conn.tunnel_ref = tunnel
     if conn.queue and conn.queue[0] is exchange:
         conn.queue.popleft()
-    conn.set_deadline(TUNNEL_DEADLINE, ctx.t_tunnel)
+    conn.set_deadline(TUNNEL, ctx.t_tunnel)
     if rest:
         client.write(rest)
     if exchange.upgrade_data:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
+from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Backend
 from zdproxy.errors import BadUpstreamResponse
 from zdproxy.http.chunks import ChunkSizeGuard
@@ -313,7 +314,8 @@ class UpstreamConnection(asyncio.Protocol):
         if self.closed:
             return
         backend = self.backend
-        backend.upstream_errors["stray_bytes"] = backend.upstream_errors.get("stray_bytes", 0) + 1
+        errors = backend.upstream_errors
+        errors[Failure.STRAY_BYTES.value] = errors.get(Failure.STRAY_BYTES.value, 0) + 1
         log.info("backend %s sent %s: connection closed", backend.id, why)
         self.pools.forget(self)
         self.close()
