@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import os
 import re
 import shlex
@@ -36,11 +37,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.servers import Topology, free_port, zdproxy_yaml
 
 BODY = b"x" * 1024
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\nContent-Type: text/plain\r\n\r\n" + BODY
+#: the head nginx sends for a static file (the backends of benchmarks/run.py): what
+#: the proxy's response-head rewriting sees there, Date changing every second
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: %s\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+    b"Last-Modified: Tue, 01 Dec 2026 05:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "692cf000-400"\r\nAccept-Ranges: bytes\r\n\r\n'
+)
+
+
+def response() -> bytes:
+    return HEAD % email.utils.formatdate(usegmt=True).encode("ascii") + BODY
 
 
 class _Backend(asyncio.Protocol):
-    """Answers every request head with 1 KiB (GETs only, keep-alive)."""
+    """Answers every request head with 1 KiB (GETs only, keep-alive), as nginx does."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -50,7 +62,7 @@ class _Backend(asyncio.Protocol):
         self.buf += data
         while (end := self.buf.find(b"\r\n\r\n")) >= 0:
             self.buf = self.buf[end + 4 :]
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+            self.transport.write(response())  # type: ignore[attr-defined]
 
 
 def start_backends(ports: list[int]) -> None:
@@ -135,7 +147,9 @@ def wait_healthy(port: int, seconds: float) -> None:
     raise TimeoutError("backends never healthy")
 
 
-def measure(command: list[str], requests: int, connections: int) -> dict[str, float]:
+def measure(
+    command: list[str], requests: int, connections: int, sticky: str = "pool"
+) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
     topology = Topology(
@@ -144,7 +158,9 @@ def measure(command: list[str], requests: int, connections: int) -> dict[str, fl
     work = Path(tempfile.mkdtemp(prefix="zd-instr-"))
     port, admin = free_port(), free_port()
     conf = work / "zdproxy.yaml"
-    conf.write_text(zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000))
+    text = zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000)
+    # every request is cookie-less: with backend, each one gets a pin (the worst case)
+    conf.write_text(text.replace("  mode: pool\n", f"  mode: {sticky}\n"))
     out = work / "callgrind.out"
     env = {**os.environ, "ZDPROXY_ADMIN_TOKEN": "bench"}
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
@@ -184,8 +200,9 @@ def main() -> int:
     parser.add_argument("--zdproxy-cmd", default=f"{shlex.quote(sys.executable)} -m zdproxy.cli")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--sticky", choices=("off", "pool", "backend"), default="pool")
     args = parser.parse_args()
-    result = measure(shlex.split(args.zdproxy_cmd), args.requests, args.connections)
+    result = measure(shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky)
     print(
         f"{result['instructions_per_request']:,.0f} instructions per request "
         f"({args.requests} requests in {result['seconds']:.1f} s under callgrind, "
