@@ -34,7 +34,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.servers import Topology, free_port, zdproxy_yaml
+from harness.servers import HaproxyProxy, NginxProxy, Topology, free_port, zdproxy_yaml
+from harness.system import Pinning
 
 BODY = b"x" * 1024
 #: the head nginx sends for a static file (the backends of benchmarks/run.py): what
@@ -147,8 +148,40 @@ def wait_healthy(port: int, seconds: float) -> None:
     raise TimeoutError("backends never healthy")
 
 
+def proxy_argv(
+    proxy: str, command: list[str], work: Path, topology: Topology, port: int, sticky: str
+) -> list[str]:
+    """The command line of the proxy to count, its config written into ``work``."""
+    if proxy == "floor":
+        script = Path(__file__).resolve().parent / "floor_proxy.py"
+        return [sys.executable, str(script), str(port), *(str(p) for _, p in topology.blue)]
+    if proxy == "nginx":
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        target = NginxProxy(work, Pinning(None, None), topology, port, nginx, 1000)
+        conf = work / "nginx.conf"
+        # one process: the one valgrind counts does all the work
+        conf.write_text(target.render().replace("master_process on;", "master_process off;"))
+        return [nginx, "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")]
+    if proxy == "haproxy":
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        conf = work / "haproxy.cfg"
+        target = HaproxyProxy(work, Pinning(None, None), topology, port, haproxy, 1000)
+        conf.write_text(target.render())
+        return [haproxy, "-db", "-f", str(conf)]
+    admin = free_port()
+    conf = work / "zdproxy.yaml"
+    text = zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000)
+    # every request is cookie-less: with backend, each one gets a pin (the worst case)
+    conf.write_text(text.replace("  mode: pool\n", f"  mode: {sticky}\n"))
+    return [*command, "run", "-c", str(conf)]
+
+
 def measure(
-    command: list[str], requests: int, connections: int, sticky: str = "pool"
+    command: list[str],
+    requests: int,
+    connections: int,
+    sticky: str = "pool",
+    proxy: str = "zdproxy",
 ) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
@@ -156,16 +189,14 @@ def measure(
         blue=(("blue-1", ports[0]), ("blue-2", ports[1])), green=(("green-1", ports[2]),)
     )
     work = Path(tempfile.mkdtemp(prefix="zd-instr-"))
-    port, admin = free_port(), free_port()
-    conf = work / "zdproxy.yaml"
-    text = zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000)
-    # every request is cookie-less: with backend, each one gets a pin (the worst case)
-    conf.write_text(text.replace("  mode: pool\n", f"  mode: {sticky}\n"))
+    work.chmod(0o755)  # nginx may run as another user
+    port = free_port()
+    argv = proxy_argv(proxy, command, work, topology, port, sticky)
     out = work / "callgrind.out"
     env = {**os.environ, "ZDPROXY_ADMIN_TOKEN": "bench"}
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     proc = subprocess.Popen(
-        [*valgrind, *command, "run", "-c", str(conf)],
+        [*valgrind, *argv],
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -201,8 +232,13 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--sticky", choices=("off", "pool", "backend"), default="pool")
+    parser.add_argument(
+        "--proxy", choices=("zdproxy", "nginx", "haproxy", "floor"), default="zdproxy"
+    )
     args = parser.parse_args()
-    result = measure(shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky)
+    result = measure(
+        shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky, args.proxy
+    )
     print(
         f"{result['instructions_per_request']:,.0f} instructions per request "
         f"({args.requests} requests in {result['seconds']:.1f} s under callgrind, "
