@@ -116,7 +116,9 @@ async def serve(port: int, backend_ports: list[int]) -> None:
     backends: list[tuple[int, list[Upstream]]] = [(p, []) for p in backend_ports]
     turn = [0]
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Client(backends, turn), "127.0.0.1", port)
+    server = await loop.create_server(
+        lambda: Client(backends, turn), "127.0.0.1", port, backlog=4096
+    )
     await server.serve_forever()
 
 
