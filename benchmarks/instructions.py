@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.utils
 import os
 import re
 import shlex
@@ -33,14 +34,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness.servers import Topology, free_port, zdproxy_yaml
+from harness.servers import HaproxyProxy, NginxProxy, Topology, free_port, zdproxy_yaml
+from harness.system import Pinning
 
 BODY = b"x" * 1024
-RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\nContent-Type: text/plain\r\n\r\n" + BODY
+#: the head nginx sends for a static file (the backends of benchmarks/run.py): what
+#: the proxy's response-head rewriting sees there, Date changing every second
+HEAD = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: %s\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Length: 1024\r\n"
+    b"Last-Modified: Tue, 01 Dec 2026 05:00:00 GMT\r\nConnection: keep-alive\r\n"
+    b'ETag: "692cf000-400"\r\nAccept-Ranges: bytes\r\n\r\n'
+)
+
+
+def response() -> bytes:
+    return HEAD % email.utils.formatdate(usegmt=True).encode("ascii") + BODY
 
 
 class _Backend(asyncio.Protocol):
-    """Answers every request head with 1 KiB (GETs only, keep-alive)."""
+    """Answers every request head with 1 KiB (GETs only, keep-alive), as nginx does."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -50,7 +63,7 @@ class _Backend(asyncio.Protocol):
         self.buf += data
         while (end := self.buf.find(b"\r\n\r\n")) >= 0:
             self.buf = self.buf[end + 4 :]
-            self.transport.write(RESPONSE)  # type: ignore[attr-defined]
+            self.transport.write(response())  # type: ignore[attr-defined]
 
 
 def start_backends(ports: list[int]) -> None:
@@ -135,21 +148,55 @@ def wait_healthy(port: int, seconds: float) -> None:
     raise TimeoutError("backends never healthy")
 
 
-def measure(command: list[str], requests: int, connections: int) -> dict[str, float]:
+def proxy_argv(
+    proxy: str, command: list[str], work: Path, topology: Topology, port: int, sticky: str
+) -> list[str]:
+    """The command line of the proxy to count, its config written into ``work``."""
+    if proxy == "floor":
+        script = Path(__file__).resolve().parent / "floor_proxy.py"
+        return [sys.executable, str(script), str(port), *(str(p) for _, p in topology.blue)]
+    if proxy == "nginx":
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        target = NginxProxy(work, Pinning(None, None), topology, port, nginx, 1000)
+        conf = work / "nginx.conf"
+        # one process: the one valgrind counts does all the work
+        conf.write_text(target.render().replace("master_process on;", "master_process off;"))
+        return [nginx, "-p", str(work), "-c", str(conf), "-e", str(work / "error.log")]
+    if proxy == "haproxy":
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        conf = work / "haproxy.cfg"
+        target = HaproxyProxy(work, Pinning(None, None), topology, port, haproxy, 1000)
+        conf.write_text(target.render())
+        return [haproxy, "-db", "-f", str(conf)]
+    admin = free_port()
+    conf = work / "zdproxy.yaml"
+    text = zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000)
+    # every request is cookie-less: with backend, each one gets a pin (the worst case)
+    conf.write_text(text.replace("  mode: pool\n", f"  mode: {sticky}\n"))
+    return [*command, "run", "-c", str(conf)]
+
+
+def measure(
+    command: list[str],
+    requests: int,
+    connections: int,
+    sticky: str = "pool",
+    proxy: str = "zdproxy",
+) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
     topology = Topology(
         blue=(("blue-1", ports[0]), ("blue-2", ports[1])), green=(("green-1", ports[2]),)
     )
     work = Path(tempfile.mkdtemp(prefix="zd-instr-"))
-    port, admin = free_port(), free_port()
-    conf = work / "zdproxy.yaml"
-    conf.write_text(zdproxy_yaml(topology, port, admin, work / "state.json", False, 1000))
+    work.chmod(0o755)  # nginx may run as another user
+    port = free_port()
+    argv = proxy_argv(proxy, command, work, topology, port, sticky)
     out = work / "callgrind.out"
     env = {**os.environ, "ZDPROXY_ADMIN_TOKEN": "bench"}
     valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     proc = subprocess.Popen(
-        [*valgrind, *command, "run", "-c", str(conf)],
+        [*valgrind, *argv],
         cwd=work,
         env=env,
         stdout=subprocess.DEVNULL,
@@ -184,8 +231,14 @@ def main() -> int:
     parser.add_argument("--zdproxy-cmd", default=f"{shlex.quote(sys.executable)} -m zdproxy.cli")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=10)
+    parser.add_argument("--sticky", choices=("off", "pool", "backend"), default="pool")
+    parser.add_argument(
+        "--proxy", choices=("zdproxy", "nginx", "haproxy", "floor"), default="zdproxy"
+    )
     args = parser.parse_args()
-    result = measure(shlex.split(args.zdproxy_cmd), args.requests, args.connections)
+    result = measure(
+        shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky, args.proxy
+    )
     print(
         f"{result['instructions_per_request']:,.0f} instructions per request "
         f"({args.requests} requests in {result['seconds']:.1f} s under callgrind, "

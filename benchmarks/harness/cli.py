@@ -35,6 +35,7 @@ from .servers import (
     UPLOAD_BYTES,
     Backend,
     Direct,
+    FloorProxy,
     HaproxyProxy,
     ManagedProcess,
     NginxProxy,
@@ -42,6 +43,7 @@ from .servers import (
     Target,
     Topology,
     ZdproxyAccessLogProxy,
+    ZdproxyCompiledProxy,
     ZdproxyProxy,
     free_port,
     http_request,
@@ -58,9 +60,10 @@ from .system import (
 
 HERE = Path(__file__).resolve().parent.parent  # benchmarks/
 REPO = HERE.parent
-ALL_PROXIES = ("direct", "nginx", "haproxy", "zdproxy", "zdproxy-log")
-#: run unless --proxies says otherwise; zdproxy-log (access log on) is opt-in
-DEFAULT_PROXIES = ("direct", "nginx", "haproxy", "zdproxy")
+ALL_PROXIES = ("direct", "nginx", "haproxy", "floor", "zdproxy", "zdproxy-compiled", "zdproxy-log")
+#: run unless --proxies says otherwise; zdproxy-log (access log on) is opt-in, and
+#: zdproxy-compiled runs when --zdproxy-compiled-cmd names it
+DEFAULT_PROXIES = ("direct", "nginx", "haproxy", "floor", "zdproxy")
 
 
 def _csv(choices: tuple[str, ...]) -> Any:
@@ -113,6 +116,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--zdproxy-cmd",
         help="command that runs zdproxy, e.g. 'zdproxy' or 'python -m zdproxy' "
         "(default: this checkout's zdproxy/cli.py, else zdproxy on PATH)",
+    )
+    parser.add_argument(
+        "--zdproxy-compiled-cmd",
+        help="command that runs zdproxy's compiled build (a virtualenv's bin/zdproxy after "
+        "ZDPROXY_COMPILE=1 pip install .): adds the zdproxy-compiled row",
     )
     parser.add_argument(
         "--out",
@@ -253,6 +261,7 @@ def _start_targets(
     topology: Topology,
     zd_override: str | None,
     skipped: list[str],
+    zd_compiled: str | None = None,
 ) -> list[Target]:
     workdir: Path = session_args["workdir"]
     pinning = session_args["pinning"]
@@ -271,8 +280,14 @@ def _start_targets(
             target = HaproxyProxy(
                 workdir / "haproxy", pinning, topology, free_port(), tools["haproxy"], idle
             )
+        elif name == "floor":
+            target = FloorProxy(workdir / "floor", pinning, topology, free_port())
         else:
-            command, extra_env, where = zdproxy_command(zd_override)
+            override = zd_compiled if name == "zdproxy-compiled" else zd_override
+            if name == "zdproxy-compiled" and not zd_compiled:
+                skipped.append("zdproxy-compiled: no --zdproxy-compiled-cmd")
+                continue
+            command, extra_env, where = zdproxy_command(override)
             if command is None:
                 msg = (
                     "zdproxy: not runnable: no zdproxy/cli.py in this checkout and no zdproxy "
@@ -283,7 +298,10 @@ def _start_targets(
                 continue
             log(f"* zdproxy from {where}")
             env = dict(os.environ, **extra_env, ZDPROXY_ADMIN_TOKEN=secrets.token_hex(16))
-            kind = ZdproxyAccessLogProxy if name == "zdproxy-log" else ZdproxyProxy
+            kind = {
+                "zdproxy-log": ZdproxyAccessLogProxy,
+                "zdproxy-compiled": ZdproxyCompiledProxy,
+            }.get(name, ZdproxyProxy)
             target = kind(workdir / name, pinning, topology, free_port(), command, env, idle)
         try:
             target.start()
@@ -366,7 +384,9 @@ def _run(
         "pinning": pinning,
         "idle_connections": settings["idle_connections"],
     }
-    targets = _start_targets(proxies, tools, session_args, topology, args.zdproxy_cmd, skipped)
+    targets = _start_targets(
+        proxies, tools, session_args, topology, args.zdproxy_cmd, skipped, args.zdproxy_compiled_cmd
+    )
 
     if args.profile:
         zd = next((t for t in targets if t.name == "zdproxy"), None)

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-PROXY_ORDER = ("direct", "nginx", "haproxy", "zdproxy", "zdproxy-log")
+PROXY_ORDER = ("direct", "nginx", "haproxy", "floor", "zdproxy", "zdproxy-compiled", "zdproxy-log")
 TARGET_CPU_RATIO = 1.3
 TARGET_P99_RATIO = 2.0
 

@@ -16,6 +16,7 @@ import resource
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -406,6 +407,23 @@ class Direct(Target):
         return []
 
 
+class FloorProxy(Target):
+    """``benchmarks/floor_proxy.py``: a minimal Python proxy (httptools framing,
+    X-Forwarded-For, round robin over keep-alive upstreams), not part of zdproxy:
+    the floor of what Python on uvloop costs per request, for reference."""
+
+    name = "floor"
+
+    def start(self) -> None:
+        self.prefix.mkdir(parents=True, exist_ok=True)
+        script = Path(__file__).resolve().parent.parent / "floor_proxy.py"
+        ports = [str(port) for _, port in self.topology.blue]
+        argv = [*self.pinning.proxy(), sys.executable, str(script), str(self.port), *ports]
+        self.proc = ManagedProcess(self.name, argv, self.prefix / "floor.log")
+        self.proc.start()
+        self.wait_ready(20.0)
+
+
 class NginxProxy(Target):
     name = "nginx"
 
@@ -700,21 +718,24 @@ class ZdproxyProxy(Target):
     def argv(self) -> list[str]:
         return [*self.command, "run", "-c", str(self.conf)]
 
+    def adjust(self, text: str) -> str:
+        """The generated config as written (subclasses change settings here)."""
+        return text
+
     def start(self) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)
         failures = []
         for extras in (True, False):
-            self.conf.write_text(
-                zdproxy_yaml(
-                    self.topology,
-                    self.port,
-                    self.admin_port,
-                    self.prefix / "zdproxy-state.json",
-                    extras,
-                    self.max_connections,
-                    self.access_log,
-                )
+            text = zdproxy_yaml(
+                self.topology,
+                self.port,
+                self.admin_port,
+                self.prefix / "zdproxy-state.json",
+                extras,
+                self.max_connections,
+                self.access_log,
             )
+            self.conf.write_text(self.adjust(text))
             with contextlib.suppress(FileNotFoundError):
                 (self.prefix / "zdproxy-state.json").unlink()
             self.proc = ManagedProcess(
@@ -850,3 +871,10 @@ class ZdproxyAccessLogProxy(ZdproxyProxy):
     def start(self) -> None:
         self.access_log = self.prefix / "access.log"
         super().start()
+
+
+class ZdproxyCompiledProxy(ZdproxyProxy):
+    """zdproxy's compiled (mypyc) build beside the pure one, from
+    ``--zdproxy-compiled-cmd`` (e.g. a virtualenv with ``ZDPROXY_COMPILE=1 pip install .``)."""
+
+    name = "zdproxy-compiled"

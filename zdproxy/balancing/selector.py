@@ -389,8 +389,8 @@ class WeightedSelector:
                     if pinned is not None and pinned.pool == pin.pool:
                         if pinned is not exclude and self._pin_usable(pinned, now):
                             if now - pin.epoch > self._half_age and pool.view.weight > 0:
-                                hints.set_cookie = codec.set_cookie(
-                                    Pin(pin.pool, pinned.id, int(now))
+                                hints.set_cookie = codec.backend_cookie(
+                                    pin.pool, pinned.id, int(now)
                                 )
                             return pinned
                     else:
@@ -405,7 +405,7 @@ class WeightedSelector:
             backend = self._rescue(pool, exclude, True)
             if backend is None or backend.pool != pool.view.name or backend is pinned:
                 return backend
-        hints.set_cookie = codec.set_cookie(Pin(pool.view.name, backend.id, int(now)))
+        hints.set_cookie = codec.backend_cookie(pool.view.name, backend.id, int(now))
         return backend
 
     def _ring(self, pool: _PoolPicker) -> HashRing[Backend]:

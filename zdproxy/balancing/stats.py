@@ -69,24 +69,35 @@ class WindowBucket:
         self.second = -1
         #: counts by status class: index 1..5 for 1xx..5xx, 0 for proxy-side failures
         self.classes = [0] * 6
-        self.latency = [0] * _NBUCKETS
+        #: counts by ``FINE_BOUNDS`` bucket (``window`` maps them to the coarse ones:
+        #: the request path then needs no second lookup)
+        self.latency = [0] * FINE_BUCKETS
 
     def reset(self, second: int) -> None:
         self.second = second
         self.classes = [0] * 6
-        self.latency = [0] * _NBUCKETS
+        self.latency = [0] * FINE_BUCKETS
+
+
+#: status code -> status class index (``WindowBucket.classes``), for codes below 600
+_CLASS_OF: tuple[int, ...] = tuple(code // 100 if code >= 100 else 0 for code in range(600))
 
 
 class PoolStats:
-    """Counters for one pool. ``record`` is on the hot path: a bisect and a few
-    list increments, no allocation except when a new second starts."""
+    """Counters for one pool. ``record`` is on the hot path: a bisect and six
+    increments, no allocation except when a new second starts. The Prometheus
+    histogram is not counted per request: ``histogram`` sums the fine one at read
+    time (a scrape), and the second's ring bucket is kept at hand until the clock
+    leaves that second."""
 
     __slots__ = (
+        "_bucket",
+        "_bucket_end",
+        "_bucket_start",
         "_ring",
         "classes",
         "count",
         "fine",
-        "histogram",
         "latency_sum",
         "window_seconds",
     )
@@ -94,7 +105,10 @@ class PoolStats:
     def __init__(self, window_seconds: int = 300) -> None:
         self.window_seconds = window_seconds
         self._ring = [WindowBucket() for _ in range(window_seconds)]
-        self.histogram = [0] * _NBUCKETS
+        #: the ring bucket of the second being recorded, and that second's bounds
+        self._bucket = self._ring[0]
+        self._bucket_start = 0.0
+        self._bucket_end = 0.0
         self.latency_sum = 0.0
         self.count = 0
         #: cumulative counts by status class (as ``WindowBucket.classes``)
@@ -113,10 +127,8 @@ class PoolStats:
             bucket.reset(second)
         for index, count in enumerate(fine):
             if count:
-                coarse = _COARSE_OF[index]
                 self.fine[index] += count
-                self.histogram[coarse] += count
-                bucket.latency[coarse] += count
+                bucket.latency[index] += count
         for index, count in enumerate(classes):
             if count:
                 self.classes[index] += count
@@ -124,21 +136,38 @@ class PoolStats:
                 bucket.classes[index] += count
         self.latency_sum += latency_sum
 
+    @property
+    def histogram(self) -> list[int]:
+        """Cumulative counts by ``LATENCY_BUCKETS`` bound (+Inf last), from ``fine``."""
+        histogram = [0] * _NBUCKETS
+        for index, count in enumerate(self.fine):
+            if count:
+                histogram[_COARSE_OF[index]] += count
+        return histogram
+
     def record(self, status: int, seconds: float, now: float) -> None:
         fine = bisect_left(FINE_BOUNDS, seconds)
         self.fine[fine] += 1
-        index = _COARSE_OF[fine]
-        self.histogram[index] += 1
         self.latency_sum += seconds
         self.count += 1
-        cls = status // 100 if 100 <= status < 600 else 0
+        cls = _CLASS_OF[status] if status < 600 else 0
         self.classes[cls] += 1
+        bucket = self._bucket
+        if not self._bucket_start <= now < self._bucket_end:
+            bucket = self._enter(now)
+        bucket.classes[cls] += 1
+        bucket.latency[fine] += 1
+
+    def _enter(self, now: float) -> WindowBucket:
+        """The ring bucket of ``now``'s second, made the current one."""
         second = int(now)
         bucket = self._ring[second % self.window_seconds]
         if bucket.second != second:
             bucket.reset(second)
-        bucket.classes[cls] += 1
-        bucket.latency[index] += 1
+        self._bucket = bucket
+        self._bucket_start = float(second)
+        self._bucket_end = second + 1.0
+        return bucket
 
     def totals(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Copies of the cumulative class counts and fine histogram; the
@@ -158,7 +187,8 @@ class PoolStats:
             for i, n in enumerate(bucket.classes):
                 classes[i] += n
             for i, n in enumerate(bucket.latency):
-                latency[i] += n
+                if n:
+                    latency[_COARSE_OF[i]] += n
         return WindowSummary(classes, latency)
 
 

@@ -68,7 +68,7 @@ def _unb64(text: str) -> bytes:
 
 
 class StickyCodec:
-    __slots__ = ("_cache", "_key", "cookie_attributes", "cookie_name", "max_age")
+    __slots__ = ("_cache", "_issued", "_key", "cookie_attributes", "cookie_name", "max_age")
 
     def __init__(self, secret: bytes, cookie_name: str, max_age: float) -> None:
         self._key = secret
@@ -76,6 +76,8 @@ class StickyCodec:
         self.max_age = max(1, int(max_age))
         self.cookie_attributes = f"; Max-Age={self.max_age}; Path=/; HttpOnly; SameSite=Lax"
         self._cache: dict[str, Pin | None] = {}
+        #: Set-Cookie values issued, by backend id: (pool, epoch, value)
+        self._issued: dict[str, tuple[str, int, bytes]] = {}
 
     @property
     def secret(self) -> bytes:
@@ -93,6 +95,24 @@ class StickyCodec:
     def set_cookie(self, pin: Pin) -> bytes:
         """The ``Set-Cookie`` header value that carries ``pin``."""
         return f"{self.cookie_name}={self.encode(pin)}{self.cookie_attributes}".encode("latin-1")
+
+    def backend_cookie(self, pool: str, backend: str, epoch: int) -> bytes:
+        """``set_cookie(Pin(pool, backend, epoch))``, signed once per backend and second.
+
+        A pin carries no client identity, so every client pinned to one backend
+        within one second gets the same value: ``sticky.mode: backend`` signs (an
+        HMAC, two base64 encodings and the formatting: about 9 us) once per backend
+        and second instead of once per cookie-less request. The value is the one
+        ``set_cookie`` makes, so the cookie format and its validation are unchanged.
+        """
+        issued = self._issued.get(backend)
+        if issued is not None and issued[1] == epoch and issued[0] == pool:
+            return issued[2]
+        cookie = self.set_cookie(Pin(pool, backend, epoch))
+        if len(self._issued) >= CACHE_SIZE:
+            self._issued.clear()
+        self._issued[backend] = (pool, epoch, cookie)
+        return cookie
 
     def decode(self, value: str) -> Pin | None:
         """The pin a cookie value carries, or None when it is not a valid one of ours."""

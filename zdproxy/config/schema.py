@@ -583,7 +583,9 @@ class LimitsConfig(_Model):
     """open client connections (idle keep-alive ones make room at the limit; capped by the open-file
     limit, see [Limits](http.md#limits))"""
     max_idle_upstream_per_backend: int = Field(default=64, ge=0)
-    """idle pooled connections kept per backend"""
+    """idle pooled connections kept per backend; more, up to the most requests in flight
+    to it in the last 10 s, after a larger burst (the next one then does not
+    reconnect); 0: no pooling"""
 
 
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")

@@ -72,6 +72,17 @@ RESPONSE_BAD_CODING = 4
 RESPONSE_BOTH_FRAMINGS = 8
 
 
+#: rewritten heads by raw head: most backends answer with the same head for a
+#: second at a time (only ``Date`` moves), so a hit replaces six C-level scans and a
+#: regex pass (about 4 us) with one dict lookup
+_rewritten: dict[bytes, tuple[bytes, int]] = {}
+#: entries before the cache is emptied (a backend whose heads are all different,
+#: with a session cookie or a request ID in each, costs a lookup and a store)
+HEAD_CACHE_SIZE = 256
+#: longer heads are not cached: bounds the cache's memory (256 x 2 x 2 KiB)
+HEAD_CACHE_MAX_BYTES = 2048
+
+
 def rewrite_response_head(raw: bytes) -> tuple[bytes, int]:
     """Drop hop-by-hop lines from a raw response head.
 
@@ -79,8 +90,21 @@ def rewrite_response_head(raw: bytes) -> tuple[bytes, int]:
     included). Returns the head without its final ``\\r\\n`` (so the caller can
     append lines) and flags: ``RESPONSE_CHUNKED`` when a Transfer-Encoding was
     present, ``RESPONSE_HAS_LENGTH`` for a Content-Length. Working on the bytes
-    as received costs a few C-level scans instead of a Python call per header.
+    as received costs a few C-level scans instead of a Python call per header;
+    a head seen before (bounded cache) costs one dict lookup.
     """
+    cached = _rewritten.get(raw)
+    if cached is not None:
+        return cached
+    result = _rewrite(raw)
+    if len(raw) <= HEAD_CACHE_MAX_BYTES:
+        if len(_rewritten) >= HEAD_CACHE_SIZE:
+            _rewritten.clear()
+        _rewritten[raw] = result
+    return result
+
+
+def _rewrite(raw: bytes) -> tuple[bytes, int]:
     lower = raw.lower()
     flags = 0
     if b"\r\ntransfer-encoding:" in lower:

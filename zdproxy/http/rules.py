@@ -33,6 +33,7 @@ from typing import Final, TypeAlias
 
 __all__ = [
     "COMPLIANT",
+    "HTTP_VERSIONS",
     "HeadChecker",
     "Tier",
     "Verdict",
@@ -122,6 +123,10 @@ _COMMON_METHODS: Final = frozenset(
 )
 _BODYLESS_METHODS: Final = frozenset({b"GET", b"HEAD"})
 _GOOD_VERSIONS: Final = frozenset({b"HTTP/1.1", b"HTTP/1.0"})
+
+#: httptools' version string -> the version token ``verdict`` takes (no per-request
+#: concatenation for the usual two)
+HTTP_VERSIONS: Final = {"1.1": b"HTTP/1.1", "1.0": b"HTTP/1.0"}
 
 _HTTP1_VERSION: Final = re.compile(rb"HTTP/1\.[0-9]")
 _LATER_VERSION: Final = re.compile(rb"HTTP/[2-9](?:\.[0-9])?")

@@ -16,6 +16,7 @@ import httptools
 
 from zdproxy.errors import ProxyError
 from zdproxy.http.head import error_response
+from zdproxy.http.rules import HeadChecker
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.deadlines import (
     BODY,
@@ -44,6 +45,7 @@ LINGER_SECONDS = 5.0
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "checker",
         "client_eof",
         "client_ip",
         "closing",
@@ -77,6 +79,8 @@ class ClientConnection(asyncio.Protocol):
         self.proto = proto
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
+        #: the request-head classifier, shared by this connection's requests in turn
+        self.checker = HeadChecker()
         self.parsing: Exchange | None = None
         self.queue: deque[Exchange] = deque()
         self.closing = False

@@ -39,7 +39,7 @@ from zdproxy.http.head import (
     rewrite_response_head,
 )
 from zdproxy.http.routes import RouteTable, strip
-from zdproxy.http.rules import HeadChecker, Tier
+from zdproxy.http.rules import HTTP_VERSIONS, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
@@ -192,7 +192,9 @@ class Exchange:
         #: (a ``proxy.phases.Phase`` value, kept as a plain int)
         self.phase: int = PARSING
         self.forwarded: list[bytes] = []
-        self.checker = HeadChecker()
+        # the connection's checker, reset: one head is checked at a time (no allocation)
+        checker = self.checker = conn.checker
+        checker.reset()
         self.host: bytes | None = None
         self.connection_tokens: list[bytes] | None = None
         self.xff: bytes | None = None
@@ -321,7 +323,8 @@ class Exchange:
         version = parser.get_http_version()
         self.version = version
         checker = self.checker
-        verdict = checker.verdict(method, self.url, b"HTTP/" + version.encode("ascii"))
+        token = HTTP_VERSIONS.get(version) or b"HTTP/" + version.encode("ascii")
+        verdict = checker.verdict(method, self.url, token)
         ctx = self.conn.ctx
         if verdict.tier >= Tier.AMBIGUOUS and (ctx.strict or verdict.tier == Tier.SEVERE):
             if verdict.kind == "UnsupportedVersion":  # HTTP/2.0 and later on an HTTP/1 port

@@ -339,10 +339,14 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.abort()
 
 
+#: how long a burst's peak of requests in flight keeps idle connections above the cap
+PEAK_SECONDS = 10.0
+
+
 class UpstreamPools:
     """Idle keep-alive connections, per backend."""
 
-    __slots__ = ("_idle", "max_head_bytes", "max_idle", "open_count")
+    __slots__ = ("_idle", "_peak", "_peak_until", "max_head_bytes", "max_idle", "open_count")
 
     def __init__(self, max_idle_per_backend: int, max_head_bytes: int = 65536) -> None:
         self.max_idle = max_idle_per_backend
@@ -350,9 +354,19 @@ class UpstreamPools:
         self.max_head_bytes = max_head_bytes
         self._idle: dict[str, deque[UpstreamConnection]] = {}
         self.open_count = 0
+        #: the most requests in flight to a backend lately, where above ``max_idle``:
+        #: that many idle connections are kept (``release``); forgotten every
+        #: PEAK_SECONDS by the sweep
+        self._peak: dict[str, int] = {}
+        self._peak_until = 0.0
 
     def acquire(self, backend: Backend) -> UpstreamConnection | None:
         """A live idle connection to ``backend``, or None: the caller connects."""
+        in_flight = backend.in_flight
+        if in_flight > self.max_idle:  # a burst above the cap (one compare otherwise)
+            peak = self._peak
+            if in_flight > peak.get(backend.id, 0):
+                peak[backend.id] = in_flight
         stack = self._idle.get(backend.id)
         while stack:
             conn = stack.pop()
@@ -372,7 +386,13 @@ class UpstreamPools:
         stack = self._idle.get(conn.backend.id)
         if stack is None:
             stack = self._idle[conn.backend.id] = deque()
-        if len(stack) >= self.max_idle:
+        idle = len(stack)
+        # above the cap, kept up to the recent peak of requests in flight: the next
+        # burst finds its connections here, where closing them made every burst
+        # connect anew (the c=200 tail, docs/benchmarks.md); 0: no pooling
+        if idle >= self.max_idle and (
+            not self.max_idle or idle >= self._peak.get(conn.backend.id, 0)
+        ):
             conn.close()
             return
         conn.idle_since = now
@@ -398,6 +418,9 @@ class UpstreamPools:
     def sweep(self, now: float, max_idle_seconds: float) -> None:
         """Close connections idle longer than ``max_idle_seconds`` (oldest at the left)."""
         cutoff = now - max_idle_seconds
+        if now >= self._peak_until:
+            self._peak.clear()
+            self._peak_until = now + PEAK_SECONDS
         for stack in self._idle.values():
             while stack and stack[0].idle_since < cutoff:
                 stack.popleft().close()

@@ -1,0 +1,131 @@
+"""The data path's per-request caches give the answers the uncached code gives."""
+
+from __future__ import annotations
+
+from zdproxy.balancing.model import Backend
+from zdproxy.balancing.sticky import CACHE_SIZE, Pin, StickyCodec
+from zdproxy.http import head
+from zdproxy.http.head import rewrite_response_head
+from zdproxy.proxy.upstream import PEAK_SECONDS, UpstreamConnection, UpstreamPools
+
+NGINX = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Tue, 01 Dec 2026 05:44:10 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 1024\r\nConnection: keep-alive\r\n"
+    b'ETag: "6"\r\n\r\n'
+)
+NGINX_OUT = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Tue, 01 Dec 2026 05:44:10 GMT\r\n"
+    b'Content-Type: text/plain\r\nContent-Length: 1024\r\nETag: "6"\r\n'
+)
+
+
+def test_cached_head_is_the_rewritten_head() -> None:
+    head._rewritten.clear()
+    first = rewrite_response_head(NGINX)
+    # a new bytes object with the same content: the cached answer
+    again = rewrite_response_head(bytes(bytearray(NGINX)))
+    assert first == again == (NGINX_OUT, head.RESPONSE_HAS_LENGTH)
+    assert list(head._rewritten) == [NGINX]  # one entry, taken from the cache
+    chunked = NGINX.replace(b"Content-Length: 1024", b"Transfer-Encoding: chunked")
+    assert rewrite_response_head(chunked) == (
+        NGINX_OUT.replace(b"Content-Length: 1024\r\n", b""),
+        head.RESPONSE_CHUNKED,
+    )
+    # the cache does not mix up heads that differ in one byte
+    close = NGINX.replace(b"keep-alive", b"close\r\nX-A: 1")
+    assert rewrite_response_head(close)[0] == NGINX_OUT.replace(b"ETag", b"X-A: 1\r\nETag")
+
+
+def test_head_cache_is_bounded() -> None:
+    head._rewritten.clear()
+    for i in range(head.HEAD_CACHE_SIZE * 3):
+        raw = NGINX.replace(b'ETag: "6"', b'ETag: "%d"' % i)
+        assert rewrite_response_head(raw)[0] == NGINX_OUT.replace(b'"6"', b'"%d"' % i)
+        assert len(head._rewritten) <= head.HEAD_CACHE_SIZE
+    big = NGINX.replace(b"Server: nginx", b"Server: " + b"n" * head.HEAD_CACHE_MAX_BYTES)
+    head._rewritten.clear()
+    assert rewrite_response_head(big)[1] == head.RESPONSE_HAS_LENGTH
+    assert not head._rewritten
+
+
+def test_backend_cookie_is_set_cookie_and_decodes() -> None:
+    codec = StickyCodec(b"k" * 32, "zd", 3600)
+    plain = StickyCodec(b"k" * 32, "zd", 3600)
+    value = codec.backend_cookie("blue", "blue-1", 1_790_000_000)
+    assert value == plain.set_cookie(Pin("blue", "blue-1", 1_790_000_000))
+    assert codec.backend_cookie("blue", "blue-1", 1_790_000_000) is value
+    # a new second, another pool or another backend: a new pin
+    later = codec.backend_cookie("blue", "blue-1", 1_790_000_001)
+    moved = codec.backend_cookie("green", "blue-1", 1_790_000_001)
+    other = codec.backend_cookie("blue", "blue-2", 1_790_000_001)
+    assert len({value, later, moved, other}) == 4
+    for cookie, pin in (
+        (later, Pin("blue", "blue-1", 1_790_000_001)),
+        (moved, Pin("green", "blue-1", 1_790_000_001)),
+        (other, Pin("blue", "blue-2", 1_790_000_001)),
+    ):
+        text = cookie.decode("latin-1").split(";")[0].partition("=")[2]
+        assert plain.decode(text) == pin
+
+
+def test_backend_cookie_cache_is_bounded() -> None:
+    codec = StickyCodec(b"k" * 32, "zd", 3600)
+    for i in range(CACHE_SIZE + 10):
+        codec.backend_cookie("blue", f"b{i}", 1)
+    assert len(codec._issued) <= CACHE_SIZE
+
+
+class _Transport:
+    """Just enough of a transport for the idle stack (no I/O is done)."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _upstreams(pools: UpstreamPools, backend: Backend, count: int) -> list[UpstreamConnection]:
+    conns = []
+    for _ in range(count):
+        conn = UpstreamConnection(pools, backend)
+        conn.transport = _Transport()  # type: ignore[assignment]
+        conns.append(conn)
+    return conns
+
+
+def test_idle_stack_keeps_what_a_burst_needs() -> None:
+    """Above max_idle, released connections stay up to the recent peak of requests
+    in flight to the backend (closing them made the next burst reconnect: the c=200
+    tail); the peak is forgotten after PEAK_SECONDS, and the sweep ages them out."""
+    pools = UpstreamPools(max_idle_per_backend=2)
+    backend = Backend("b-1", "blue", "127.0.0.1", 1)
+    conns = _upstreams(pools, backend, 6)
+    for in_flight in range(1, 7):  # a burst of 6, 4 of them at the peak of 4
+        backend.in_flight = min(in_flight, 4)
+        assert pools.acquire(backend) is None
+    for conn in conns:
+        backend.in_flight -= 1 if backend.in_flight else 0
+        pools.release(conn, 0.0)
+    assert pools.idle_count("b-1") == 4  # the peak, not max_idle
+    assert [c.closed for c in conns] == [False] * 4 + [True] * 2
+    pools.sweep(PEAK_SECONDS + 1.0, 3600.0)  # the peak is forgotten
+    more = _upstreams(pools, backend, 1)
+    pools.release(more[0], PEAK_SECONDS + 1.0)
+    assert more[0].closed and pools.idle_count("b-1") == 4
+    pools.sweep(7200.0, 3600.0)
+    assert pools.idle_count("b-1") == 0
+
+
+def test_no_pooling_stays_no_pooling_under_load() -> None:
+    pools = UpstreamPools(max_idle_per_backend=0)
+    backend = Backend("b-1", "blue", "127.0.0.1", 1)
+    backend.in_flight = 100
+    assert pools.acquire(backend) is None
+    conns = _upstreams(pools, backend, 3)
+    for conn in conns:
+        pools.release(conn, 0.0)
+    assert pools.idle_count("b-1") == 0 and all(c.closed for c in conns)
