@@ -223,6 +223,7 @@ FAULTS = {
     "ws-no-accept": "101 without Sec-WebSocket-Accept (502)",
     "ws-echo": "101 with a proper accept, then echo raw bytes; on EOF send <eof> and close",
     "ws-half-close": "101, then 'hello' and EOF; keeps reading (recording) until the peer closes",
+    "ws-push": "101, 'tick|' every 0.2 s for 3 s, 'done|'; then reads until the peer closes",
     "close": "200 with Connection: close",
 }
 
@@ -534,6 +535,19 @@ class RecordingBackend:
             await writer.drain()
             await self._echo(reader, writer, conn)
             return False
+        if fault == "ws-push":
+            key = request.header(b"sec-websocket-key") or b""
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: %s\r\n\r\n" % websocket_accept(key)
+            )
+            for _ in range(15):
+                writer.write(b"tick|")
+                await writer.drain()
+                await asyncio.sleep(0.2)  # the backend's own pace: a live feed
+            writer.write(b"done|")
+            await writer.drain()
+            return await self._linger(reader, conn)
         if fault == "ws-half-close":
             key = request.header(b"sec-websocket-key") or b""
             writer.write(

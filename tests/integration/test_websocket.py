@@ -259,11 +259,32 @@ def test_tunnel_idle_timeout(setup: Setup) -> None:
                 break
             beat += 1
             time.sleep(TUNNEL_IDLE / 3)  # the client's own pace, not a wait for the proxy
-        # ... and silence closes both sides (the proxy's clock is coarse: a quarter of
-        # the shortest timeout)
+        # ... and silence closes both sides. The deadline is renewed on the loop's
+        # clock (a stale coarse clock cut tunnels half a second early on a busy
+        # machine); the check runs on the sweeper's tick, so the close is late by
+        # up to a tick, never early. The slack below is only the echo's own trip.
         assert client.closed_by_peer(timeout=TUNNEL_IDLE + 2)
         assert time.monotonic() - silent_since >= TUNNEL_IDLE * 0.7
     conn_id = setup.raw.wait_head(b"/fault/ws-echo/idle")
+    wait_for(lambda: setup.raw.conn(conn_id).closed, 5, "the upstream side of the tunnel to close")
+
+
+def test_tunnel_kept_open_by_backend_traffic_alone(setup: Setup) -> None:
+    """A feed the client never answers (server push) is traffic too: the tunnel
+    idle timeout counts silence in both directions, not only the client's."""
+    with RawClient(setup.proxy.port) as client:
+        client.send(upgrade("/fault/ws-push"))
+        _handshake(client)
+        started = time.monotonic()
+        # 3 s of ticks, three idle timeouts without a byte from the client
+        _recv_until(client, b"done|", timeout=10)
+        assert time.monotonic() - started > TUNNEL_IDLE * 2
+        assert client.buf == b"tick|" * 15 + b"done|"
+        client.buf = b""
+        silent_since = time.monotonic()
+        assert client.closed_by_peer(timeout=TUNNEL_IDLE + 2)
+        assert time.monotonic() - silent_since >= TUNNEL_IDLE * 0.7
+    conn_id = setup.raw.wait_head(b"/fault/ws-push")
     wait_for(lambda: setup.raw.conn(conn_id).closed, 5, "the upstream side of the tunnel to close")
 
 

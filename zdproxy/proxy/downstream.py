@@ -152,8 +152,9 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
         if tunnel is not None:
-            self.deadline = self.ctx.now + self.ctx.t_tunnel
             tunnel.write(data)
+            if self.tunnel_ref is not None:
+                self.tunnel_ref.touch()
             return
         if self.input_done:
             # a request was refused (reading is paused), or closing: input is read

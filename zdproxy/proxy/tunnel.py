@@ -2,7 +2,8 @@
 
 Both protocols switch to relay mode: each side's ``data_received`` writes
 straight to the other transport, EOF is passed on as a half-close, and the
-client connection's deadline becomes the tunnel idle timeout. The tunnel
+client connection's deadline becomes the tunnel idle timeout, renewed by
+traffic either way. The tunnel
 keeps its backend's in-flight count until it closes, so a drain waits for it
 (up to the drain timeout, when the runtime closes it).
 """
@@ -17,27 +18,40 @@ from zdproxy.proxy.deadlines import TUNNEL
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
+    from zdproxy.proxy.downstream import ClientConnection
     from zdproxy.proxy.exchange import Exchange
     from zdproxy.proxy.upstream import UpstreamConnection
 
 
 class Tunnel:
-    __slots__ = ("backend", "client", "closed", "ctx", "eofs", "server")
+    __slots__ = ("backend", "client", "closed", "conn", "ctx", "eofs", "server")
 
     def __init__(
         self,
         ctx: ProxyContext,
+        conn: ClientConnection,
         backend: Backend | None,
         client: asyncio.Transport,
         server: asyncio.Transport,
     ) -> None:
         self.ctx = ctx
+        self.conn = conn
         self.backend = backend
         self.client = client
         self.server = server
         self.closed = False
         #: directions that ended with a half-close (EOF passed on)
         self.eofs = 0
+
+    def touch(self) -> None:
+        """Bytes passed one way or the other: the idle deadline starts again.
+
+        Read the loop's clock, not the sweeper's coarse ``ctx.now``: that one is
+        a tick old, or more on a busy loop, and a tunnel would be cut that much
+        before ``timeouts.tunnel_idle``. One clock read per relayed chunk is
+        nothing next to the write it accompanies.
+        """
+        self.conn.deadline = self.ctx.loop.time() + self.ctx.t_tunnel
 
     def on_eof(self) -> None:
         """One side half-closed (its EOF was passed on); when both have, it is over."""
@@ -67,7 +81,7 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
     ctx = conn.ctx
     # the exchange hands its hold on the backend (in_flight) over to the tunnel
     backend = exchange.become_tunnel()
-    tunnel = Tunnel(ctx, backend, client, server)
+    tunnel = Tunnel(ctx, conn, backend, client, server)
     ctx.tunnels.add(tunnel)
     ctx.counters.tunnels_total += 1
     upstream.tunnel_peer = client

@@ -132,6 +132,9 @@ class UpstreamConnection(asyncio.Protocol):
         peer = self.tunnel_peer
         if peer is not None:
             peer.write(data)
+            # a backend that only pushes (a live feed) keeps its tunnel open too
+            if self.tunnel_ref is not None:
+                self.tunnel_ref.touch()
             return
         # a local, never `self.exchange is None`: mypy would keep self.exchange
         # narrowed across feed_data(), whose callbacks clear it, and compiled code
