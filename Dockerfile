@@ -12,8 +12,11 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- build: a wheel of zdproxy and of each dependency (no compiler needed later);
-# gcc lets setup.py compile the hot modules with mypyc when ZDPROXY_COMPILE=1
+# gcc lets setup.py compile the hot modules with mypyc (the wheel is the compiled
+# build; --build-arg ZDPROXY_PURE=1 builds pure Python)
 FROM ${PYTHON_IMAGE} AS build
+ARG ZDPROXY_PURE=
+ENV ZDPROXY_PURE=${ZDPROXY_PURE}
 RUN apt-get update -qq \
  && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
  && rm -rf /var/lib/apt/lists/*

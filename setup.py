@@ -62,11 +62,6 @@ def why_pure() -> str | None:
     """The reason to install pure Python, or None to compile."""
     if os.environ.get("ZDPROXY_PURE", "") not in ("", "0"):
         return "ZDPROXY_PURE is set"
-    # opt-in for now (the default is the lead's call: docs/internals.md, "Build"); the
-    # known gap, shadow mirroring's __class__ assignment, is gone (the Exchange holds
-    # its shadow copy instead)
-    if os.environ.get("ZDPROXY_COMPILE", "") in ("", "0"):
-        return "compiling is opt-in (ZDPROXY_COMPILE=1) for now"
     if any(command in sys.argv for command in ("editable_wheel", "develop")):
         return "editable install (compiled modules would shadow the sources)"
     compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]

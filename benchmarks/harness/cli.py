@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--zdproxy-compiled-cmd",
         help="command that runs zdproxy's compiled build (a virtualenv's bin/zdproxy after "
-        "ZDPROXY_COMPILE=1 pip install .): adds the zdproxy-compiled row",
+        "pip install .; compiled is the default): adds the zdproxy-compiled row",
     )
     parser.add_argument(
         "--out",

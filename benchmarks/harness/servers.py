@@ -875,6 +875,6 @@ class ZdproxyAccessLogProxy(ZdproxyProxy):
 
 class ZdproxyCompiledProxy(ZdproxyProxy):
     """zdproxy's compiled (mypyc) build beside the pure one, from
-    ``--zdproxy-compiled-cmd`` (e.g. a virtualenv with ``ZDPROXY_COMPILE=1 pip install .``)."""
+    ``--zdproxy-compiled-cmd`` (e.g. a virtualenv with ``pip install .``)."""
 
     name = "zdproxy-compiled"
