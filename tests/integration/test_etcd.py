@@ -12,11 +12,9 @@ import itertools
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from ports import free_port
 from support import Backend, async_wait_for
 from support_control import AdminClient, AdminProxy, actl, dummy_pools
@@ -30,15 +28,6 @@ from support_etcd import (
     served_by,
     shared_config,
 )
-
-
-@pytest.fixture
-async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
-    server = EtcdServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_split_on_one_instance_is_served_by_the_other(

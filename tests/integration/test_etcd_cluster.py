@@ -9,7 +9,6 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,6 @@ from support_etcd import (
 from support_upgrade import UpgradingProxy, upgrade_config
 
 from zdproxy.control.etcd import EtcdClient, EtcdCompacted, EtcdError, put_op
-
-
-@pytest.fixture
-async def etcd(tmp_path: Path) -> AsyncIterator[EtcdServer]:
-    server = EtcdServer(tmp_path).start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 async def test_rollout_leader_killed_mid_rollout(tmp_path: Path, etcd: EtcdServer) -> None:
