@@ -9,6 +9,11 @@ and dumped after (``callgrind_control``); an idle interval as long as the measur
 one is counted the same way and subtracted (health checks, timers).
 
     python3 benchmarks/instructions.py --zdproxy-cmd .venv-test/bin/zdproxy
+    python3 benchmarks/instructions.py --scenario upload --proxy nginx
+
+Scenarios (``--scenario``), as in ``benchmarks/run.py``: ``1k`` (the default),
+``64k`` (64 KiB responses), ``upload`` (1 MiB request bodies, a short answer) and
+``newconn`` (a new client connection per request, ``Connection: close``).
 
 Counts are user-space instructions of the whole process (the kernel's are not
 seen), one request at a time per connection: a figure to compare builds and
@@ -38,6 +43,9 @@ from harness.servers import HaproxyProxy, NginxProxy, Topology, free_port, zdpro
 from harness.system import Pinning
 
 BODY = b"x" * 1024
+LARGE = b"x" * 65536
+UPLOAD = b"u" * (1 << 20)
+SCENARIOS = ("1k", "64k", "upload", "newconn")
 #: the head nginx sends for a static file (the backends of benchmarks/run.py): what
 #: the proxy's response-head rewriting sees there, Date changing every second
 HEAD = (
@@ -48,22 +56,41 @@ HEAD = (
 )
 
 
-def response() -> bytes:
-    return HEAD % email.utils.formatdate(usegmt=True).encode("ascii") + BODY
+def response(body: bytes = BODY) -> bytes:
+    head = HEAD.replace(b"Content-Length: 1024", b"Content-Length: %d" % len(body))
+    return head % email.utils.formatdate(usegmt=True).encode("ascii") + body
 
 
 class _Backend(asyncio.Protocol):
-    """Answers every request head with 1 KiB (GETs only, keep-alive), as nginx does."""
+    """Answers as the benchmark's nginx backends do: 1 KiB, 64 KiB for ``/64k``,
+    and for a request with a body, the body's length once all of it came."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.buf = b""
+        self.pending = 0  # body bytes still to read before answering
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        while (end := self.buf.find(b"\r\n\r\n")) >= 0:
-            self.buf = self.buf[end + 4 :]
-            self.transport.write(response())  # type: ignore[attr-defined]
+        while True:
+            if self.pending:
+                taken = min(self.pending, len(self.buf))
+                self.buf = self.buf[taken:]
+                self.pending -= taken
+                if self.pending:
+                    return
+                self.transport.write(response(b"%d" % len(UPLOAD)))  # type: ignore[attr-defined]
+                continue
+            end = self.buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, self.buf = self.buf[:end], self.buf[end + 4 :]
+            length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+            if length is not None and int(length.group(1)):
+                self.pending = int(length.group(1))
+                continue
+            body = LARGE if head.startswith(b"GET /64k ") else BODY
+            self.transport.write(response(body))  # type: ignore[attr-defined]
 
 
 def start_backends(ports: list[int]) -> None:
@@ -91,17 +118,38 @@ def read_response(sock: socket.socket) -> bytes:
     return head
 
 
-def send_requests(port: int, count: int, connections: int) -> None:
+def scenario_request(port: int, scenario: str) -> bytes:
+    host = f"Host: 127.0.0.1:{port}\r\n"
+    if scenario == "64k":
+        return f"GET /64k HTTP/1.1\r\n{host}\r\n".encode()
+    if scenario == "upload":
+        head = f"POST /upload HTTP/1.1\r\n{host}Content-Length: {len(UPLOAD)}\r\n\r\n"
+        return head.encode() + UPLOAD
+    if scenario == "newconn":
+        return f"GET / HTTP/1.1\r\n{host}Connection: close\r\n\r\n".encode()
+    return f"GET / HTTP/1.1\r\n{host}\r\n".encode()
+
+
+def send_requests(port: int, count: int, connections: int, scenario: str = "1k") -> None:
+    request = scenario_request(port, scenario)
+    if scenario == "newconn":
+        for _ in range(count):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(request)
+                check(read_response(sock))
+        return
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(connections)]
-    request = f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     for i in range(count):
         sock = socks[i % connections]
         sock.sendall(request)
-        head = read_response(sock)
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise AssertionError(head[:200])
+        check(read_response(sock))
     for sock in socks:
         sock.close()
+
+
+def check(head: bytes) -> None:
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise AssertionError(head[:200])
 
 
 def callgrind_total(pid: int, out: Path) -> int:
@@ -182,6 +230,7 @@ def measure(
     connections: int,
     sticky: str = "pool",
     proxy: str = "zdproxy",
+    scenario: str = "1k",
 ) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
@@ -205,10 +254,10 @@ def measure(
     try:
         wait_port(port, proc, 600)
         wait_healthy(port, 300)
-        send_requests(port, max(200, requests // 10), connections)  # warm up
+        send_requests(port, max(200, requests // 10), connections, scenario)  # warm up
         zero(proc.pid)
         started = time.monotonic()
-        send_requests(port, requests, connections)
+        send_requests(port, requests, connections, scenario)
         elapsed = time.monotonic() - started
         busy = callgrind_total(proc.pid, out)
         zero(proc.pid)
@@ -229,22 +278,36 @@ def measure(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zdproxy-cmd", default=f"{shlex.quote(sys.executable)} -m zdproxy.cli")
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, help="default 2000 (200 for upload)")
+    parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="1k")
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--sticky", choices=("off", "pool", "backend"), default="pool")
     parser.add_argument(
         "--proxy", choices=("zdproxy", "nginx", "haproxy", "floor"), default="zdproxy"
     )
     args = parser.parse_args()
-    result = measure(
-        shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky, args.proxy
-    )
-    print(
-        f"{result['instructions_per_request']:,.0f} instructions per request "
-        f"({args.requests} requests in {result['seconds']:.1f} s under callgrind, "
-        f"idle interval {result['idle_instructions']:,} subtracted)"
-    )
+    for scenario in SCENARIOS if args.scenario == "all" else (args.scenario,):
+        requests = args.requests or (200 if scenario == "upload" else 2000)
+        result = measure(
+            shlex.split(args.zdproxy_cmd),
+            requests,
+            args.connections,
+            args.sticky,
+            args.proxy,
+            scenario,
+        )
+        report(args.proxy, scenario, requests, result)
     return 0
+
+
+def report(proxy: str, scenario: str, requests: int, result: dict[str, float]) -> None:
+    print(
+        f"{proxy} {scenario}: "
+        f"{result['instructions_per_request']:,.0f} instructions per request "
+        f"({requests} requests in {result['seconds']:.1f} s under callgrind, "
+        f"idle interval {result['idle_instructions']:,} subtracted)",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
