@@ -10,8 +10,8 @@ only decides whether to add mypyc's extension modules:
 - mypyc failing (while generating C, or the compiler while building it): pure, with
   the error, so ``pip install .`` still works on any machine.
 
-mypy (which carries mypyc) is asked for as a build requirement only when compiling
-is possible (``setup_requires``, which setuptools' PEP 517 backend turns into the
+mypy (which carries mypyc) and pydantic (the hot modules' types import the config
+schema) are asked for as build requirements only when compiling is possible (``setup_requires``, which setuptools' PEP 517 backend turns into the
 build's requirements), pinned like requirements/test-constraints.txt.
 """
 
@@ -29,6 +29,11 @@ from setuptools.command.build_ext import build_ext
 
 # keep equal to requirements/test-constraints.txt (a unit test checks)
 MYPY_PIN = "mypy==2.4.1"
+# mypyc type-checks the hot modules, and they import the config schema, which is
+# pydantic: without pydantic in the build environment the strict check fails and
+# the build falls back to pure Python. pip builds a wheel before it installs the
+# dependencies, so a fresh virtualenv has none yet: the build asks for it itself.
+PYDANTIC_PIN = "pydantic==2.14.4"
 
 # The hot path: the data path (proxy/), HTTP policy (http/) and balancing/. The
 # rest of the package (config, admin, control, health: aiohttp and pydantic code
@@ -115,7 +120,7 @@ EXTENSIONS = compiled_extensions()
 setup(
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": OptionalBuildExt},
-    setup_requires=[MYPY_PIN] if why_pure() is None else [],
+    setup_requires=[MYPY_PIN, PYDANTIC_PIN] if why_pure() is None else [],
     # a build directory per kind: a pure build must not pick up the extension
     # modules a compiled build left in build/lib (the wheel takes all of it)
     options={"build": {"build_base": "build/compiled" if EXTENSIONS else "build/pure"}},

@@ -186,8 +186,9 @@ def test_the_check_passes_locals_and_later_tests() -> None:
     assert narrowing_violations(GOOD, "x.py") == []
 
 
-def test_setup_pins_the_same_mypy_as_the_test_constraints() -> None:
-    pin = re.search(r'^MYPY_PIN = "(.+)"$', (ROOT / "setup.py").read_text(), re.M)
+@pytest.mark.parametrize("name", ["MYPY_PIN", "PYDANTIC_PIN"])
+def test_setup_pins_the_same_build_tools_as_the_test_constraints(name: str) -> None:
+    pin = re.search(rf'^{name} = "(.+)"$', (ROOT / "setup.py").read_text(), re.M)
     assert pin is not None
     constraints = (ROOT / "requirements/test-constraints.txt").read_text().splitlines()
     assert pin.group(1) in constraints
