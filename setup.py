@@ -10,9 +10,10 @@ only decides whether to add mypyc's extension modules:
 - mypyc failing (while generating C, or the compiler while building it): pure, with
   the error, so ``pip install .`` still works on any machine.
 
-mypy (which carries mypyc) and pydantic (the hot modules' types import the config
-schema) are asked for as build requirements only when compiling is possible (``setup_requires``, which setuptools' PEP 517 backend turns into the
-build's requirements), pinned like requirements/test-constraints.txt.
+mypy (which carries mypyc), pydantic and PyYAML with its stubs (the hot modules'
+types import the config package) are asked for as build requirements only when
+compiling is possible (``setup_requires``, which setuptools' PEP 517 backend turns
+into the build's requirements), pinned like requirements/test-constraints.txt.
 """
 
 from __future__ import annotations
@@ -27,13 +28,12 @@ from typing import Any
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-# keep equal to requirements/test-constraints.txt (a unit test checks)
-MYPY_PIN = "mypy==2.4.1"
-# mypyc type-checks the hot modules, and they import the config schema, which is
-# pydantic: without pydantic in the build environment the strict check fails and
-# the build falls back to pure Python. pip builds a wheel before it installs the
-# dependencies, so a fresh virtualenv has none yet: the build asks for it itself.
-PYDANTIC_PIN = "pydantic==2.14.4"
+# What compiling needs, each pin equal to requirements/test-constraints.txt (a unit
+# test checks): mypy carries mypyc; mypyc type-checks the hot modules strictly, and
+# they import the config package (pydantic, yaml), so without those (and the yaml
+# stubs) the check fails and the build falls back to pure Python. pip builds the
+# wheel before it installs the dependencies: a fresh virtualenv has none of them yet.
+BUILD_PINS = ["mypy==2.4.1", "pydantic==2.14.4", "PyYAML==6.0.4", "types-PyYAML==6.0.12.20261122"]
 
 # The hot path: the data path (proxy/), HTTP policy (http/) and balancing/. The
 # rest of the package (config, admin, control, health: aiohttp and pydantic code
@@ -103,7 +103,7 @@ def compiled_extensions() -> list[Any]:
     try:
         from mypyc.build import mypycify
     except ImportError:
-        say(f"pure Python build: mypyc is not importable ({MYPY_PIN} gives it)")
+        say(f"pure Python build: mypyc is not importable ({BUILD_PINS[0]} gives it)")
         return []
     try:
         extensions: list[Any] = mypycify(
@@ -120,7 +120,7 @@ EXTENSIONS = compiled_extensions()
 setup(
     ext_modules=EXTENSIONS,
     cmdclass={"build_ext": OptionalBuildExt},
-    setup_requires=[MYPY_PIN, PYDANTIC_PIN] if why_pure() is None else [],
+    setup_requires=BUILD_PINS if why_pure() is None else [],
     # a build directory per kind: a pure build must not pick up the extension
     # modules a compiled build left in build/lib (the wheel takes all of it)
     options={"build": {"build_base": "build/compiled" if EXTENSIONS else "build/pure"}},
