@@ -55,7 +55,6 @@ from zdproxy.proxy.upstream_tls import UpstreamTlsMap, UpstreamTlsTarget
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
-    from zdproxy.server import ProxyServer
 
 
 class HealthHost(Protocol):
@@ -413,13 +412,15 @@ class HealthService:
         self._ejected_seen: dict[str, bool] = {}
         runtime.subscribe(self._on_snapshot)
 
-    async def start(self, server: ProxyServer) -> None:
+    async def start(self, handed: Mapping[str, Any] | None = None) -> None:
+        """Start checking; ``handed``: the state a hot upgrade passed on (None: a
+        fresh start), whose verdicts and ejections are adopted first."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.outlier.start(loop)
-        if server.handover is not None:
+        if handed is not None:
             # before the first checks: they continue from the old process's verdicts
-            self.adopt(server.handover.state)
+            self.adopt(handed)
         self.slow_start.start(loop)
         self.tunnels.start(loop)
         await self.checker.start(loop)
@@ -437,7 +438,7 @@ class HealthService:
             self.host.config.sticky.mode,
         )
 
-    async def stop(self, server: ProxyServer) -> None:
+    async def stop(self) -> None:
         self.tunnels.stop()
         self.slow_start.stop()
         self.outlier.stop()
