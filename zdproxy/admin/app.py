@@ -45,7 +45,9 @@ from zdproxy.admin.requests import (
     AddBackendBody,
     FlipBody,
     NoBody,
+    RollingBody,
     RollingPoolBody,
+    RolloutBody,
     SplitBody,
     parse,
 )
@@ -473,7 +475,7 @@ class AdminApi:
     async def start_rollout(self, request: web.Request) -> web.Response:
         svc = self._service(request)
         controller = self._controller(svc)
-        data = await self._body(request, None)
+        data = parse(RolloutBody, await self._body(request, None)).plan_data()
         rollout = await self._mutate(svc, lambda: controller.start(data, request[_TOKEN].name))
         return json_response({"rollout": controller.status(rollout)}, 201)
 
@@ -524,7 +526,7 @@ class AdminApi:
     async def rolling_start(self, request: web.Request) -> web.Response:
         svc = self._service(request)
         rolling = self._rolling(svc)
-        body = await self._optional_body(request)
+        body = parse(RollingBody, await self._optional_body(request)).plan_data()
         pool, actor = request.match_info["pool"], request[_TOKEN].name
         update = await self._mutate(svc, lambda: rolling.start(pool, body, actor))
         result = {"rolling": update.to_json(svc.runtime, svc.runtime.clock())}
