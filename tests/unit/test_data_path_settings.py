@@ -80,7 +80,7 @@ def test_defaults_and_a_cap_above_the_limit() -> None:
 
 def test_settings_are_frozen_and_slotted() -> None:
     settings = custom()
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):  # FrozenInstanceError (compiled too)
         settings.t_idle = 1.0  # type: ignore[misc]
     assert not hasattr(settings, "__dict__")
 
