@@ -1,4 +1,5 @@
-"""Active health checks, and the hook that installs all of health into a server.
+"""Active health checks, and the health service of one service (checks, outlier
+detection, slow start, the tunnel drain deadline).
 
 One probe per checked backend: an HTTP ``GET`` of the configured path with the
 configured ``Host``, every ``interval`` (+/- ``jitter``), failed when not
@@ -381,7 +382,7 @@ class HealthChecker:
 
 
 class HealthService:
-    """Everything of health in one server: ``server.health``.
+    """Everything of health in one service: ``service.health``.
 
     ``state()`` (and ``backend_info(id)``) give, per backend id::
 
