@@ -97,7 +97,9 @@ def test_the_context_installs_settings_whole(loop: asyncio.AbstractEventLoop) ->
         if field.name == "max_response_header_bytes":
             assert server.upstreams.max_head_bytes == settings.max_response_header_bytes
         else:
-            assert getattr(ctx, field.name) is getattr(settings, field.name), field.name
-    assert ctx.selector_wants_affinity is settings.selector_wants_affinity
+            # == rather than is: a compiled context keeps floats and ints unboxed
+            assert getattr(ctx, field.name) == getattr(settings, field.name), field.name
+    assert ctx.upstream_tls is settings.upstream_tls
+    assert ctx.selector_wants_affinity == settings.selector_wants_affinity
     # the mutable state is not part of it
     assert (ctx.connections, ctx.counters, ctx.idle) == conn_state
