@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -40,13 +39,10 @@ def setup_logging(fmt: str, level: str = "info") -> None:
 
 
 def _run_loop(coro: Any) -> int:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency
-        result: int = asyncio.run(coro)
-        return result
-    result = uvloop.run(coro)
-    return int(result)
+    # uvloop is a dependency: without it the start fails, never runs slower in silence
+    import uvloop
+
+    return int(uvloop.run(coro))
 
 
 def cmd_run(args: argparse.Namespace) -> int:

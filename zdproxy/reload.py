@@ -20,6 +20,7 @@ from zdproxy.balancing.retry import RetryBudget
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
 from zdproxy.config.schema import Config
+from zdproxy.proxy.settings import DataPathSettings
 from zdproxy.proxy.upstream_tls import tls_changed
 from zdproxy.services import route_table
 
@@ -105,9 +106,6 @@ class Reloader:
         # (listeners too, but for the TLS settings of the same address: the files are
         # re-read first, so that a certificate that fails now changes nothing)
         listen = server.tls.merge(old.listen, new.listen)
-        reloaded = server.tls.reload(listen)
-        if reloaded:
-            log.info("config reload: certificates re-read for %s", ", ".join(reloaded))
         kept = new.model_copy(update={"listen": listen, "admin": old.admin, "state": old.state})
         log_config = new.log.model_copy(
             update={
@@ -117,6 +115,14 @@ class Reloader:
             }
         )
         kept = kept.model_copy(update={"log": log_config})
+        ctx = server.ctx
+        # the data path's new settings and routes, built before anything changes: one
+        # that cannot be built (an upstream CA file unreadable) leaves all as it was
+        settings = DataPathSettings.from_config(kept, ctx.fd_cap) if ctx is not None else None
+        routes = route_table(kept, server.services)
+        reloaded = server.tls.reload(listen)
+        if reloaded:
+            log.info("config reload: certificates re-read for %s", ", ".join(reloaded))
         before = {"summary": summary(old)}
         after = {"summary": summary(kept), **plan.to_json()}
         event = None
@@ -138,11 +144,12 @@ class Reloader:
         assert event is not None
         server.config = kept
         server.upstreams.max_idle = kept.limits.max_idle_upstream_per_backend
-        if server.ctx is not None:
-            old_tls = server.ctx.upstream_tls
-            server.ctx.apply(kept)
-            server.ctx.routes = route_table(kept, server.services)
-            server.ctx.retry_policy = RetryBudget(kept.retries.budget_percent)
+        if ctx is not None and settings is not None:
+            old_tls = ctx.upstream_tls
+            # swapped whole, with no await in between: no request sees half of it
+            ctx.install(settings)
+            ctx.routes = routes
+            ctx.retry_policy = RetryBudget(kept.retries.budget_percent)
             # pooled connections made with other TLS settings (plain, or another CA
             # or name) are not reused
             backends = (
@@ -150,7 +157,7 @@ class Reloader:
                 for service in server.services.values()
                 for b in service.runtime.backends.values()
             )
-            for backend_id in tls_changed(old_tls, server.ctx.upstream_tls, backends):
+            for backend_id in tls_changed(old_tls, ctx.upstream_tls, backends):
                 server.upstreams.close_backend(backend_id)
         logging.getLogger().setLevel(kept.log.level.upper())
         server.shadow.reconfigure(kept.shadow, actor)

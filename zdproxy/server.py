@@ -14,14 +14,15 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING
 
-from zdproxy.admin.app import install as install_admin
+from zdproxy.admin.app import build_control_plane
 from zdproxy.balancing.model import Backend, BackendState, Snapshot
 from zdproxy.balancing.passive import PassiveObserver
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.balancing.selector import WeightedSelector
-from zdproxy.config.schema import Address, Config
+from zdproxy.config.schema import Address, AdminConfig, Config
 from zdproxy.control.rolling import RollingUpdates
 from zdproxy.control.rollout import RolloutController, RolloutDriver
 from zdproxy.control.runtime import Runtime
@@ -30,6 +31,7 @@ from zdproxy.control.sticky_key import StickyKey
 from zdproxy.control.ticker import RuntimeTicker
 from zdproxy.errors import ListenError
 from zdproxy.health.checker import HealthService, build_health
+from zdproxy.metrics import DataPathCounts
 from zdproxy.proxy.accesslog import AccessLog
 from zdproxy.proxy.context import ProxyContext
 from zdproxy.proxy.fdlimit import fd_budget
@@ -52,8 +54,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zdproxy.error")
 
-#: start/stop hooks of the parts (health checks, admin API, ...), in order
-Hook = Callable[["ProxyServer"], Awaitable[None]]
+#: start/stop hooks of the parts (health checks, admin API, ...), in order; the
+#: composition root binds what each needs (a part is never handed the server)
+Hook = Callable[[], Awaitable[None]]
 
 
 #: listen backlog: where connections wait while limits.max_connections is reached
@@ -120,8 +123,8 @@ class ProxyServer:
         self.upgrader = Upgrader(self)
         #: set in a process started by a hot upgrade: the sockets and state passed to it
         self.handover: Handover | None = None
-        #: the admin listener and the state persistence (set by the admin part): a
-        #: hot upgrade passes the one on and pauses the other
+        #: the admin listener and the state persistence (set by ``wire``): a hot
+        #: upgrade passes the one on and pauses the other
         self.admin_socket: socket.socket | None = None
         self.persistences: list[Persistence] = []
         #: a hot upgrade: control tasks that change the state (rollouts, rolling
@@ -179,6 +182,29 @@ class ProxyServer:
         return in_use
 
     @property
+    def data_path_closed(self) -> bool:
+        """Not serving (not started yet, or shutting down): ``/healthz`` says 503."""
+        ctx = self.ctx
+        return ctx is None or ctx.closing
+
+    def data_path_counts(self) -> DataPathCounts:
+        """The data path's connection and retry counters (all workers' with workers)."""
+        if self.workers is not None:
+            return self.workers.data_path_counts()
+        ctx = self.ctx
+        if ctx is None:
+            return DataPathCounts()
+        counters = ctx.counters
+        return DataPathCounts(
+            client_connections=len(ctx.connections),
+            upstream_connections=self.upstreams.open_count,
+            tunnels=len(ctx.tunnels),
+            connections_accepted=counters.connections_accepted,
+            retries=counters.retries,
+            tunnels_total=counters.tunnels_total,
+        )
+
+    @property
     def loop(self) -> asyncio.AbstractEventLoop:
         return asyncio.get_running_loop()
 
@@ -220,7 +246,7 @@ class ProxyServer:
         # connections made meanwhile wait in the listen backlog instead of
         # meeting backends that are not known to be up yet
         for hook in self.start_hooks:
-            await hook(self)
+            await hook()
         if self.workers is not None:
             await self.workers.start()
         else:
@@ -348,7 +374,7 @@ class ProxyServer:
                 tunnel.close()
         for hook in reversed(self.stop_hooks):
             try:
-                await hook(self)
+                await hook()
             except Exception:
                 log.exception("error while stopping")
         if self._sweeper is not None:
@@ -422,14 +448,18 @@ async def serve(
 def wire(server: ProxyServer) -> None:
     """The composition root's second half: build the control parts of ``server``
     (before ``server.start()``) and connect each to the narrow interface it
-    needs. Every part is required: a part that cannot be imported fails the
-    start (an ImportError), never turns a feature off in silence.
+    needs; every lifecycle hook is registered here, with what the part needs
+    bound in (no part is handed the server). Every part is required: a part that
+    cannot be imported fails the start (an ImportError), never turns a feature
+    off in silence.
 
     Start order (the hooks run in this order, stop in reverse): the data path's
     passive results to the outlier detectors, a generated sticky key saved, the
     health checks (their first verdicts before serving), rolling updates, the
-    admin API with the saved state restored, drain progress, rollouts.
+    shared state (etcd), the admin API with the saved state restored, drain
+    progress, rollouts.
     """
+    handover = server.handover
     for service in server.services.values():
         # signs the service's affinity cookies; a state section of its runtime
         service.sticky_key = StickyKey(service.runtime, service.selector, service.config)
@@ -439,14 +469,15 @@ def wire(server: ProxyServer) -> None:
         # a rolling update waits for a re-enabled backend's ramp to end
         service.rolling.slow_start_percent = health[name].slow_start.weight_percent
     server.health = health[primary_name(server.config)]
-    server.start_hooks.append(_observe_passive_health)
-    server.start_hooks.append(_save_sticky_keys)
+    server.start_hooks.append(partial(_observe_passive_health, server))
+    server.start_hooks.append(partial(_save_sticky_keys, server))
+    handed = handover.state if handover is not None else None
     for service_health in health.values():
-        server.start_hooks.append(service_health.start)
+        server.start_hooks.append(partial(service_health.start, handed))
         server.stop_hooks.append(service_health.stop)
-    server.start_hooks.append(_start_rolling)
-    server.stop_hooks.append(_stop_rolling)
-    install_admin(server)
+    server.start_hooks.append(partial(_start_rolling, server))
+    server.stop_hooks.append(partial(_stop_rolling, server))
+    _wire_admin(server, handover)
     # drains end and removals complete on time (the control process owns them)
     ticker = RuntimeTicker([service.runtime for service in server.services.values()])
     server.start_hooks.append(_call(ticker.start))
@@ -461,14 +492,49 @@ def wire(server: ProxyServer) -> None:
         # during a hot upgrade nothing steps: the new process goes on from the state
         server.pause_hooks.append(driver.pause)
         server.resume_hooks.append(driver.start)
-    server.pause_hooks.append(_stop_rolling)
-    server.resume_hooks.append(_start_rolling)
+    server.pause_hooks.append(partial(_stop_rolling, server))
+    server.resume_hooks.append(partial(_start_rolling, server))
+
+
+def _wire_admin(server: ProxyServer, handover: Handover | None) -> None:
+    """The admin API and the state persistence: the tokens checked (the process
+    exits on a missing one), the admin socket chosen, the saved state restored
+    before traffic is served."""
+    plane = build_control_plane(server)
+    # first: a failed start (the admin address in use) leaves the saved state untouched
+    sock = admin_listener(server.config.admin, handover)
+    server.admin_socket = sock
+    server.persistences.extend(plane.persistences)
+    plane.restore(handover.service_state if handover is not None else _nothing_handed)
+    cluster = plane.cluster
+    if cluster is not None:
+        # before the admin API and the rollout drivers: the shared state is read first
+        server.start_hooks.append(cluster.start)
+        server.stop_hooks.append(cluster.stop)
+        server.pause_hooks.append(cluster.pause)
+        server.resume_hooks.append(cluster.resume)
+    server.start_hooks.append(partial(plane.start, sock))
+    server.retire_hooks.append(plane.retire)
+    server.stop_hooks.append(plane.stop)
+
+
+def admin_listener(admin: AdminConfig, handover: Handover | None) -> socket.socket | None:
+    """The admin API's listening socket: the one a hot upgrade passed on for the
+    same address, else a fresh one (None: ``admin.enabled`` is off)."""
+    if not admin.enabled:
+        return None
+    passed = handover.take_admin(str(admin.listen)) if handover is not None else None
+    return passed or bind_listener(admin.listen, backlog=128)
+
+
+def _nothing_handed(name: str) -> None:
+    return None
 
 
 def _call(function: Callable[[], None]) -> Hook:
     """A plain call as a start/stop hook."""
 
-    async def hook(server: ProxyServer) -> None:
+    async def hook() -> None:
         function()
 
     return hook

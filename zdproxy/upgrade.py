@@ -56,7 +56,7 @@ from zdproxy.control.events import SYSTEM_ACTOR
 
 if TYPE_CHECKING:
     from zdproxy.control.runtime import Runtime
-    from zdproxy.server import ProxyServer
+    from zdproxy.server import Hook, ProxyServer
 
 log = logging.getLogger("zdproxy.error")
 
@@ -305,7 +305,7 @@ class Upgrader:
 
     async def _attempt(self) -> UpgradeResult:
         server = self.server
-        await _run_hooks(server, server.pause_hooks)
+        await _run_hooks(server.pause_hooks)
         for persistence in server.persistences:
             # the new process reads the state files: they must be complete and stay so
             persistence.pause()
@@ -432,7 +432,7 @@ class Upgrader:
     async def _retire(self, result: UpgradeResult) -> None:
         """The new process serves: hand everything over to it and drain."""
         server = self.server
-        await _run_hooks(server, server.retire_hooks)
+        await _run_hooks(server.retire_hooks)
         if self.supervisor_mode and result.pid is not None:
             assert self._notify is not None
             self.supervision = Supervisor(result.pid, self._notify)
@@ -442,7 +442,7 @@ class Upgrader:
         server = self.server
         for persistence in server.persistences:
             persistence.resume()
-        await _run_hooks(server, server.resume_hooks)
+        await _run_hooks(server.resume_hooks)
 
 
 def _runtime_state(runtime: Runtime) -> dict[str, Any]:
@@ -454,10 +454,10 @@ def _runtime_state(runtime: Runtime) -> dict[str, Any]:
     }
 
 
-async def _run_hooks(server: ProxyServer, hooks: list[Any]) -> None:
+async def _run_hooks(hooks: list[Hook]) -> None:
     for hook in hooks:
         try:
-            await hook(server)
+            await hook()
         except Exception:
             log.exception("hot upgrade: error in %s", getattr(hook, "__qualname__", hook))
 

@@ -25,6 +25,7 @@ from zdproxy.config.loader import ConfigError, load_config
 from zdproxy.config.schema import Config
 from zdproxy.control.runtime import Runtime
 from zdproxy.health.drain import TunnelDrainer
+from zdproxy.proxy.settings import DataPathSettings
 from zdproxy.server import ProxyServer
 from zdproxy.services import route_table
 from zdproxy.workers import (
@@ -135,14 +136,17 @@ class WorkerProcess:
                 "workers": 1,
             }
         )
+        ctx = server.ctx
+        # built before anything changes: one that cannot be built changes nothing
+        settings = DataPathSettings.from_config(kept, ctx.fd_cap) if ctx is not None else None
+        routes = route_table(kept, server.services)
         server.config = kept
         for name, service in server.services.items():
             service.config = config = kept.service_config(name)
             service.selector.configure(config.sticky, config.draining, service.selector.secret)
-        ctx = server.ctx
-        if ctx is not None:
-            ctx.apply(kept)
-            ctx.routes = route_table(kept, server.services)
+        if ctx is not None and settings is not None:
+            ctx.install(settings)
+            ctx.routes = routes
             ctx.retry_policy = RetryBudget(kept.retries.budget_percent)
         log.info("worker %d: config reloaded", self.index)
 

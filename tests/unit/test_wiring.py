@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import importlib
+import inspect
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from zdproxy.control.runtime import Runtime
 from zdproxy.control.ticker import RuntimeTicker
 from zdproxy.health.checker import HealthService
 from zdproxy.server import ProxyServer, wire
+from zdproxy.upgrade import Handover
 
 from .test_backend_model import Clock, make_config
 
@@ -106,3 +109,63 @@ def test_the_ticker_advances_every_runtime_even_when_one_fails(
     ticker.tick()
     assert good.backends["blue-1"].state.value == "drained"
     assert "runtime tick failed" in caplog.text
+
+
+def admin_config(port: int) -> Config:
+    return Config.model_validate(
+        {
+            "listen": "127.0.0.1:18080",
+            "admin": {"enabled": True, "listen": f"127.0.0.1:{port}"},
+            "state": {"path": None},
+            "health_check": {"enabled": False},
+            "pools": {"blue": {"weight": 100, "backends": [{"address": "127.0.0.1:9001"}]}},
+        }
+    )
+
+
+def listening_socket() -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock
+
+
+def test_wire_binds_the_admin_socket_and_registers_hooks_without_the_server() -> None:
+    probe = listening_socket()
+    port = probe.getsockname()[1]
+    probe.close()
+    server = ProxyServer(admin_config(port))
+    wire(server)
+    sock = server.admin_socket
+    try:
+        assert sock is not None and sock.getsockname() == ("127.0.0.1", port)
+        assert len(server.persistences) == 1
+        hooks = (
+            server.start_hooks
+            + server.stop_hooks
+            + server.pause_hooks
+            + server.resume_hooks
+            + server.retire_hooks
+        )
+        # every hook is called with nothing: no part is handed the server
+        for hook in hooks:
+            inspect.signature(hook).bind()
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def test_wire_takes_the_admin_socket_a_hot_upgrade_handed_over() -> None:
+    passed = listening_socket()
+    address = f"127.0.0.1:{passed.getsockname()[1]}"
+    left, right = socket.socketpair()
+    try:
+        server = ProxyServer(admin_config(passed.getsockname()[1]))
+        server.handover = Handover({}, (address, passed), left)
+        wire(server)
+        # the same socket object, not a new one bound beside it
+        assert server.admin_socket is passed
+        assert server.handover.admin is None
+    finally:
+        for sock in (passed, left, right):
+            sock.close()

@@ -5,11 +5,13 @@ through the runtime's mutation methods, which validate everything and raise
 ``ControlError`` (mapped here to its HTTP status). A mutation is answered once
 its new state and audit record are on disk.
 
-``install(server)`` wires the control plane into the composition root: it loads
-the tokens (refusing to start on a non-loopback address without one), restores
-the saved state before traffic is served, binds the admin socket, and adds the
-start/stop hooks that run the API (drain progress is the composition root's
-``RuntimeTicker``, not this package's).
+``build_control_plane(host)`` builds it against ``AdminHost``, the narrow view
+of the process it needs (loading the tokens, refusing to start on a
+non-loopback address without one). The composition root (``server.wire``)
+chooses the admin socket (handed over by a hot upgrade or freshly bound),
+restores the saved state before traffic is served and registers the
+start/retire/stop hooks; drain progress is its ``RuntimeTicker``, not this
+package's.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ import json
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -43,13 +45,15 @@ from zdproxy.admin.requests import (
     AddBackendBody,
     FlipBody,
     NoBody,
+    RollingBody,
     RollingPoolBody,
+    RolloutBody,
     SplitBody,
     parse,
 )
 from zdproxy.balancing.model import Backend, flag_names
 from zdproxy.buildinfo import build
-from zdproxy.config.schema import DEFAULT_SERVICE
+from zdproxy.config.schema import DEFAULT_SERVICE, AdminConfig, Config
 from zdproxy.control.commands import (
     AddBackend,
     Command,
@@ -77,13 +81,12 @@ from zdproxy.metrics import (
     build_registry,
     render,
 )
-from zdproxy.services import service_state_path
+from zdproxy.services import Service, primary_name, service_state_path
 
 if TYPE_CHECKING:
     import socket
 
     from zdproxy.reload import ReloadResult
-    from zdproxy.server import ProxyServer
     from zdproxy.upgrade import UpgradeResult
 
 log = logging.getLogger("zdproxy.admin")
@@ -472,7 +475,7 @@ class AdminApi:
     async def start_rollout(self, request: web.Request) -> web.Response:
         svc = self._service(request)
         controller = self._controller(svc)
-        data = await self._body(request, None)
+        data = parse(RolloutBody, await self._body(request, None)).plan_data()
         rollout = await self._mutate(svc, lambda: controller.start(data, request[_TOKEN].name))
         return json_response({"rollout": controller.status(rollout)}, 201)
 
@@ -523,7 +526,7 @@ class AdminApi:
     async def rolling_start(self, request: web.Request) -> web.Response:
         svc = self._service(request)
         rolling = self._rolling(svc)
-        body = await self._optional_body(request)
+        body = parse(RollingBody, await self._optional_body(request)).plan_data()
         pool, actor = request.match_info["pool"], request[_TOKEN].name
         update = await self._mutate(svc, lambda: rolling.start(pool, body, actor))
         result = {"rolling": update.to_json(svc.runtime, svc.runtime.clock())}
@@ -854,17 +857,74 @@ def _rollout_brief(rollouts: RolloutController | None) -> dict[str, Any] | None:
 # ---- lifecycle --------------------------------------------------------------
 
 
+class Reloading(Protocol):
+    async def reload(self, actor: str) -> ReloadResult:
+        """Re-read the config file and apply it (``reload.Reloader``)."""
+
+
+class Upgrading(Protocol):
+    #: a hot upgrade is in progress (changes are refused meanwhile)
+    busy: bool
+
+    async def upgrade(self, actor: str) -> UpgradeResult:
+        """Hand over to a new process (``upgrade.Upgrader``)."""
+
+
+class WorkerView(Protocol):
+    def describe(self) -> list[dict[str, Any]]:
+        """Each worker's pid and figures, for the state answer."""
+
+    async def synced(self) -> None:
+        """Wait until every worker has the latest change."""
+
+
+class AdminHost(Protocol):
+    """What the admin package reads of the process it serves, and nothing else:
+    the composition root (``server.wire``) passes the server as this. The data
+    path is seen only through ``data_path_closed`` and ``data_path_counts``."""
+
+    @property
+    def config(self) -> Config: ...
+
+    #: each service's control parts (runtime, rolling updates, rollouts)
+    @property
+    def services(self) -> Mapping[str, Service]: ...
+
+    @property
+    def shadow(self) -> ShadowControl: ...
+
+    @property
+    def reloader(self) -> Reloading: ...
+
+    @property
+    def upgrader(self) -> Upgrading: ...
+
+    #: ``workers`` > 1: the worker processes; None in a single process
+    @property
+    def workers(self) -> WorkerView | None: ...
+
+    @property
+    def data_path_closed(self) -> bool:
+        """Not serving (yet, or any more): ``/healthz`` answers 503."""
+        ...
+
+    def data_path_counts(self) -> DataPathCounts:
+        """Connection and retry counters of the data path, for the metrics."""
+        ...
+
+
 def _log_event(event: Event) -> None:
     log.info("%s", describe(event))
 
 
 class ControlPlane:
-    """The admin listener and the persistence of one server."""
+    """The admin API and the persistence of the services' state. Built by the
+    composition root, which also registers ``start``/``retire``/``stop`` (and the
+    etcd ``cluster``'s hooks) with the server's lifecycle."""
 
-    def __init__(self, server: ProxyServer, tokens: list[Token]) -> None:
-        self.server = server
-        config = server.config
-        runtime = server.runtime
+    def __init__(self, host: AdminHost, tokens: list[Token]) -> None:
+        self.host = host
+        config = host.config
         state = config.state
         #: ``state.etcd``: this instance's link to the shared state
         self.cluster: Cluster | None = None
@@ -877,7 +937,7 @@ class ControlPlane:
         path = state.path if state.etcd is None else None
         named = bool(config.services)
         self.services: dict[str, ServiceApi] = {}
-        for name, service in server.services.items():
+        for name, service in host.services.items():
             # the process log shows every change too, one readable line each
             service.runtime.events.subscribe(_log_event)
             # the default service keeps state.path; another one a file of its own
@@ -898,23 +958,23 @@ class ControlPlane:
                     else None
                 ),
             )
-        self.persistence = next(
-            s for s in self.services.values() if s.runtime is runtime
-        ).persistence
+        primary = self.services[primary_name(config)]
+        self.persistence = primary.persistence
+        upgrader = host.upgrader
         self.api = AdminApi(
-            runtime,
+            primary.runtime,
             self.persistence,
             Authenticator(tokens),
             max_body=config.admin.max_body_bytes,
-            data_path=self._data_path_counts,
-            closing=self._closing,
+            data_path=host.data_path_counts,
+            closing=lambda: host.data_path_closed,
             frozen=self._frozen,
-            rolling=server.rolling,
-            shadow=server.shadow,
-            rollouts=server.rollouts,
-            reload=server.reloader.reload,
+            rolling=primary.rolling,
+            shadow=host.shadow,
+            rollouts=primary.rollouts,
+            reload=host.reloader.reload,
             services=self.services if named else None,
-            upgrade=server.upgrader.upgrade,
+            upgrade=upgrader.upgrade,
         )
         if self.cluster is not None:
             self.api.registry.register(EtcdCollector(self.cluster.figures))
@@ -922,59 +982,52 @@ class ControlPlane:
             # one service: the API's record of it is this one (with its shared state)
             only = next(iter(self.services.values()))
             self.api.primary = self.api.services[only.name] = only
-        if server.workers is not None:
-            self.api.workers = server.workers.describe
-            self.api.workers_synced = server.workers.synced
-        self.socket: socket.socket | None = None
+        workers = host.workers
+        if workers is not None:
+            self.api.workers = workers.describe
+            self.api.workers_synced = workers.synced
         self._runner: web.AppRunner | None = None
         self._sampler: asyncio.Task[None] | None = None
 
-    def _closing(self) -> bool:
-        ctx = self.server.ctx
-        return ctx is None or ctx.closing
+    @property
+    def persistences(self) -> list[Persistence]:
+        """Each service's persistence (a hot upgrade flushes and pauses them)."""
+        return [svc.persistence for svc in self.services.values()]
+
+    def restore(self, handed: Callable[[str], Mapping[str, Any] | None]) -> None:
+        """Load each service's saved state (``handed(name)``: a hot upgrade's
+        hand-over, None: the state file alone), then save every change."""
+        for svc in self.services.values():
+            svc.persistence.restore(handed(svc.name))
+            svc.persistence.attach()
 
     def _frozen(self) -> str | None:
         """Why changes are refused now (None: they are not)."""
-        if self.server.upgrader.busy:
+        if self.host.upgrader.busy:
             return "a hot upgrade is in progress: retry in a moment (the new process answers)"
         return None
 
-    def _data_path_counts(self) -> DataPathCounts:
-        if self.server.workers is not None:
-            return self.server.workers.data_path_counts()
-        ctx = self.server.ctx
-        if ctx is None:
-            return DataPathCounts()
-        counters = ctx.counters
-        return DataPathCounts(
-            client_connections=len(ctx.connections),
-            upstream_connections=self.server.upstreams.open_count,
-            tunnels=len(ctx.tunnels),
-            connections_accepted=counters.connections_accepted,
-            retries=counters.retries,
-            tunnels_total=counters.tunnels_total,
-        )
-
-    async def start(self, server: ProxyServer) -> None:
+    async def start(self, sock: socket.socket | None) -> None:
+        """Serve the API on ``sock`` (listening; None: ``admin.enabled`` is off)."""
         _redact_aiohttp_parse_errors()
         loop = asyncio.get_running_loop()
-        if self.socket is not None:
+        if sock is not None:
             # the figures are for the state API only: no listener, no reading
             self._sampler = loop.create_task(self._sample())
             runner = web.AppRunner(self.api.build_app(), access_log=None, shutdown_timeout=2.0)
             await runner.setup()
-            await web.SockSite(runner, self.socket, shutdown_timeout=2.0).start()
+            await web.SockSite(runner, sock, shutdown_timeout=2.0).start()
             self._runner = runner
-            log.info("admin API on http://%s/", server.config.admin.listen)
+            log.info("admin API on http://%s/", self.host.config.admin.listen)
 
-    async def retire(self, server: ProxyServer) -> None:
+    async def retire(self) -> None:
         """A hot upgrade succeeded: new admin connections go to the new process
         (the listening socket stays open there), this one's requests finish."""
         if self._runner is not None:
             for site in list(self._runner.sites):
                 await site.stop()
 
-    async def stop(self, server: ProxyServer) -> None:
+    async def stop(self) -> None:
         if self._sampler is not None:
             self._sampler.cancel()
             self._sampler = None
@@ -995,16 +1048,10 @@ class ControlPlane:
             await asyncio.sleep(FIGURES_SECONDS)
 
 
-def install(server: ProxyServer) -> None:
-    """Wire the control plane into ``server`` (before ``server.start()``).
-
-    Exits the process with status 1, after logging why, when the admin listener
-    would be reachable from other hosts without a token, when a configured token
-    cannot be read; raises ``ListenError`` when the admin address cannot be bound.
-    """
-    from zdproxy.server import bind_listener
-
-    admin = server.config.admin
+def admin_tokens(admin: AdminConfig) -> list[Token]:
+    """The admin tokens. Exits the process with status 1, after logging why, when
+    the admin listener would be reachable from other hosts without a token or
+    when a configured token cannot be read."""
     try:
         tokens = load_tokens(admin) if admin.enabled else []
     except TokenConfigError as exc:
@@ -1023,22 +1070,11 @@ def install(server: ProxyServer) -> None:
             "no admin token configured: the admin API answers 401 to every call until one is "
             "set (ZDPROXY_ADMIN_TOKEN, admin.token_file or admin.tokens)"
         )
-    plane = ControlPlane(server, tokens)
-    handover = server.handover
-    if admin.enabled:  # first: a failed start leaves the saved state untouched
-        passed = handover.take_admin(str(admin.listen)) if handover is not None else None
-        plane.socket = passed or bind_listener(admin.listen, backlog=128)
-    server.admin_socket = plane.socket
-    for svc in plane.services.values():
-        server.persistences.append(svc.persistence)
-        svc.persistence.restore(handover.service_state(svc.name) if handover is not None else None)
-        svc.persistence.attach()
-    if plane.cluster is not None:
-        # before the admin API and the rollout drivers: the shared state is read first
-        server.start_hooks.append(plane.cluster.start)
-        server.stop_hooks.append(plane.cluster.stop)
-        server.pause_hooks.append(plane.cluster.pause)
-        server.resume_hooks.append(plane.cluster.resume)
-    server.start_hooks.append(plane.start)
-    server.retire_hooks.append(plane.retire)
-    server.stop_hooks.append(plane.stop)
+    return tokens
+
+
+def build_control_plane(host: AdminHost) -> ControlPlane:
+    """The control plane of ``host`` (before it starts); nothing is bound or read
+    from disk yet (``ControlPlane.restore`` and ``start`` do that). Exits as
+    ``admin_tokens`` says."""
+    return ControlPlane(host, admin_tokens(host.config.admin))

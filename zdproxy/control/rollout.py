@@ -1108,17 +1108,17 @@ class RolloutDriver:
         self._task: asyncio.Task[None] | None = None
         self._hooks: set[asyncio.Task[None]] = set()
 
-    async def start(self, server: Any = None) -> None:
+    async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    async def pause(self, server: Any = None) -> None:
+    async def pause(self) -> None:
         """Stop ticking (a hot upgrade hands the state over); webhooks already
         sent finish. ``start`` ticks again."""
         if self._task is not None:
             self._task.cancel()
             self._task = None
 
-    async def stop(self, server: Any = None) -> None:
+    async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             self._task = None

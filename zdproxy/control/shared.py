@@ -679,7 +679,7 @@ class Cluster:
 
     # ---- lifecycle -------------------------------------------------------------------
 
-    async def start(self, server: Any = None) -> None:
+    async def start(self) -> None:
         """Read the shared state before traffic is served (a few seconds at most:
         with etcd down, the instance starts from its config and catches up)."""
         self.running = True
@@ -694,7 +694,7 @@ class Cluster:
             loop.create_task(self._lead()),
         ]
 
-    async def stop(self, server: Any = None) -> None:
+    async def stop(self) -> None:
         self.running = False
         for task in self._tasks:
             task.cancel()
@@ -710,12 +710,12 @@ class Cluster:
         self.leader = False
         await self.client.close()
 
-    async def pause(self, server: Any = None) -> None:
+    async def pause(self) -> None:
         """A hot upgrade: the new process takes over the writes and the lead."""
-        await self.stop(server)
+        await self.stop()
 
-    async def resume(self, server: Any = None) -> None:
-        await self.start(server)
+    async def resume(self) -> None:
+        await self.start()
 
     async def _full_resync(self) -> int:
         revision, _ = await self.client.get_prefix(self.prefix + "leader")

@@ -1,5 +1,6 @@
-"""Health: active checks, passive outlier detection, slow start, the retry budget
+"""Health: active checks, passive outlier detection, slow start
 and the drain deadline of tunnels, feeding ``balancing/`` through the runtime.
 
-``zdproxy.health.checker.install(server)`` hooks all of it into a server.
+``zdproxy.health.checker.build_health`` builds it per service; the composition
+root (``zdproxy.server.wire``) hooks it into the start and stop.
 """

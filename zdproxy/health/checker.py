@@ -1,4 +1,5 @@
-"""Active health checks, and the hook that installs all of health into a server.
+"""Active health checks, and the health service of one service (checks, outlier
+detection, slow start, the tunnel drain deadline).
 
 One probe per checked backend: an HTTP ``GET`` of the configured path with the
 configured ``Host``, every ``interval`` (+/- ``jitter``), failed when not
@@ -55,7 +56,6 @@ from zdproxy.proxy.upstream_tls import UpstreamTlsMap, UpstreamTlsTarget
 
 if TYPE_CHECKING:
     from zdproxy.proxy.context import ProxyContext
-    from zdproxy.server import ProxyServer
 
 
 class HealthHost(Protocol):
@@ -382,7 +382,7 @@ class HealthChecker:
 
 
 class HealthService:
-    """Everything of health in one server: ``server.health``.
+    """Everything of health in one service: ``service.health``.
 
     ``state()`` (and ``backend_info(id)``) give, per backend id::
 
@@ -413,13 +413,15 @@ class HealthService:
         self._ejected_seen: dict[str, bool] = {}
         runtime.subscribe(self._on_snapshot)
 
-    async def start(self, server: ProxyServer) -> None:
+    async def start(self, handed: Mapping[str, Any] | None = None) -> None:
+        """Start checking; ``handed``: the state a hot upgrade passed on (None: a
+        fresh start), whose verdicts and ejections are adopted first."""
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.outlier.start(loop)
-        if server.handover is not None:
+        if handed is not None:
             # before the first checks: they continue from the old process's verdicts
-            self.adopt(server.handover.state)
+            self.adopt(handed)
         self.slow_start.start(loop)
         self.tunnels.start(loop)
         await self.checker.start(loop)
@@ -437,7 +439,7 @@ class HealthService:
             self.host.config.sticky.mode,
         )
 
-    async def stop(self, server: ProxyServer) -> None:
+    async def stop(self) -> None:
         self.tunnels.stop()
         self.slow_start.stop()
         self.outlier.stop()

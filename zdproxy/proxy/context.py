@@ -1,7 +1,10 @@
-"""Shared, read-mostly state of the data path in one process.
+"""Shared state of the data path in one process.
 
-Built once from the config (and rebuilt on reload); protocols hold a reference
-and read precomputed values from it instead of walking the config per request.
+The config-derived part is one frozen ``DataPathSettings`` value, installed
+whole at start and on reload (``ProxyContext.install``); the rest is mutable
+state (connections, counters, the coarse clock, the accept switch). Protocols
+hold a reference and read precomputed values from it instead of walking the
+config per request.
 """
 
 from __future__ import annotations
@@ -20,10 +23,8 @@ from zdproxy.balancing.passive import (
 )
 from zdproxy.balancing.selector import Selector
 from zdproxy.config.schema import Config
-from zdproxy.http.requestid import RequestIds
 from zdproxy.http.routes import RouteTable
-from zdproxy.proxy.exchange import header_kinds
-from zdproxy.proxy.upstream_tls import UpstreamTlsMap
+from zdproxy.proxy.settings import DataPathSettings
 
 if TYPE_CHECKING:
     from zdproxy.proxy.accesslog import AccessLog
@@ -33,8 +34,6 @@ if TYPE_CHECKING:
     from zdproxy.proxy.upstream import UpstreamPools
 
 log = logging.getLogger("zdproxy.error")
-
-_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _ignore(accepting: bool) -> None:
@@ -78,7 +77,6 @@ class ProxyContext:
         "hash_on",
         "header_kinds",
         "idle",
-        "limits",
         "loop",
         "max_body",
         "max_connections",
@@ -98,6 +96,7 @@ class ProxyContext:
         "routes",
         "selector",
         "selector_wants_affinity",
+        "settings",
         "shadow",
         "shadow_acc",
         "shadow_step",
@@ -160,61 +159,41 @@ class ProxyContext:
         self.apply(config)
 
     def apply(self, config: Config) -> None:
-        """(Re)read every config-derived value; used at start and on reload."""
-        #: which backends are reached over TLS (CA files re-read on each reload)
-        self.upstream_tls = UpstreamTlsMap(config)
-        t = config.timeouts
-        self.t_connect = t.connect
-        self.t_header = t.request_header
-        self.t_body = t.request_body
-        self.t_upstream = t.upstream_response
-        self.t_idle = t.idle
-        self.t_tunnel = t.tunnel_idle
-        limits = config.limits
-        self.limits = limits
-        self.max_header_bytes = limits.max_header_bytes
-        self.max_headers = limits.max_headers
-        self.max_body = limits.max_body_bytes
-        self.max_connections = limits.max_connections
-        if self.fd_cap is not None:
-            self.max_connections = min(self.max_connections, self.fd_cap)
-        self.upstreams.max_head_bytes = limits.max_response_header_bytes
-        routing = config.routing
-        self.override_header = (
-            routing.header.name.lower().encode("ascii") if routing.header.enabled else None
-        )
-        self.override_cookie = routing.cookie.name if routing.cookie.enabled else None
-        sticky = config.sticky
-        # the cookie is read when a service pins with it (its name is process-wide)
-        modes = {config.service_config(name).sticky.mode for name in config.service_names()}
-        self.affinity_cookie = sticky.cookie if modes & {"pool", "backend"} else None
-        self.selector_wants_affinity = self.affinity_cookie is not None
-        #: sticky.mode hash: what fills hints.hash_key (b"": the client address; else a
-        #: lower-case header name); None: nothing
-        self.hash_on: bytes | None = None
-        if sticky.mode == "hash":
-            header = sticky.hash_on.partition("header:")[2]
-            self.hash_on = header.lower().encode("latin-1")
-        http = config.http
-        self.pool_header = (
-            http.pool_response_header_name.encode("ascii") + b": "
-            if http.pool_response_header
-            else None
-        )
-        self.strict = http.strictness == "strict"
-        self.trusted: tuple[_Network, ...] = tuple(
-            ipaddress.ip_network(n, strict=False) for n in http.trusted_proxies
-        )
-        request_id = http.request_id
-        self.request_ids: RequestIds | None = (
-            RequestIds(request_id.header, request_id.trust_incoming) if request_id.enabled else None
-        )
-        #: what the exchange does with a request header, by lower-case name
-        self.header_kinds = header_kinds(
-            None if self.request_ids is None else self.request_ids.header_lower
-        )
-        self.retry_attempts = config.retries.attempts
-        self.retry_buffer = config.retries.buffer_body_bytes
+        """Install the settings ``config`` gives (``install``); at start."""
+        self.install(DataPathSettings.from_config(config, self.fd_cap))
+
+    def install(self, settings: DataPathSettings) -> None:
+        """Take ``settings`` whole, in one synchronous step (no request runs between
+        the first assignment and the last). The hot path reads flat copies in this
+        object's slots (``ctx.t_header``, ``ctx.max_body``...): one slot read per
+        use instead of two (``ctx.settings.t_header``) on every request, and the
+        readers (exchange, downstream, upstream) keep their names. ``settings``
+        is the value they were copied from; nothing else writes these slots."""
+        self.settings = settings
+        self.upstream_tls = settings.upstream_tls
+        self.t_connect = settings.t_connect
+        self.t_header = settings.t_header
+        self.t_body = settings.t_body
+        self.t_upstream = settings.t_upstream
+        self.t_idle = settings.t_idle
+        self.t_tunnel = settings.t_tunnel
+        self.max_header_bytes = settings.max_header_bytes
+        self.max_headers = settings.max_headers
+        self.max_body = settings.max_body
+        self.max_connections = settings.max_connections
+        self.upstreams.max_head_bytes = settings.max_response_header_bytes
+        self.override_header = settings.override_header
+        self.override_cookie = settings.override_cookie
+        self.affinity_cookie = settings.affinity_cookie
+        self.selector_wants_affinity = settings.selector_wants_affinity
+        self.hash_on = settings.hash_on
+        self.pool_header = settings.pool_header
+        self.strict = settings.strict
+        self.trusted = settings.trusted
+        self.request_ids = settings.request_ids
+        self.header_kinds = settings.header_kinds
+        self.retry_attempts = settings.retry_attempts
+        self.retry_buffer = settings.retry_buffer
 
     def at_connection_limit(self) -> None:
         """A connection was accepted at limits.max_connections: close the oldest
