@@ -152,17 +152,17 @@ def check(head: bytes) -> None:
         raise AssertionError(head[:200])
 
 
-def callgrind_total(pid: int, out: Path) -> int:
-    """Dump the counters since the last zeroing and return the instruction total."""
+def callgrind_total(pid: int, out: Path) -> tuple[int, Path]:
+    """Dump the counters since the last zeroing: the instruction total, and the dump."""
     before = set(out.parent.glob(out.name + "*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(600):
         new = set(out.parent.glob(out.name + "*")) - before
         if new:
-            text = max(new, key=lambda p: p.stat().st_mtime).read_text()
-            match = re.search(r"^(?:summary|totals): *(\d+)", text, re.M)
+            dump = max(new, key=lambda p: p.stat().st_mtime)
+            match = re.search(r"^(?:summary|totals): *(\d+)", dump.read_text(), re.M)
             if match:
-                return int(match.group(1))
+                return int(match.group(1)), dump
         time.sleep(0.1)
     raise TimeoutError("no callgrind dump")
 
@@ -231,6 +231,7 @@ def measure(
     sticky: str = "pool",
     proxy: str = "zdproxy",
     scenario: str = "1k",
+    keep: Path | None = None,
 ) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
@@ -259,13 +260,16 @@ def measure(
         started = time.monotonic()
         send_requests(port, requests, connections, scenario)
         elapsed = time.monotonic() - started
-        busy = callgrind_total(proc.pid, out)
+        busy, busy_dump = callgrind_total(proc.pid, out)
         zero(proc.pid)
         time.sleep(elapsed)
-        idle = callgrind_total(proc.pid, out)
+        idle, _ = callgrind_total(proc.pid, out)
     finally:
         proc.terminate()
         proc.wait(60)
+        if keep is not None:  # the measured dump, for callgrind_annotate
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(busy_dump, keep / f"callgrind.{proxy}.{scenario}")
         shutil.rmtree(work, ignore_errors=True)
     return {
         "requests": requests,
@@ -280,6 +284,11 @@ def main() -> int:
     parser.add_argument("--zdproxy-cmd", default=f"{shlex.quote(sys.executable)} -m zdproxy.cli")
     parser.add_argument("--requests", type=int, help="default 2000 (200 for upload)")
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="1k")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy each measured callgrind dump into this directory (callgrind_annotate)",
+    )
     parser.add_argument("--connections", type=int, default=10)
     parser.add_argument("--sticky", choices=("off", "pool", "backend"), default="pool")
     parser.add_argument(
@@ -295,6 +304,7 @@ def main() -> int:
             args.sticky,
             args.proxy,
             scenario,
+            args.keep,
         )
         report(args.proxy, scenario, requests, result)
     return 0

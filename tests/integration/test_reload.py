@@ -306,8 +306,8 @@ async def test_ctl_reload_exit_codes(tmp_path: Path) -> None:
 
 
 async def test_sighup_twice_quickly(tmp_path: Path) -> None:
-    """Two SIGHUPs in a row: the second waits for the first; the file as it is
-    when the second runs is what stays."""
+    """Two SIGHUPs in a row: the second waits for the first (or the kernel merged
+    them); the file as it is when the last one runs is what stays."""
     config = admin_config(dummy_pools(), None)
     process = AdminProxy(config, tmp_path).start()
     try:
@@ -321,15 +321,24 @@ async def test_sighup_twice_quickly(tmp_path: Path) -> None:
             rewrite(process.path, second)
             process.signal(signal.SIGHUP)
 
-            async def both() -> bool:
-                return await reloads(admin, "ok") == 2
+            # POSIX does not queue a signal already pending: when the second
+            # SIGHUP comes before the process took the first, the kernel delivers
+            # one, and one reload reads the second file (on a busy machine, often)
+            # (a reload may still be running between two reads: read until the
+            # counter and the events agree)
+            async def second_file_applied() -> bool:
+                if await admin.backend("green-8") is None:
+                    return False
+                actions = [e["action"] for e in await admin.events()]
+                # the second may find nothing new: it records an event all the same
+                return actions.count("config.reload") == await reloads(admin, "ok")
 
-            await async_wait_for(both, 15, "two reloads")
+            await async_wait_for(second_file_applied, 15, "the second file applied")
             assert await admin.backend("blue-8") is not None
-            assert await admin.backend("green-8") is not None
+            assert await reloads(admin, "ok") in (1, 2)
+            assert await reloads(admin, "error") == 0
+            assert await reloads(admin, "invalid") == 0
             assert process.proc is not None and process.proc.poll() is None
-            actions = [e["action"] for e in await admin.events()]
-            assert actions.count("config.reload") == 2  # the second may find nothing new
     finally:
         process.stop()
 
