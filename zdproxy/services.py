@@ -11,7 +11,7 @@ server's runtime and selector are that service's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from zdproxy.balancing.failures import Failure
 from zdproxy.balancing.model import Backend
@@ -28,15 +28,26 @@ if TYPE_CHECKING:
     from zdproxy.health.checker import HealthService
     from zdproxy.proxy.context import ProxyContext
     from zdproxy.proxy.upstream import UpstreamPools
-    from zdproxy.server import ProxyServer
+
+
+class DataPath(Protocol):
+    """What a service reads of the data path: its context (None until the server
+    started, replaced by a hot upgrade's hand-over) and its upstream pools. The
+    server is one; a service is never given more of it."""
+
+    @property
+    def ctx(self) -> ProxyContext | None: ...
+
+    @property
+    def upstreams(self) -> UpstreamPools: ...
 
 
 class Service:
     """One service's control plane; the ``HealthHost`` (runtime, config, ctx) that
     its health checks and tunnel drainer are given."""
 
-    def __init__(self, server: ProxyServer, name: str, config: Config, named: bool) -> None:
-        self.server = server
+    def __init__(self, data_path: DataPath, name: str, config: Config, named: bool) -> None:
+        self.data_path = data_path
         self.name = name
         self.config = config
         self.runtime = Runtime(config, service=name)
@@ -55,17 +66,17 @@ class Service:
 
     @property
     def ctx(self) -> ProxyContext | None:
-        return self.server.ctx
+        return self.data_path.ctx
 
     @property
     def upstreams(self) -> UpstreamPools:
-        return self.server.upstreams
+        return self.data_path.upstreams
 
 
-def build_services(server: ProxyServer, config: Config) -> dict[str, Service]:
+def build_services(data_path: DataPath, config: Config) -> dict[str, Service]:
     named = bool(config.services)
     return {
-        name: Service(server, name, config.service_config(name), named)
+        name: Service(data_path, name, config.service_config(name), named)
         for name in config.service_names()
     }
 
