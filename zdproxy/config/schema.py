@@ -567,7 +567,7 @@ class TimeoutsConfig(_Model):
     upstream_idle: Duration = 30.0
     """idle pooled backend connection"""
     tunnel_idle: Duration = 300.0
-    """idle `Upgrade` (WebSocket) tunnel"""
+    """`Upgrade` (WebSocket) tunnel with no bytes either way (either side's traffic renews it)"""
 
 
 class LimitsConfig(_Model):
