@@ -104,16 +104,20 @@ def send_requests(port: int, count: int, connections: int) -> None:
         sock.close()
 
 
-def callgrind_total(pid: int, out: Path) -> int:
-    """Dump the counters since the last zeroing and return the instruction total."""
+def callgrind_total(pid: int, out: Path, keep: Path | None = None) -> int:
+    """Dump the counters since the last zeroing and return the instruction total
+    (the dump copied to ``keep`` when given, for ``callgrind_annotate``)."""
     before = set(out.parent.glob(out.name + "*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
     for _ in range(600):
         new = set(out.parent.glob(out.name + "*")) - before
         if new:
-            text = max(new, key=lambda p: p.stat().st_mtime).read_text()
+            dump = max(new, key=lambda p: p.stat().st_mtime)
+            text = dump.read_text()
             match = re.search(r"^(?:summary|totals): *(\d+)", text, re.M)
             if match:
+                if keep is not None:
+                    shutil.copyfile(dump, keep)
                 return int(match.group(1))
         time.sleep(0.1)
     raise TimeoutError("no callgrind dump")
@@ -182,6 +186,7 @@ def measure(
     connections: int,
     sticky: str = "pool",
     proxy: str = "zdproxy",
+    keep: Path | None = None,
 ) -> dict[str, float]:
     ports = [free_port() for _ in range(3)]
     start_backends(ports)
@@ -210,7 +215,7 @@ def measure(
         started = time.monotonic()
         send_requests(port, requests, connections)
         elapsed = time.monotonic() - started
-        busy = callgrind_total(proc.pid, out)
+        busy = callgrind_total(proc.pid, out, keep)
         zero(proc.pid)
         time.sleep(elapsed)
         idle = callgrind_total(proc.pid, out)
@@ -235,9 +240,19 @@ def main() -> int:
     parser.add_argument(
         "--proxy", choices=("zdproxy", "nginx", "haproxy", "floor"), default="zdproxy"
     )
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="copy the measured interval's callgrind dump here (for callgrind_annotate)",
+    )
     args = parser.parse_args()
     result = measure(
-        shlex.split(args.zdproxy_cmd), args.requests, args.connections, args.sticky, args.proxy
+        shlex.split(args.zdproxy_cmd),
+        args.requests,
+        args.connections,
+        args.sticky,
+        args.proxy,
+        args.keep,
     )
     print(
         f"{result['instructions_per_request']:,.0f} instructions per request "

@@ -69,6 +69,7 @@ class ClientConnection(asyncio.Protocol):
         "trusted",
         "tunnel",
         "tunnel_ref",
+        "valid_host",
         "xff_ip",
     )
 
@@ -110,6 +111,8 @@ class ClientConnection(asyncio.Protocol):
         #: the upstream transport once this connection became a tunnel
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_ref: Tunnel | None = None
+        #: the last Host value a request of this connection passed the Host check with
+        self.valid_host: bytes | None = None
 
     # asyncio callbacks
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -65,22 +65,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zdproxy.error")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # what on_header does with a request header, by lower-case name
-_FORWARD = 0
-_HOST = 1
-_CONNECTION = 2
-_DROP = 3
-_XFF = 4
-_XFWD = 5
-_COOKIE = 6
-_EXPECT = 7
-_UPGRADE = 8
-_IDEM_KEY = 9
-_WS_KEY = 10
-_TE = 11
-_REQUEST_ID = 12
+_FORWARD: Final = 0
+_HOST: Final = 1
+_CONNECTION: Final = 2
+_DROP: Final = 3
+_XFF: Final = 4
+_XFWD: Final = 5
+_COOKIE: Final = 6
+_EXPECT: Final = 7
+_UPGRADE: Final = 8
+_IDEM_KEY: Final = 9
+_WS_KEY: Final = 10
+_TE: Final = 11
+_REQUEST_ID: Final = 12
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -106,7 +106,7 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
 }
 
 #: request headers a client's Connection header may not make hop-by-hop
-_NEVER_HOP_BY_HOP = frozenset({b"host"})
+_NEVER_HOP_BY_HOP: Final = frozenset({b"host"})
 
 
 def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
@@ -119,12 +119,12 @@ def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
 
 
 #: request body chunks held before the upstream is connected, before reading pauses
-_PENDING_LIMIT = 256 * 1024
+_PENDING_LIMIT: Final = 256 * 1024
 
 #: what ``_let_go`` does with the upstream connection
-_POOL = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
-_CLOSE = 1  # closed after what was written to it
-_ABORT = 2  # reset now (a cut response, a hung backend, the client gone)
+_POOL: Final = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
+_CLOSE: Final = 1  # closed after what was written to it
+_ABORT: Final = 2  # reset now (a cut response, a hung backend, the client gone)
 
 
 class Exchange:
@@ -344,10 +344,13 @@ class Exchange:
         if host is None:
             if version == "1.1":
                 raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
-        elif not valid_host(host.rstrip(b" \t")):
-            # "a b", empty, control bytes, userinfo: a backend or a log would read
-            # another host than the one the proxy routed and checked
-            raise _reject(400, "bad-host", "invalid Host header")
+        elif host != self.conn.valid_host:
+            if not valid_host(host.rstrip(b" \t")):
+                # "a b", empty, control bytes, userinfo: a backend or a log would
+                # read another host than the one the proxy routed and checked
+                raise _reject(400, "bad-host", "invalid Host header")
+            # a connection's requests name the same host: checked once
+            self.conn.valid_host = host
         self.client_keep_alive = parser.should_keep_alive()
         if method in IDEMPOTENT:
             self.idempotent = True
@@ -680,7 +683,7 @@ class Exchange:
         request_id = self.request_id
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
-        if request_id is not None and ids is not None and not ids.in_head(head):
+        if request_id is not None and ids is not None and not ids.has_header(head):
             parts += (ids.header, request_id, b"\r\n")
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
