@@ -52,6 +52,8 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "deadline_kind",
+        "fwd_host",
+        "fwd_lines",
         "head_bytes",
         "header_count",
         "idle",
@@ -113,6 +115,9 @@ class ClientConnection(asyncio.Protocol):
         self.tunnel_ref: Tunnel | None = None
         #: the last Host value a request of this connection passed the Host check with
         self.valid_host: bytes | None = None
+        #: the X-Forwarded-* lines last written for this connection, and their Host
+        self.fwd_host: bytes | None = None
+        self.fwd_lines = b""
 
     # asyncio callbacks
 

@@ -151,6 +151,7 @@ class Exchange:
         "idempotent",
         "method",
         "out",
+        "out_head",
         "pending",
         "pending_bytes",
         "phase",
@@ -250,6 +251,8 @@ class Exchange:
         self.after_reject: bytes | None = None
         #: response bytes produced during the current upstream read, not yet written
         self.out: list[bytes] | None = None
+        #: pieces of ``out`` beyond the first that are the response head's lines
+        self.out_head = 0
         #: the copy of this request sent to the shadow pool (``proxy.shadow``), set
         #: when the request is picked; the exchange tells it what the live request
         #: does at the few points it cares about (start, body, complete, record)
@@ -427,17 +430,16 @@ class Exchange:
             forwarded = self._drop_connection_named(forwarded, names)
         url = self.url if self.upstream_url is None else self.upstream_url
         parts = [self.method, b" ", url, b" HTTP/1.1\r\n", *forwarded]
-        xff = self.xff if conn.trusted else None
-        parts += (
-            b"X-Forwarded-For: ",
-            conn.xff_ip if xff is None else xff + b", " + conn.xff_ip,
-            b"\r\n",
-        )
-        kept = dict(self.xfwd) if (conn.trusted and self.xfwd) else {}
-        parts += (b"X-Forwarded-Proto: ", kept.get(b"x-forwarded-proto", conn.proto), b"\r\n")
-        host = kept.get(b"x-forwarded-host", self.host)
-        if host is not None:
-            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if conn.trusted and (self.xff is not None or self.xfwd):
+            parts.append(self._forwarding_kept())
+        else:
+            # the usual case: the lines depend on the connection and the Host only,
+            # and a connection's requests name one host: built once, then reused
+            host = self.host
+            if host is None or host != conn.fwd_host:
+                conn.fwd_lines = _forwarding(conn.xff_ip, conn.proto, host)
+                conn.fwd_host = host
+            parts.append(conn.fwd_lines)
         if self.request_chunked:
             if self.te_codings is None:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -455,6 +457,18 @@ class Exchange:
             parts.append(b"\r\n")
         # else: an HTTP/1.0 request without Host; _attach adds the backend's address
         return b"".join(parts)
+
+    def _forwarding_kept(self) -> bytes:
+        """The X-Forwarded-* lines for a trusted client that sent its own: its
+        X-Forwarded-For extended, its X-Forwarded-Proto and -Host kept."""
+        conn = self.conn
+        xff = self.xff
+        kept = dict(self.xfwd) if self.xfwd else {}
+        return _forwarding(
+            conn.xff_ip if xff is None else xff + b", " + conn.xff_ip,
+            kept.get(b"x-forwarded-proto", conn.proto),
+            kept.get(b"x-forwarded-host", self.host),
+        )
 
     @staticmethod
     def _drop_connection_named(forwarded: list[bytes], names: frozenset[bytes]) -> list[bytes]:
@@ -677,7 +691,7 @@ class Exchange:
             self.framing_doubtful = True
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
-            parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
+            parts.append(_pool_line(ctx.pool_header, self.backend.pool))
         if self.set_cookie is not None:
             parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
         request_id = self.request_id
@@ -710,7 +724,9 @@ class Exchange:
         parts.append(b"\r\n")
         self._to(RELAYING)
         # held until the end of this read, so head and body leave in one syscall
-        self.out = [b"".join(parts)]
+        # (joined there once, with the body: the head's pieces count as one)
+        self.out = parts
+        self.out_head = len(parts) - 1
         conn.set_deadline(UPSTREAM, ctx.t_upstream)
         return chunked and not no_body
 
@@ -736,8 +752,10 @@ class Exchange:
             self.out = None
             self.response_sent = True
             transport = self.conn.transport
+            extra = self.out_head
+            self.out_head = 0
             if transport is not None:
-                if len(out) < 4 and len(out[-1]) <= 16384:
+                if len(out) - extra < 4 and len(out[-1]) <= 16384:
                     # one small buffer is cheaper to hand over than a writev of pieces;
                     # large bodies go as they are (no copy)
                     transport.write(b"".join(out))
@@ -805,6 +823,7 @@ class Exchange:
         # the upstream connection closed itself
         self.upstream = None
         self.out = None
+        self.out_head = 0
         self.chunk_out = False
         log.info("invalid response from backend: %s", exc)
         self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
@@ -1060,6 +1079,37 @@ class Exchange:
 def without_body(response: bytes) -> bytes:
     """An error response as the answer to HEAD: the head alone (RFC 9110 9.3.2)."""
     return response[: response.index(b"\r\n\r\n") + 4]
+
+
+#: the pool response header line by header (``X-Zdproxy-Pool: ``) and pool name
+_pool_lines: dict[bytes, dict[str, bytes]] = {}
+
+
+def _pool_line(header: bytes, pool: str) -> bytes:
+    """``X-Zdproxy-Pool: blue\r\n``, built once per pool (and header name)."""
+    lines = _pool_lines.get(header)
+    if lines is None:
+        if len(_pool_lines) >= 16:  # header renamed by reloads: start over
+            _pool_lines.clear()
+        lines = _pool_lines[header] = {}
+    line = lines.get(pool)
+    if line is None:
+        if len(lines) >= 1024:
+            lines.clear()
+        line = lines[pool] = header + pool.encode("ascii") + b"\r\n"
+    return line
+
+
+def _forwarding(xff: bytes, proto: bytes, host: bytes | None) -> bytes:
+    """The X-Forwarded-For, -Proto and -Host lines the proxy writes (no -Host for a
+    request without a host)."""
+    if host is None:
+        return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (xff, proto)
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (
+        xff,
+        proto,
+        host,
+    )
 
 
 def _frame(chunk: bytes) -> bytes:
