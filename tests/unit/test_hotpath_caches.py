@@ -162,3 +162,33 @@ def test_request_id_search_is_remembered_by_head_identity() -> None:
     assert not ids.has_header(without) and not ids.has_header(without)
     # an equal head that is another object is searched anew, with the same answer
     assert ids.has_header(bytes(bytearray(with_it)))
+
+
+def test_header_kinds_are_remembered_by_name_as_sent() -> None:
+    # the routing override header and the hop-by-hop ones are recognised in any
+    # case, the second time from the table by the name as sent; the table is bounded
+    proxy = Proxy()
+    kinds = proxy.ctx.header_kinds
+    for backend in ("blue-1", "blue-2", "blue-1", "blue-2"):
+        proxy.pooled(backend)
+    conn, client = proxy.client()
+    request = (
+        b"GET / HTTP/1.1\r\nHOST: a\r\nX-ZDPROXY-POOL: green\r\nKeep-Alive: 5\r\nX-Other: 1\r\n\r\n"
+    )
+    for _ in range(2):
+        conn.data_received(request)
+        exchange = conn.queue[0]
+        assert exchange.pool_override == "green" and exchange.host == b"a"
+        assert b"Keep-Alive" not in exchange.request_head
+        assert b"X-ZDPROXY-POOL: green\r\nX-Other: 1\r\n" in exchange.request_head
+        assert b"HOST" in kinds and b"X-ZDPROXY-POOL" in kinds
+        upstream = exchange.upstream
+        assert upstream is not None
+        upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert client.take().startswith(b"HTTP/1.1 204")
+    for i in range(1000):
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-%d: 1\r\n\r\n" % i)
+        upstream = conn.queue[0].upstream
+        assert upstream is not None
+        upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert len(kinds) <= 512

@@ -68,7 +68,7 @@ class RequestIds:
         """The ID of a request: the client's, when trusted and valid, else a new one."""
         if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
             return incoming
-        return self.new()
+        return b"%s%x" % (self._prefix, self._next())  # new(), without the call
 
     def line(self, request_id: bytes) -> bytes:
         return b"%s%s\r\n" % (self.header, request_id)

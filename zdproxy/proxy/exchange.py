@@ -81,6 +81,10 @@ _IDEM_KEY: Final = 9
 _WS_KEY: Final = 10
 _TE: Final = 11
 _REQUEST_ID: Final = 12
+_OVERRIDE: Final = 13  # forwarded, and it names the pool (routing.header)
+
+#: entries the header table may grow to with names remembered as sent (``add_header``)
+_KINDS_REMEMBERED: Final = 512
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -262,12 +266,16 @@ class Exchange:
 
     def add_header(self, name: bytes, value: bytes) -> None:
         self.checker.header(name, value)
-        lname = name.lower()
-        ctx = self.conn.ctx
-        kind = ctx.header_kinds.get(lname, _FORWARD)
+        kinds = self.conn.ctx.header_kinds
+        # by the name as sent: its hash is already computed (the checker looked it
+        # up), and a name seen before is in the table (``_kind_of``)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = self._kind_of(name, kinds)
         if kind == _FORWARD:
-            if lname == ctx.override_header:
-                self.pool_override = value.decode("latin-1").strip()
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _OVERRIDE:
+            self.pool_override = value.decode("latin-1").strip()
             self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
             self.host = value
@@ -284,7 +292,7 @@ class Exchange:
         elif kind == _XFWD:
             if self.xfwd is None:
                 self.xfwd = []
-            self.xfwd.append((lname, value))
+            self.xfwd.append((name.lower(), value))
         elif kind == _EXPECT:
             if value.strip().lower() == b"100-continue":
                 self.expect_continue = True
@@ -308,6 +316,20 @@ class Exchange:
             # the proxy writes this header itself; sent twice, it is not one valid ID
             self.request_id_in = value if self.request_id_in is None else b""
         # _DROP: hop-by-hop, or framing the proxy redoes itself
+
+    def _kind_of(self, name: bytes, kinds: dict[bytes, int]) -> int:
+        """What ``add_header`` does with a header ``name`` (any case) the table does
+        not hold as sent: looked up in lower case (the routing override header is
+        one to forward too, ``_OVERRIDE``), then remembered in the table under the
+        name as sent. The table is the context's, rebuilt with the override
+        header on every reload; the names remembered are bounded."""
+        lname = name.lower()
+        kind = kinds.get(lname)
+        if kind is None:
+            kind = _OVERRIDE if lname == self.conn.ctx.override_header else _FORWARD
+        if len(kinds) < _KINDS_REMEMBERED:
+            kinds[name] = kind
+        return kind
 
     def _parse_cookie(self, value: bytes) -> None:
         ctx = self.conn.ctx
@@ -727,7 +749,8 @@ class Exchange:
         # (joined there once, with the body: the head's pieces count as one)
         self.out = parts
         self.out_head = len(parts) - 1
-        conn.set_deadline(UPSTREAM, ctx.t_upstream)
+        conn.deadline_kind = UPSTREAM  # conn.set_deadline, inline (once a response)
+        conn.deadline = ctx.now + ctx.t_upstream
         return chunked and not no_body
 
     def on_response_body(self, data: bytes) -> None:
