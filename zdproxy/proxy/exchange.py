@@ -1109,7 +1109,7 @@ _pool_lines: dict[bytes, dict[str, bytes]] = {}
 
 
 def _pool_line(header: bytes, pool: str) -> bytes:
-    """``X-Zdproxy-Pool: blue\r\n``, built once per pool (and header name)."""
+    """``X-Zdproxy-Pool: blue`` and CRLF, built once per pool (and header name)."""
     lines = _pool_lines.get(header)
     if lines is None:
         if len(_pool_lines) >= 16:  # header renamed by reloads: start over
