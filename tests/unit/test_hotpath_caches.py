@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from support_exchange import Proxy
+
 from zdproxy.balancing.model import Backend
 from zdproxy.balancing.sticky import CACHE_SIZE, Pin, StickyCodec
 from zdproxy.http import head
 from zdproxy.http.head import rewrite_response_head
+from zdproxy.http.requestid import RequestIds
 from zdproxy.proxy.upstream import PEAK_SECONDS, UpstreamConnection, UpstreamPools
 
 NGINX = (
@@ -129,3 +132,63 @@ def test_no_pooling_stays_no_pooling_under_load() -> None:
     for conn in conns:
         pools.release(conn, 0.0)
     assert pools.idle_count("b-1") == 0 and all(c.closed for c in conns)
+
+
+def test_host_check_is_remembered_per_connection_and_still_refuses() -> None:
+    # a connection's requests name one host: checked once, then compared; a later
+    # bad or empty Host on the same connection is still refused
+    proxy = Proxy()
+    for backend in ("blue-1", "blue-2"):
+        proxy.pooled(backend)
+    conn, client = proxy.client()
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: a.example\r\n\r\n")
+    assert conn.valid_host == b"a.example"
+    upstream = conn.queue[0].upstream
+    assert upstream is not None
+    upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert client.take().startswith(b"HTTP/1.1 204")
+    conn.data_received(b"GET / HTTP/1.1\r\nHost: \r\n\r\n")
+    assert client.take().startswith(b"HTTP/1.1 400")
+    fresh, fresh_client = proxy.client()
+    fresh.data_received(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")
+    assert fresh_client.take().startswith(b"HTTP/1.1 400")
+
+
+def test_request_id_search_is_remembered_by_head_identity() -> None:
+    ids = RequestIds("X-Trace", trust_incoming=True)
+    with_it = b"HTTP/1.1 200 OK\r\nx-trace: 1\r\n"
+    without = b"HTTP/1.1 200 OK\r\nX-Trace-Id: 1\r\n"
+    assert ids.has_header(with_it) and ids.has_header(with_it)
+    assert not ids.has_header(without) and not ids.has_header(without)
+    # an equal head that is another object is searched anew, with the same answer
+    assert ids.has_header(bytes(bytearray(with_it)))
+
+
+def test_header_kinds_are_remembered_by_name_as_sent() -> None:
+    # the routing override header and the hop-by-hop ones are recognised in any
+    # case, the second time from the table by the name as sent; the table is bounded
+    proxy = Proxy()
+    kinds = proxy.ctx.header_kinds
+    for backend in ("blue-1", "blue-2", "blue-1", "blue-2"):
+        proxy.pooled(backend)
+    conn, client = proxy.client()
+    request = (
+        b"GET / HTTP/1.1\r\nHOST: a\r\nX-ZDPROXY-POOL: green\r\nKeep-Alive: 5\r\nX-Other: 1\r\n\r\n"
+    )
+    for _ in range(2):
+        conn.data_received(request)
+        exchange = conn.queue[0]
+        assert exchange.pool_override == "green" and exchange.host == b"a"
+        assert b"Keep-Alive" not in exchange.request_head
+        assert b"X-ZDPROXY-POOL: green\r\nX-Other: 1\r\n" in exchange.request_head
+        assert b"HOST" in kinds and b"X-ZDPROXY-POOL" in kinds
+        upstream = exchange.upstream
+        assert upstream is not None
+        upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        assert client.take().startswith(b"HTTP/1.1 204")
+    for i in range(1000):
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\nX-%d: 1\r\n\r\n" % i)
+        upstream = conn.queue[0].upstream
+        assert upstream is not None
+        upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert len(kinds) <= 512

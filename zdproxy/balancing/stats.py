@@ -10,15 +10,18 @@ Three views of the same stream of (status, latency) pairs:
 * a ring of one-second buckets (counts by status class and a latency
   histogram) for the last minutes.
 
-The fine histogram costs nothing extra per request: one bisect over it gives
-both indexes (every Prometheus bound is also a fine bound, ``_COARSE_OF`` maps
-one index to the other).
+The fine histogram costs nothing extra per request: every Prometheus bound is
+also a fine bound (``_COARSE_OF`` maps one index to the other), so only the fine
+one is counted. Requests are counted in batches (``PoolStats.record``), and every
+read counts the batch first.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
+from collections import Counter
 from collections.abc import Sequence
+from typing import Final
 
 #: Histogram upper bounds in seconds (Prometheus ``le`` labels); +Inf is implicit.
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -50,11 +53,11 @@ def _fine_bounds() -> tuple[float, ...]:
 
 
 #: upper bounds (seconds) of the analysis histogram; the last bucket is +Inf
-FINE_BOUNDS: tuple[float, ...] = _fine_bounds()
-FINE_BUCKETS = len(FINE_BOUNDS) + 1
+FINE_BOUNDS: Final[tuple[float, ...]] = _fine_bounds()
+FINE_BUCKETS: Final = len(FINE_BOUNDS) + 1
 assert set(LATENCY_BUCKETS) <= set(FINE_BOUNDS)
 #: fine bucket index -> Prometheus bucket index
-_COARSE_OF: tuple[int, ...] = (
+_COARSE_OF: Final[tuple[int, ...]] = (
     *(bisect_left(LATENCY_BUCKETS, bound) for bound in FINE_BOUNDS),
     len(LATENCY_BUCKETS),
 )
@@ -80,25 +83,33 @@ class WindowBucket:
 
 
 #: status code -> status class index (``WindowBucket.classes``), for codes below 600
-_CLASS_OF: tuple[int, ...] = tuple(code // 100 if code >= 100 else 0 for code in range(600))
+_CLASS_OF: Final[tuple[int, ...]] = tuple(code // 100 if code >= 100 else 0 for code in range(600))
+
+
+#: samples held before a flush is forced within one second (bounds their memory)
+_BATCH: Final = 4096
 
 
 class PoolStats:
-    """Counters for one pool. ``record`` is on the hot path: a bisect and six
-    increments, no allocation except when a new second starts. The Prometheus
-    histogram is not counted per request: ``histogram`` sums the fine one at read
-    time (a scrape), and the second's ring bucket is kept at hand until the clock
-    leaves that second."""
+    """Counters for one pool. ``record`` is on the hot path: it only appends the
+    sample (status, latency) to a batch; the batch is counted when the clock
+    leaves the second it was recorded in, when it is full, or when anything reads
+    the figures (every reader goes through ``_flush``: the figures are never
+    stale). A batch is counted with a sort and one bisect per fine bucket that
+    holds samples, not a bisect and six increments per request. The Prometheus
+    histogram is summed from the fine one at read time (a scrape)."""
 
     __slots__ = (
         "_bucket",
         "_bucket_end",
         "_bucket_start",
+        "_classes",
+        "_count",
+        "_fine",
+        "_latency_sum",
         "_ring",
-        "classes",
-        "count",
-        "fine",
-        "latency_sum",
+        "_seconds",
+        "_statuses",
         "window_seconds",
     )
 
@@ -109,32 +120,79 @@ class PoolStats:
         self._bucket = self._ring[0]
         self._bucket_start = 0.0
         self._bucket_end = 0.0
-        self.latency_sum = 0.0
-        self.count = 0
-        #: cumulative counts by status class (as ``WindowBucket.classes``)
-        self.classes = [0] * 6
-        #: cumulative log-scale latency histogram over ``FINE_BOUNDS``
-        self.fine = [0] * FINE_BUCKETS
+        self._latency_sum = 0.0
+        self._count = 0
+        self._classes = [0] * 6
+        self._fine = [0] * FINE_BUCKETS
+        #: the batch: samples of the current second not counted yet
+        self._seconds: list[float] = []
+        self._statuses: list[int] = []
+
+    # the cumulative figures; reading one counts the batch first, and a worker
+    # that reports them resets them (``workers.take_counters``)
+
+    @property
+    def count(self) -> int:
+        self._flush()
+        return self._count
+
+    @count.setter
+    def count(self, value: int) -> None:
+        self._flush()
+        self._count = value
+
+    @property
+    def classes(self) -> list[int]:
+        """Cumulative counts by status class (as ``WindowBucket.classes``)."""
+        self._flush()
+        return self._classes
+
+    @classes.setter
+    def classes(self, value: list[int]) -> None:
+        self._flush()
+        self._classes = value
+
+    @property
+    def fine(self) -> list[int]:
+        """Cumulative log-scale latency histogram over ``FINE_BOUNDS``."""
+        self._flush()
+        return self._fine
+
+    @fine.setter
+    def fine(self, value: list[int]) -> None:
+        self._flush()
+        self._fine = value
+
+    @property
+    def latency_sum(self) -> float:
+        self._flush()
+        return self._latency_sum
+
+    @latency_sum.setter
+    def latency_sum(self, value: float) -> None:
+        self._flush()
+        self._latency_sum = value
 
     def absorb(
         self, fine: Sequence[int], classes: Sequence[int], latency_sum: float, now: float
     ) -> None:
         """Add a worker's counts since its last report (``fine`` and ``classes`` as
         the attributes of that name); the window ring gets them at ``now``."""
+        self._flush()
         second = int(now)
         bucket = self._ring[second % self.window_seconds]
         if bucket.second != second:
             bucket.reset(second)
         for index, count in enumerate(fine):
             if count:
-                self.fine[index] += count
+                self._fine[index] += count
                 bucket.latency[index] += count
         for index, count in enumerate(classes):
             if count:
-                self.classes[index] += count
-                self.count += count
+                self._classes[index] += count
+                self._count += count
                 bucket.classes[index] += count
-        self.latency_sum += latency_sum
+        self._latency_sum += latency_sum
 
     @property
     def histogram(self) -> list[int]:
@@ -146,17 +204,51 @@ class PoolStats:
         return histogram
 
     def record(self, status: int, seconds: float, now: float) -> None:
-        fine = bisect_left(FINE_BOUNDS, seconds)
-        self.fine[fine] += 1
-        self.latency_sum += seconds
-        self.count += 1
-        cls = _CLASS_OF[status] if status < 600 else 0
-        self.classes[cls] += 1
-        bucket = self._bucket
+        """One answered (or failed: status 0) request of ``seconds``, ended at ``now``."""
         if not self._bucket_start <= now < self._bucket_end:
-            bucket = self._enter(now)
-        bucket.classes[cls] += 1
-        bucket.latency[fine] += 1
+            self._flush()  # the batch belongs to the second it was recorded in
+            self._enter(now)
+        batch = self._seconds
+        batch.append(seconds)
+        self._statuses.append(status)
+        if len(batch) >= _BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Count the batch into the cumulative figures and the current second's bucket."""
+        batch = self._seconds
+        if not batch:
+            return
+        statuses = self._statuses
+        self._seconds = []
+        self._statuses = []
+        bucket = self._bucket
+        # summed in arrival order, as one addition per request would
+        self._latency_sum = sum(batch, self._latency_sum)
+        self._count += len(batch)
+        total = len(batch)
+        batch.sort()
+        fine = self._fine
+        latency = bucket.latency
+        # fine bucket i holds FINE_BOUNDS[i - 1] < seconds <= FINE_BOUNDS[i] (bisect_left)
+        below = 0
+        for index, bound in enumerate(FINE_BOUNDS):
+            upto = bisect_right(batch, bound, below)
+            if upto > below:
+                fine[index] += upto - below
+                latency[index] += upto - below
+                below = upto
+                if below == total:
+                    break
+        else:
+            fine[FINE_BUCKETS - 1] += total - below
+            latency[FINE_BUCKETS - 1] += total - below
+        classes = self._classes
+        window = bucket.classes
+        for status, n in Counter(statuses).items():
+            cls = _CLASS_OF[status] if status < 600 else 0
+            classes[cls] += n
+            window[cls] += n
 
     def _enter(self, now: float) -> WindowBucket:
         """The ring bucket of ``now``'s second, made the current one."""
@@ -172,10 +264,12 @@ class PoolStats:
     def totals(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Copies of the cumulative class counts and fine histogram; the
         difference of two of them is the traffic between the two reads."""
-        return tuple(self.classes), tuple(self.fine)
+        self._flush()
+        return tuple(self._classes), tuple(self._fine)
 
     def window(self, now: float, seconds: int) -> WindowSummary:
         """Sum of the last ``seconds`` complete-or-current seconds up to ``now``."""
+        self._flush()
         seconds = max(1, min(seconds, self.window_seconds))
         end = int(now)
         classes = [0] * 6

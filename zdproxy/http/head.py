@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
+from typing import Final
 
 
 def _status_line(code: int) -> bytes:
@@ -53,8 +54,8 @@ def error_response(
     )
 
 
-LAST_CHUNK = b"0\r\n\r\n"
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+LAST_CHUNK: Final = b"0\r\n\r\n"
+CONTINUE_100: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
 #: hop-by-hop response header lines, removed in one C-level pass
@@ -64,12 +65,12 @@ _RESPONSE_HOP_LINES = re.compile(
     re.IGNORECASE,
 )
 
-RESPONSE_CHUNKED = 1
-RESPONSE_HAS_LENGTH = 2
+RESPONSE_CHUNKED: Final = 1
+RESPONSE_HAS_LENGTH: Final = 2
 #: Transfer-Encoding other than one final ``chunked``: the body cannot be re-framed
-RESPONSE_BAD_CODING = 4
+RESPONSE_BAD_CODING: Final = 4
 #: both Content-Length and Transfer-Encoding (the length was dropped)
-RESPONSE_BOTH_FRAMINGS = 8
+RESPONSE_BOTH_FRAMINGS: Final = 8
 
 
 #: rewritten heads by raw head: most backends answer with the same head for a
@@ -78,9 +79,9 @@ RESPONSE_BOTH_FRAMINGS = 8
 _rewritten: dict[bytes, tuple[bytes, int]] = {}
 #: entries before the cache is emptied (a backend whose heads are all different,
 #: with a session cookie or a request ID in each, costs a lookup and a store)
-HEAD_CACHE_SIZE = 256
+HEAD_CACHE_SIZE: Final = 256
 #: longer heads are not cached: bounds the cache's memory (256 x 2 x 2 KiB)
-HEAD_CACHE_MAX_BYTES = 2048
+HEAD_CACHE_MAX_BYTES: Final = 2048
 
 
 def rewrite_response_head(raw: bytes) -> tuple[bytes, int]:

@@ -23,7 +23,16 @@ def valid_request_id(value: bytes) -> bool:
 class RequestIds:
     """The request-ID policy of one process: header name, trust, generator."""
 
-    __slots__ = ("_next", "_prefix", "header", "header_lower", "in_head", "trust_incoming")
+    __slots__ = (
+        "_next",
+        "_prefix",
+        "_seen_answer",
+        "_seen_head",
+        "header",
+        "header_lower",
+        "in_head",
+        "trust_incoming",
+    )
 
     def __init__(self, header: str, trust_incoming: bool, prefix: bytes | None = None) -> None:
         #: ``b"X-Request-Id: "``: the start of the header line the proxy writes
@@ -34,8 +43,23 @@ class RequestIds:
         self.in_head = re.compile(
             rb"\r\n" + re.escape(self.header_lower) + rb"[ \t]*:", re.IGNORECASE
         ).search
+        #: the head ``has_header`` last searched, and the answer
+        self._seen_head = b""
+        self._seen_answer = False
         self._prefix = (os.urandom(6).hex().encode("ascii") if prefix is None else prefix) + b"-"
         self._next = itertools.count(1).__next__
+
+    def has_header(self, head: bytes) -> bool:
+        """``in_head`` for the data path: the rewritten response head comes out of
+        ``http.head``'s cache as the same object while a backend repeats it (for a
+        second at a time), so the last answer is kept, by identity (a regex pass
+        over the head saved; the head kept alive so the identity stays its own)."""
+        if head is self._seen_head:
+            return self._seen_answer
+        answer = self.in_head(head) is not None
+        self._seen_head = head
+        self._seen_answer = answer
+        return answer
 
     def new(self) -> bytes:
         return b"%s%x" % (self._prefix, self._next())
@@ -44,7 +68,7 @@ class RequestIds:
         """The ID of a request: the client's, when trusted and valid, else a new one."""
         if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
             return incoming
-        return self.new()
+        return b"%s%x" % (self._prefix, self._next())  # new(), without the call
 
     def line(self, request_id: bytes) -> bytes:
         return b"%s%s\r\n" % (self.header, request_id)

@@ -52,6 +52,8 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "deadline_kind",
+        "fwd_host",
+        "fwd_lines",
         "head_bytes",
         "header_count",
         "idle",
@@ -69,6 +71,7 @@ class ClientConnection(asyncio.Protocol):
         "trusted",
         "tunnel",
         "tunnel_ref",
+        "valid_host",
         "xff_ip",
     )
 
@@ -110,6 +113,11 @@ class ClientConnection(asyncio.Protocol):
         #: the upstream transport once this connection became a tunnel
         self.tunnel: asyncio.Transport | None = None
         self.tunnel_ref: Tunnel | None = None
+        #: the last Host value a request of this connection passed the Host check with
+        self.valid_host: bytes | None = None
+        #: the X-Forwarded-* lines last written for this connection, and their Host
+        self.fwd_host: bytes | None = None
+        self.fwd_lines = b""
 
     # asyncio callbacks
 

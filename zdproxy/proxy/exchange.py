@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 import httptools
 
@@ -65,22 +65,26 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("zdproxy.error")
 
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+IDEMPOTENT: Final = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 # what on_header does with a request header, by lower-case name
-_FORWARD = 0
-_HOST = 1
-_CONNECTION = 2
-_DROP = 3
-_XFF = 4
-_XFWD = 5
-_COOKIE = 6
-_EXPECT = 7
-_UPGRADE = 8
-_IDEM_KEY = 9
-_WS_KEY = 10
-_TE = 11
-_REQUEST_ID = 12
+_FORWARD: Final = 0
+_HOST: Final = 1
+_CONNECTION: Final = 2
+_DROP: Final = 3
+_XFF: Final = 4
+_XFWD: Final = 5
+_COOKIE: Final = 6
+_EXPECT: Final = 7
+_UPGRADE: Final = 8
+_IDEM_KEY: Final = 9
+_WS_KEY: Final = 10
+_TE: Final = 11
+_REQUEST_ID: Final = 12
+_OVERRIDE: Final = 13  # forwarded, and it names the pool (routing.header)
+
+#: entries the header table may grow to with names remembered as sent (``add_header``)
+_KINDS_REMEMBERED: Final = 512
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -106,7 +110,7 @@ _REQUEST_HEADER_KIND: dict[bytes, int] = {
 }
 
 #: request headers a client's Connection header may not make hop-by-hop
-_NEVER_HOP_BY_HOP = frozenset({b"host"})
+_NEVER_HOP_BY_HOP: Final = frozenset({b"host"})
 
 
 def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
@@ -119,12 +123,12 @@ def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
 
 
 #: request body chunks held before the upstream is connected, before reading pauses
-_PENDING_LIMIT = 256 * 1024
+_PENDING_LIMIT: Final = 256 * 1024
 
 #: what ``_let_go`` does with the upstream connection
-_POOL = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
-_CLOSE = 1  # closed after what was written to it
-_ABORT = 2  # reset now (a cut response, a hung backend, the client gone)
+_POOL: Final = 0  # back to its backend's idle pool (a clean end on a keep-alive connection)
+_CLOSE: Final = 1  # closed after what was written to it
+_ABORT: Final = 2  # reset now (a cut response, a hung backend, the client gone)
 
 
 class Exchange:
@@ -151,6 +155,7 @@ class Exchange:
         "idempotent",
         "method",
         "out",
+        "out_head",
         "pending",
         "pending_bytes",
         "phase",
@@ -250,6 +255,8 @@ class Exchange:
         self.after_reject: bytes | None = None
         #: response bytes produced during the current upstream read, not yet written
         self.out: list[bytes] | None = None
+        #: pieces of ``out`` beyond the first that are the response head's lines
+        self.out_head = 0
         #: the copy of this request sent to the shadow pool (``proxy.shadow``), set
         #: when the request is picked; the exchange tells it what the live request
         #: does at the few points it cares about (start, body, complete, record)
@@ -259,12 +266,16 @@ class Exchange:
 
     def add_header(self, name: bytes, value: bytes) -> None:
         self.checker.header(name, value)
-        lname = name.lower()
-        ctx = self.conn.ctx
-        kind = ctx.header_kinds.get(lname, _FORWARD)
+        kinds = self.conn.ctx.header_kinds
+        # by the name as sent: its hash is already computed (the checker looked it
+        # up), and a name seen before is in the table (``_kind_of``)
+        kind = kinds.get(name)
+        if kind is None:
+            kind = self._kind_of(name, kinds)
         if kind == _FORWARD:
-            if lname == ctx.override_header:
-                self.pool_override = value.decode("latin-1").strip()
+            self.forwarded += (name, b": ", value, b"\r\n")
+        elif kind == _OVERRIDE:
+            self.pool_override = value.decode("latin-1").strip()
             self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
             self.host = value
@@ -281,7 +292,7 @@ class Exchange:
         elif kind == _XFWD:
             if self.xfwd is None:
                 self.xfwd = []
-            self.xfwd.append((lname, value))
+            self.xfwd.append((name.lower(), value))
         elif kind == _EXPECT:
             if value.strip().lower() == b"100-continue":
                 self.expect_continue = True
@@ -305,6 +316,20 @@ class Exchange:
             # the proxy writes this header itself; sent twice, it is not one valid ID
             self.request_id_in = value if self.request_id_in is None else b""
         # _DROP: hop-by-hop, or framing the proxy redoes itself
+
+    def _kind_of(self, name: bytes, kinds: dict[bytes, int]) -> int:
+        """What ``add_header`` does with a header ``name`` (any case) the table does
+        not hold as sent: looked up in lower case (the routing override header is
+        one to forward too, ``_OVERRIDE``), then remembered in the table under the
+        name as sent. The table is the context's, rebuilt with the override
+        header on every reload; the names remembered are bounded."""
+        lname = name.lower()
+        kind = kinds.get(lname)
+        if kind is None:
+            kind = _OVERRIDE if lname == self.conn.ctx.override_header else _FORWARD
+        if len(kinds) < _KINDS_REMEMBERED:
+            kinds[name] = kind
+        return kind
 
     def _parse_cookie(self, value: bytes) -> None:
         ctx = self.conn.ctx
@@ -344,10 +369,13 @@ class Exchange:
         if host is None:
             if version == "1.1":
                 raise _reject(400, "bad-request", "HTTP/1.1 request without Host")
-        elif not valid_host(host.rstrip(b" \t")):
-            # "a b", empty, control bytes, userinfo: a backend or a log would read
-            # another host than the one the proxy routed and checked
-            raise _reject(400, "bad-host", "invalid Host header")
+        elif host != self.conn.valid_host:
+            if not valid_host(host.rstrip(b" \t")):
+                # "a b", empty, control bytes, userinfo: a backend or a log would
+                # read another host than the one the proxy routed and checked
+                raise _reject(400, "bad-host", "invalid Host header")
+            # a connection's requests name the same host: checked once
+            self.conn.valid_host = host
         self.client_keep_alive = parser.should_keep_alive()
         if method in IDEMPOTENT:
             self.idempotent = True
@@ -424,17 +452,16 @@ class Exchange:
             forwarded = self._drop_connection_named(forwarded, names)
         url = self.url if self.upstream_url is None else self.upstream_url
         parts = [self.method, b" ", url, b" HTTP/1.1\r\n", *forwarded]
-        xff = self.xff if conn.trusted else None
-        parts += (
-            b"X-Forwarded-For: ",
-            conn.xff_ip if xff is None else xff + b", " + conn.xff_ip,
-            b"\r\n",
-        )
-        kept = dict(self.xfwd) if (conn.trusted and self.xfwd) else {}
-        parts += (b"X-Forwarded-Proto: ", kept.get(b"x-forwarded-proto", conn.proto), b"\r\n")
-        host = kept.get(b"x-forwarded-host", self.host)
-        if host is not None:
-            parts += (b"X-Forwarded-Host: ", host, b"\r\n")
+        if conn.trusted and (self.xff is not None or self.xfwd):
+            parts.append(self._forwarding_kept())
+        else:
+            # the usual case: the lines depend on the connection and the Host only,
+            # and a connection's requests name one host: built once, then reused
+            host = self.host
+            if host is None or host != conn.fwd_host:
+                conn.fwd_lines = _forwarding(conn.xff_ip, conn.proto, host)
+                conn.fwd_host = host
+            parts.append(conn.fwd_lines)
         if self.request_chunked:
             if self.te_codings is None:
                 parts.append(b"Transfer-Encoding: chunked\r\n")
@@ -452,6 +479,18 @@ class Exchange:
             parts.append(b"\r\n")
         # else: an HTTP/1.0 request without Host; _attach adds the backend's address
         return b"".join(parts)
+
+    def _forwarding_kept(self) -> bytes:
+        """The X-Forwarded-* lines for a trusted client that sent its own: its
+        X-Forwarded-For extended, its X-Forwarded-Proto and -Host kept."""
+        conn = self.conn
+        xff = self.xff
+        kept = dict(self.xfwd) if self.xfwd else {}
+        return _forwarding(
+            conn.xff_ip if xff is None else xff + b", " + conn.xff_ip,
+            kept.get(b"x-forwarded-proto", conn.proto),
+            kept.get(b"x-forwarded-host", self.host),
+        )
 
     @staticmethod
     def _drop_connection_named(forwarded: list[bytes], names: frozenset[bytes]) -> list[bytes]:
@@ -674,13 +713,13 @@ class Exchange:
             self.framing_doubtful = True
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
-            parts += (ctx.pool_header, self.backend.pool.encode("ascii"), b"\r\n")
+            parts.append(_pool_line(ctx.pool_header, self.backend.pool))
         if self.set_cookie is not None:
             parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
         request_id = self.request_id
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
-        if request_id is not None and ids is not None and not ids.in_head(head):
+        if request_id is not None and ids is not None and not ids.has_header(head):
             parts += (ids.header, request_id, b"\r\n")
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
@@ -707,8 +746,11 @@ class Exchange:
         parts.append(b"\r\n")
         self._to(RELAYING)
         # held until the end of this read, so head and body leave in one syscall
-        self.out = [b"".join(parts)]
-        conn.set_deadline(UPSTREAM, ctx.t_upstream)
+        # (joined there once, with the body: the head's pieces count as one)
+        self.out = parts
+        self.out_head = len(parts) - 1
+        conn.deadline_kind = UPSTREAM  # conn.set_deadline, inline (once a response)
+        conn.deadline = ctx.now + ctx.t_upstream
         return chunked and not no_body
 
     def on_response_body(self, data: bytes) -> None:
@@ -733,8 +775,10 @@ class Exchange:
             self.out = None
             self.response_sent = True
             transport = self.conn.transport
+            extra = self.out_head
+            self.out_head = 0
             if transport is not None:
-                if len(out) < 4 and len(out[-1]) <= 16384:
+                if len(out) - extra < 4 and len(out[-1]) <= 16384:
                     # one small buffer is cheaper to hand over than a writev of pieces;
                     # large bodies go as they are (no copy)
                     transport.write(b"".join(out))
@@ -802,6 +846,7 @@ class Exchange:
         # the upstream connection closed itself
         self.upstream = None
         self.out = None
+        self.out_head = 0
         self.chunk_out = False
         log.info("invalid response from backend: %s", exc)
         self.fail(BadUpstreamResponse(f"invalid response from backend: {exc}"))
@@ -1057,6 +1102,37 @@ class Exchange:
 def without_body(response: bytes) -> bytes:
     """An error response as the answer to HEAD: the head alone (RFC 9110 9.3.2)."""
     return response[: response.index(b"\r\n\r\n") + 4]
+
+
+#: the pool response header line by header (``X-Zdproxy-Pool: ``) and pool name
+_pool_lines: dict[bytes, dict[str, bytes]] = {}
+
+
+def _pool_line(header: bytes, pool: str) -> bytes:
+    """``X-Zdproxy-Pool: blue`` and CRLF, built once per pool (and header name)."""
+    lines = _pool_lines.get(header)
+    if lines is None:
+        if len(_pool_lines) >= 16:  # header renamed by reloads: start over
+            _pool_lines.clear()
+        lines = _pool_lines[header] = {}
+    line = lines.get(pool)
+    if line is None:
+        if len(lines) >= 1024:
+            lines.clear()
+        line = lines[pool] = header + pool.encode("ascii") + b"\r\n"
+    return line
+
+
+def _forwarding(xff: bytes, proto: bytes, host: bytes | None) -> bytes:
+    """The X-Forwarded-For, -Proto and -Host lines the proxy writes (no -Host for a
+    request without a host)."""
+    if host is None:
+        return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\n" % (xff, proto)
+    return b"X-Forwarded-For: %s\r\nX-Forwarded-Proto: %s\r\nX-Forwarded-Host: %s\r\n" % (
+        xff,
+        proto,
+        host,
+    )
 
 
 def _frame(chunk: bytes) -> bytes:
