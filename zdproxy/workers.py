@@ -158,7 +158,12 @@ def take_counters(server: ProxyServer, observer: RecordingObserver) -> dict[str,
     observer.results = []
     counters.connections_accepted = counters.retries = counters.tunnels_total = 0
     sender = server.shadow_sender
-    if sender is not None and (sender.sent or sender.in_flight):
+    # a copy's comparison may come after its own report: the live answer was the
+    # slower one, so it is counted when the live request ends (``on_live_answer``),
+    # by which time sent and in_flight may both be 0 again
+    if sender is not None and (
+        sender.sent or sender.in_flight or sender.compared or any(sender.results.values())
+    ):
         report["shadow"] = [
             sender.sent,
             {k: v for k, v in sender.results.items() if v},
