@@ -19,6 +19,16 @@ import pytest
 from support import Backend, async_wait_for
 from support_control import READ_TOKEN, AdminClient, AdminProxy, actl, admin_config
 
+# The backends here are the test's own aiohttp servers, stopped and started again
+# while zdproxy (another process) keeps connecting to them. asyncio accepts a
+# connection in a task of its own: one accepted while aiohttp's cleanup runs gets
+# a transport that the cleanup never sees, and the garbage collector reports it
+# unclosed. Only those two reports are let through; zdproxy cannot cause them.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Exception ignored in. <(function _SelectorTransport.__del__|socket.socket)"
+    ":pytest.PytestUnraisableExceptionWarning"
+)
+
 CLIENTS = 30
 CHECKS = {"interval": "100ms", "timeout": "500ms", "rise": 2, "fall": 2}
 
