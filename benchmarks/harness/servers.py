@@ -413,12 +413,13 @@ class FloorProxy(Target):
     the floor of what Python on uvloop costs per request, for reference."""
 
     name = "floor"
+    #: the script run (a variant can be tried in its place: tail_bench.py --floor-script)
+    script = Path(__file__).resolve().parent.parent / "floor_proxy.py"
 
     def start(self) -> None:
         self.prefix.mkdir(parents=True, exist_ok=True)
-        script = Path(__file__).resolve().parent.parent / "floor_proxy.py"
         ports = [str(port) for _, port in self.topology.blue]
-        argv = [*self.pinning.proxy(), sys.executable, str(script), str(self.port), *ports]
+        argv = [*self.pinning.proxy(), sys.executable, str(self.script), str(self.port), *ports]
         self.proc = ManagedProcess(self.name, argv, self.prefix / "floor.log")
         self.proc.start()
         self.wait_ready(20.0)

@@ -20,6 +20,11 @@ done = function(summary, latency, requests)
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency.max, latency.mean))
+  io.write("WRKLADDER")
+  for _, p in ipairs({90, 95, 98, 99, 99.5, 99.9}) do
+    io.write(string.format(" p%g=%.2f", p, latency:percentile(p) / 1000))
+  end
+  io.write("\n")
 end
 """
 
@@ -121,10 +126,23 @@ def wrk_argv(
 
 def run_wrk(argv: list[str], duration: float) -> WrkResult:
     """Run wrk to completion (bounded: killed after duration + 30 s)."""
+    return parse_wrk_output(run_wrk_stdout(argv, duration))
+
+
+def run_wrk_stdout(argv: list[str], duration: float) -> str:
+    """wrk's output (its latency ladder too: ``latency_ladder``)."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 30, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr.strip()[-500:]}")
-    return parse_wrk_output(done.stdout)
+    return done.stdout
+
+
+def latency_ladder(stdout: str) -> str:
+    """The upper percentiles in ms (``p90=1.20 p95=...``), from the ``done`` hook."""
+    for line in stdout.splitlines():
+        if line.startswith("WRKLADDER "):
+            return line.removeprefix("WRKLADDER ")
+    return ""
 
 
 def start_wrk(argv: list[str]) -> subprocess.Popen[str]:

@@ -12,11 +12,18 @@ the realistic bug it is there to catch:
 * hop-by-hop response headers passed on;
 * a 204, 304 or HEAD answer relayed with a body or a chunked terminator;
 * an early answer that keeps the client connection alive with its request body
-  half read.
+  half read;
+* a partial response left unacknowledged, so a backend that holds its last
+  segment until our ACK (Nagle, nginx's sendfile) waits for the kernel's delayed
+  ACK: 40 ms (the 64 KiB tail, docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import os
+import socket
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -41,6 +48,14 @@ CHUNKED_HEAD = b"HTTP/1.1 200 OK\r\n" + POOL + b"Transfer-Encoding: chunked\r\n\
 
 #: signals from the test to the backend (set once the client has its answer)
 SIGNALS: dict[bytes, threading.Event] = {}
+
+
+#: the proxy-side address of the backend connection that served a target
+PEERS: dict[bytes, tuple[str, int]] = {}
+
+#: /held-tail: a body sent in two parts, the second once the test has looked
+HELD_BODY = bytes(range(256)) * 160
+HELD_SPLIT = 30000
 
 
 def signal_for(target: bytes) -> threading.Event:
@@ -73,6 +88,14 @@ HOP_BY_HOP = (
 
 async def handler(req: Seen, link: Link) -> bool:
     target = req.target
+    if target == b"/held-tail":
+        PEERS[target] = link.writer.get_extra_info("peername")
+        answer = ok(HELD_BODY)
+        head_size = len(answer) - len(HELD_BODY)
+        await link.send(answer[: head_size + HELD_SPLIT])
+        await link.wait(signal_for(target))
+        await link.send(answer[head_size + HELD_SPLIT :])
+        return True
     if target == b"/endless-header":
         await link.send(b"HTTP/1.1 200 OK\r\nX-Endless: ")
         return await link.stream(b"a" * 4096)
@@ -498,3 +521,54 @@ def test_the_proxy_serves_normally_afterwards(proxy: ProxyProcess) -> None:
         client.send(get("/last"))
         expected = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n", b"ok /last")
         assert read_exactly(client.sock, len(expected)) == expected
+
+
+# --------------------------------------------------------------------------------------
+# section 9: a partial response is acknowledged at once
+
+
+def quickack_of(pid: int, local: tuple[str, int]) -> int:
+    """TCP_QUICKACK of process ``pid``'s socket bound to ``local``, read on a copy
+    of its descriptor (pidfd_getfd, Linux 5.6+). 0: the kernel delays its ACKs
+    (its "pingpong" mode); 1: it acknowledges at once."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except OSError:
+                continue
+            fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+            if fd < 0:
+                pytest.skip(f"pidfd_getfd: {os.strerror(ctypes.get_errno())}")
+            with socket.socket(fileno=fd) as sock:
+                if sock.family == socket.AF_INET and sock.getsockname() == local:
+                    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK)
+    finally:
+        os.close(pidfd)
+    raise AssertionError(f"the proxy has no socket at {local}")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="TCP_QUICKACK is Linux only")
+def test_a_partial_response_is_acknowledged_at_once(proxy: ProxyProcess) -> None:
+    """The backend sends a head and 30000 body bytes and holds the rest; once the
+    client has them, the proxy's upstream socket must be out of delayed-ACK mode.
+    A warm connection is in it (the request followed the last response closely):
+    on the old code it stays there until the 40 ms delayed-ACK timer fires."""
+    assert proxy.proc is not None
+    expected = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(HELD_BODY), HELD_BODY)
+    first = len(expected) - (len(HELD_BODY) - HELD_SPLIT)
+    with RawClient(proxy.port) as client:
+        # warm the pooled connection: the next request follows this answer at once
+        client.send(get("/warm"))
+        warm = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n", b"ok /warm")
+        assert read_exactly(client.sock, len(warm)) == warm
+        client.send(get("/held-tail"))
+        got = read_exactly(client.sock, first)
+        quickack = quickack_of(proxy.proc.pid, PEERS[b"/held-tail"])
+        signal_for(b"/held-tail").set()
+        got += read_exactly(client.sock, len(expected) - first)
+    assert got == expected
+    assert quickack == 1, "the partial response was left for the delayed ACK"
