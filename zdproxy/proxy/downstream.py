@@ -52,6 +52,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "deadline_kind",
+        "fed",
         "fwd_host",
         "fwd_lines",
         "head_bytes",
@@ -118,6 +119,9 @@ class ClientConnection(asyncio.Protocol):
         #: the X-Forwarded-* lines last written for this connection, and their Host
         self.fwd_host: bytes | None = None
         self.fwd_lines = b""
+        #: a read fed to the parser between requests (its first request line starts
+        #: it), until that request's head is complete: ``Exchange.headers_complete``
+        self.fed: bytes | None = None
 
     # asyncio callbacks
 
@@ -175,6 +179,8 @@ class ClientConnection(asyncio.Protocol):
             and self._line_over_limit(data)
         ):
             return
+        if parsing is None:
+            self.fed = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -285,7 +291,9 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.parsing
         assert exchange is not None
-        exchange.headers_complete(self.parser)
+        fed = self.fed
+        self.fed = None
+        exchange.headers_complete(self.parser, fed)
         self.queue.append(exchange)
         if exchange.expects_body:
             self.set_deadline(BODY, self.ctx.t_body)
