@@ -390,7 +390,7 @@ class Exchange:
             # a connection's requests name the same host: checked once
             self.conn.valid_host = host
         self.client_keep_alive = parser.should_keep_alive()
-        if method in IDEMPOTENT:
+        if method == b"GET" or method in IDEMPOTENT:  # a compare before the set lookup
             self.idempotent = True
         if self.upgrade is not None and not parser.should_upgrade():
             self.upgrade = None
@@ -1160,8 +1160,35 @@ def without_body(response: bytes) -> bytes:
 _pool_lines: dict[bytes, dict[str, bytes]] = {}
 
 
+class _LastPoolLine:
+    """The last pool line handed out, by header and pool object: one pool takes
+    the traffic most of the time, and two identity checks are cheaper than two
+    dict lookups."""
+
+    __slots__ = ("header", "line", "pool")
+
+    def __init__(self) -> None:
+        self.header = b""
+        self.pool = ""
+        self.line = b""
+
+
+_LAST_POOL_LINE: Final = _LastPoolLine()
+
+
 def _pool_line(header: bytes, pool: str) -> bytes:
     """``X-Zdproxy-Pool: blue`` and CRLF, built once per pool (and header name)."""
+    last = _LAST_POOL_LINE
+    if pool is last.pool and header is last.header:
+        return last.line
+    line = _pool_line_cached(header, pool)
+    last.header = header
+    last.pool = pool
+    last.line = line
+    return line
+
+
+def _pool_line_cached(header: bytes, pool: str) -> bytes:
     lines = _pool_lines.get(header)
     if lines is None:
         if len(_pool_lines) >= 16:  # header renamed by reloads: start over
