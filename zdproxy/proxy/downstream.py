@@ -119,8 +119,10 @@ class ClientConnection(asyncio.Protocol):
         #: the X-Forwarded-* lines last written for this connection, and their Host
         self.fwd_host: bytes | None = None
         self.fwd_lines = b""
-        #: a read fed to the parser between requests (its first request line starts
-        #: it), until that request's head is complete: ``Exchange.headers_complete``
+        #: the read being parsed when it began between requests (its first request
+        #: line starts it), until that request's head is complete or the read is
+        #: parsed (never held longer: an unfinished head must not keep its read
+        #: alive): ``Exchange.headers_complete``
         self.fed: bytes | None = None
 
     # asyncio callbacks
@@ -195,6 +197,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
             return
+        finally:
+            self.fed = None
         parsing = self.parsing
         if parsing is not None and (parsing.phase == PARSING or self.trailer):
             self._hold_partial_line(data)

@@ -345,9 +345,10 @@ class Exchange:
 
     def headers_complete(self, parser: httptools.HttpRequestParser, read: bytes | None) -> None:
         """The head is parsed: check it, route it and build the head sent upstream.
-        ``read`` is the read the request began at the first byte of, when known
-        (``ClientConnection.fed``): its request line gives the version without
-        ``parser.get_http_version()``, which formats a ``str`` each call."""
+        ``read`` is the read the request began at the first byte of, when the
+        whole head came in that read (``ClientConnection.fed``): its request line
+        gives the version without ``parser.get_http_version()``, which formats a
+        ``str`` each call."""
         method = parser.get_method()
         self.method = method
         line = _line_version(read, method, self.url) if read is not None else 0
