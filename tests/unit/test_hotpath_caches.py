@@ -9,6 +9,7 @@ from zdproxy.balancing.sticky import CACHE_SIZE, Pin, StickyCodec
 from zdproxy.http import head
 from zdproxy.http.head import rewrite_response_head
 from zdproxy.http.requestid import RequestIds
+from zdproxy.proxy import exchange as exchange_module
 from zdproxy.proxy.upstream import PEAK_SECONDS, UpstreamConnection, UpstreamPools
 
 NGINX = (
@@ -192,3 +193,37 @@ def test_header_kinds_are_remembered_by_name_as_sent() -> None:
         assert upstream is not None
         upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
     assert len(kinds) <= 512
+
+
+def test_version_read_from_the_request_line() -> None:
+    line_version = exchange_module._line_version
+    assert line_version(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", b"GET", b"/a") == 11
+    assert line_version(b"GET /a HTTP/1.0\r\n\r\n", b"GET", b"/a") == 10
+    # anything else is left to the parser: another version, a bare LF, a line
+    # cut short, leading empty lines, more spaces, another request's line
+    assert line_version(b"GET /a HTTP/2.0\r\n\r\n", b"GET", b"/a") == 0
+    assert line_version(b"GET /a HTTP/1.1\n\n", b"GET", b"/a") == 0
+    assert line_version(b"GET /a HTTP/1.", b"GET", b"/a") == 0
+    assert line_version(b"\r\nGET /a HTTP/1.1\r\n\r\n", b"GET", b"/a") == 0
+    assert line_version(b"GET  /a HTTP/1.1\r\n\r\n", b"GET", b"/a") == 0
+    assert line_version(b"PUT /a HTTP/1.1\r\n\r\n", b"GET", b"/a") == 0
+
+
+def test_version_of_pipelined_and_split_requests() -> None:
+    """The version comes from the parser whenever the read does not start with
+    the request's own line: the second of two pipelined requests with the same
+    line but another version, and a head split across reads."""
+    proxy = Proxy()
+    for backend in ("blue-1", "blue-2", "blue-1", "blue-2"):
+        proxy.pooled(backend)  # no connect is started
+    conn, _client = proxy.client()
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\nGET /a HTTP/1.0\r\nHost: a\r\n\r\n")
+    assert [e.version for e in conn.queue] == ["1.1", "1.0"]
+    other, _ = proxy.client()
+    other.data_received(b"GET /b HTTP/1.0\r\nHo")
+    other.data_received(b"st: a\r\n\r\n")
+    assert [e.version for e in other.queue] == ["1.0"]
+    third, _ = proxy.client()
+    third.data_received(b"GET /b HT")
+    third.data_received(b"TP/1.0\r\nHost: a\r\n\r\n")
+    assert [e.version for e in third.queue] == ["1.0"]

@@ -255,9 +255,9 @@ class AccessLog:
 
     # per request: gather, never format or write
 
-    def add(self, exchange: Exchange, status: int, cause: str | None) -> None:
-        """Called by the exchange when its response is complete (or given up)."""
-        now = self._loop.time()
+    def add(self, exchange: Exchange, status: int, cause: str | None, now: float) -> None:
+        """Called by the exchange when its response is complete (or given up), at
+        loop time ``now`` (the exchange reads the clock once for all it records)."""
         started = exchange.started_at
         head_at = exchange.head_at
         backend = exchange.backend

@@ -52,6 +52,7 @@ class ClientConnection(asyncio.Protocol):
         "ctx",
         "deadline",
         "deadline_kind",
+        "fed",
         "fwd_host",
         "fwd_lines",
         "head_bytes",
@@ -118,6 +119,11 @@ class ClientConnection(asyncio.Protocol):
         #: the X-Forwarded-* lines last written for this connection, and their Host
         self.fwd_host: bytes | None = None
         self.fwd_lines = b""
+        #: the read being parsed when it began between requests (its first request
+        #: line starts it), until that request's head is complete or the read is
+        #: parsed (never held longer: an unfinished head must not keep its read
+        #: alive): ``Exchange.headers_complete``
+        self.fed: bytes | None = None
 
     # asyncio callbacks
 
@@ -175,6 +181,8 @@ class ClientConnection(asyncio.Protocol):
             and self._line_over_limit(data)
         ):
             return
+        if parsing is None:
+            self.fed = data
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -189,6 +197,8 @@ class ClientConnection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._parse_error(exc)
             return
+        finally:
+            self.fed = None
         parsing = self.parsing
         if parsing is not None and (parsing.phase == PARSING or self.trailer):
             self._hold_partial_line(data)
@@ -285,7 +295,9 @@ class ClientConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.parsing
         assert exchange is not None
-        exchange.headers_complete(self.parser)
+        fed = self.fed
+        self.fed = None
+        exchange.headers_complete(self.parser, fed)
         self.queue.append(exchange)
         if exchange.expects_body:
             self.set_deadline(BODY, self.ctx.t_body)

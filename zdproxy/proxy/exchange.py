@@ -18,6 +18,7 @@ import httptools
 from zdproxy.balancing.failures import LOCAL, Failure
 from zdproxy.balancing.model import Backend, BackendState
 from zdproxy.balancing.retry import may_retry
+from zdproxy.balancing.selector import WeightedSelector
 from zdproxy.errors import (
     BadRequest,
     BadUpstreamResponse,
@@ -342,13 +343,26 @@ class Exchange:
             elif key == ctx.affinity_cookie and val:
                 self.affinity = val
 
-    def headers_complete(self, parser: httptools.HttpRequestParser) -> None:
+    def headers_complete(self, parser: httptools.HttpRequestParser, read: bytes | None) -> None:
+        """The head is parsed: check it, route it and build the head sent upstream.
+        ``read`` is the read the request began at the first byte of, when the
+        whole head came in that read (``ClientConnection.fed``): its request line
+        gives the version without ``parser.get_http_version()``, which formats a
+        ``str`` each call."""
         method = parser.get_method()
         self.method = method
-        version = parser.get_http_version()
+        line = _line_version(read, method, self.url) if read is not None else 0
+        if line == 11:
+            version = "1.1"
+            token = b"HTTP/1.1"
+        elif line == 10:
+            version = "1.0"
+            token = b"HTTP/1.0"
+        else:
+            version = parser.get_http_version()
+            token = HTTP_VERSIONS.get(version) or b"HTTP/" + version.encode("ascii")
         self.version = version
         checker = self.checker
-        token = HTTP_VERSIONS.get(version) or b"HTTP/" + version.encode("ascii")
         verdict = checker.verdict(method, self.url, token)
         ctx = self.conn.ctx
         if verdict.tier >= Tier.AMBIGUOUS and (ctx.strict or verdict.tier == Tier.SEVERE):
@@ -377,7 +391,7 @@ class Exchange:
             # a connection's requests name the same host: checked once
             self.conn.valid_host = host
         self.client_keep_alive = parser.should_keep_alive()
-        if method in IDEMPOTENT:
+        if method == b"GET" or method in IDEMPOTENT:  # a compare before the set lookup
             self.idempotent = True
         if self.upgrade is not None and not parser.should_upgrade():
             self.upgrade = None
@@ -538,7 +552,10 @@ class Exchange:
         if selector is None:
             self.fail(_reject(404, "no-route", "no route for this request"))
             return
-        backend = selector.select(self, exclude)
+        if isinstance(selector, WeightedSelector):
+            backend = selector.select(self, exclude)  # a direct call when compiled
+        else:
+            backend = selector.select(self, exclude)
         if backend is None:
             self.fail(NoBackend("no healthy backend"))
             return
@@ -893,7 +910,7 @@ class Exchange:
             return
         access = self.conn.ctx.access_log
         if access is not None and self.started_at:
-            access.add(self, 499, "client-closed")  # nginx's code for it
+            access.add(self, 499, "client-closed", self.conn.ctx.loop.time())  # nginx's code for it
         self._let_go(_ABORT, DONE)
 
     def _failed(self, backend: Backend, kind: Failure) -> None:
@@ -1066,25 +1083,31 @@ class Exchange:
 
     def _record(self, status: int, cause: str | None = None) -> None:
         """The request is over (answered, refused or cut): statistics, access log."""
-        access = self.conn.ctx.access_log
+        ctx = self.conn.ctx
+        # one clock read for the access log, the shadow copy and the statistics
+        now = ctx.loop.time()
+        access = ctx.access_log
         if access is not None:
-            access.add(self, status, cause)
+            access.add(self, status, cause, now)
         shadow = self.shadow
         if shadow is not None:
-            shadow.on_live_answer(self, status)
+            shadow.on_live_answer(self, status, now)
         backend = self.backend
         if backend is None:
             return
         codes = backend.codes
         codes[status] = codes.get(status, 0) + 1
-        ctx = self.conn.ctx
-        now = ctx.loop.time()
         if status >= 500:
             ctx.observer.failure(backend, Failure.STATUS_5XX, now)
         elif backend.failures:
             ctx.observer.success(backend, now)
         selector = self.selector
-        view = selector.pool_view(backend.pool) if selector is not None else None
+        if isinstance(selector, WeightedSelector):
+            # the concrete class: a direct call in the compiled build (a Protocol's
+            # method is looked up and called as a Python method)
+            view = selector.pool_view(backend.pool)
+        else:
+            view = selector.pool_view(backend.pool) if selector is not None else None
         if view is not None:
             view.stats.record(status, now - self.started_at, now)
 
@@ -1099,6 +1122,36 @@ class Exchange:
             upstream.transport.resume_reading()
 
 
+def _line_version(read: bytes, method: bytes, url: bytes) -> int:
+    """11 or 10 when ``read``, a read the request began at the first byte of,
+    starts with the request line ``method url HTTP/1.1`` (or ``HTTP/1.0``) and
+    CRLF, single spaces; else 0 (the caller asks the parser).
+
+    The method at offset 0 rules out leading empty lines, and a version token at
+    ``len(method) + 1 + len(url)`` cannot come from another layout of the line:
+    with more spaces before the target, that offset falls in the target (no
+    spaces in it) or in the spaces before it, and the CRLF cannot follow where
+    the token says (the target has no CR). One slice (``startswith`` with an
+    offset is a Python-level method call when compiled, about 1,000 instructions).
+    """
+    m = len(method)
+    end = m + 1 + len(url)
+    tail = read[end : end + 11]
+    if tail == _LINE_11:
+        version = 11
+    elif tail == _LINE_10:
+        version = 10
+    else:
+        return 0
+    if read[m] == 0x20 and read.startswith(method):
+        return version
+    return 0
+
+
+_LINE_11: Final = b" HTTP/1.1\r\n"
+_LINE_10: Final = b" HTTP/1.0\r\n"
+
+
 def without_body(response: bytes) -> bytes:
     """An error response as the answer to HEAD: the head alone (RFC 9110 9.3.2)."""
     return response[: response.index(b"\r\n\r\n") + 4]
@@ -1108,8 +1161,35 @@ def without_body(response: bytes) -> bytes:
 _pool_lines: dict[bytes, dict[str, bytes]] = {}
 
 
+class _LastPoolLine:
+    """The last pool line handed out, by header and pool object: one pool takes
+    the traffic most of the time, and two identity checks are cheaper than two
+    dict lookups."""
+
+    __slots__ = ("header", "line", "pool")
+
+    def __init__(self) -> None:
+        self.header = b""
+        self.pool = ""
+        self.line = b""
+
+
+_LAST_POOL_LINE: Final = _LastPoolLine()
+
+
 def _pool_line(header: bytes, pool: str) -> bytes:
     """``X-Zdproxy-Pool: blue`` and CRLF, built once per pool (and header name)."""
+    last = _LAST_POOL_LINE
+    if pool is last.pool and header is last.header:
+        return last.line
+    line = _pool_line_cached(header, pool)
+    last.header = header
+    last.pool = pool
+    last.line = line
+    return line
+
+
+def _pool_line_cached(header: bytes, pool: str) -> bytes:
     lines = _pool_lines.get(header)
     if lines is None:
         if len(_pool_lines) >= 16:  # header renamed by reloads: start over

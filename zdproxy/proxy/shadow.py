@@ -124,11 +124,11 @@ class ShadowCopy:
         if self.sender.compare_body:
             self.live_crc = zlib.crc32(data, self.live_crc)
 
-    def on_live_answer(self, exchange: Exchange, status: int) -> None:
-        """The live request is over (``Exchange._record``): compare when the copy's
-        answer is in already."""
+    def on_live_answer(self, exchange: Exchange, status: int, now: float) -> None:
+        """The live request is over (``Exchange._record``, at loop time ``now``):
+        compare when the copy's answer is in already."""
         self.live_status = status
-        self.live_latency = exchange.conn.ctx.loop.time() - exchange.started_at
+        self.live_latency = now - exchange.started_at
         if self.shadow_status:
             self.sender.compare(self)
 
