@@ -1026,18 +1026,24 @@ class RolloutController:
         self.history.clear()
         self.history.extend(history)
 
+    def take_history(self, state: Mapping[str, Any]) -> None:
+        """The history and the id counter of saved or shared rollout state; entries
+        that are not well-formed are dropped, and ids never go back."""
+        history = state.get("history")
+        self.history.clear()
+        if isinstance(history, list):
+            self.history.extend(h for h in history if isinstance(h, dict) and "id" in h)
+        next_id = state.get("next_id")
+        if type(next_id) is int:
+            self.next_id = max(next_id, self.next_id)
+
     def restore(self) -> None:
         """Pick up the saved rollout (at start, after the runtime restored its
         state): the same step with the same weights; its pause starts over."""
         state = self.runtime.rollout_state
         if not isinstance(state, dict):
             return
-        history = state.get("history")
-        if isinstance(history, list):
-            self.history.extend(h for h in history if isinstance(h, dict) and "id" in h)
-        next_id = state.get("next_id")
-        if type(next_id) is int:
-            self.next_id = max(next_id, self.next_id)
+        self.take_history(state)
         saved = state.get("current")
         if not isinstance(saved, dict):
             return

@@ -243,13 +243,7 @@ def mirror_rollouts(controller: RolloutController, state: Mapping[str, Any] | No
 
     state = state or {}
     old = controller.current
-    history = state.get("history")
-    controller.history.clear()
-    if isinstance(history, list):
-        controller.history.extend(h for h in history if isinstance(h, dict) and "id" in h)
-    next_id = state.get("next_id")
-    if type(next_id) is int:
-        controller.next_id = max(next_id, controller.next_id)
+    controller.take_history(state)
     saved = state.get("current")
     if not isinstance(saved, dict):
         if old is not None and old.active:
