@@ -293,6 +293,7 @@ async def test_reconfigure_applies_settings_and_keeps_pins() -> None:
     the process's random key stay valid."""
     from support_health import free_port
 
+    from zdproxy.balancing.selector import RouteHints
     from zdproxy.config.schema import Config
     from zdproxy.health.checker import HealthService
     from zdproxy.server import ProxyServer, wire
@@ -309,11 +310,7 @@ async def test_reconfigure_applies_settings_and_keeps_pins() -> None:
             }
         )
 
-    class Hints:
-        pool_override = None
-        affinity: str | None = None
-        hash_key = None
-        set_cookie: bytes | None = None
+    Hints = RouteHints
 
     server = ProxyServer(config(sticky={"mode": "pool"}))
     wire(server)

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from zdproxy.config import ConfigError, load_config_text
-from zdproxy.http.requestid import RequestIds, valid_request_id
+from zdproxy.http.requestid import RequestIds, id_in_line, valid_request_id
 from zdproxy.proxy.accesslog import (
     Record,
     clf_time,
@@ -190,20 +190,32 @@ def test_valid_request_id(value: bytes, valid: bool) -> None:
 def test_generated_ids_are_unique_and_valid() -> None:
     ids = RequestIds("X-Request-Id", True, prefix=b"abc")
     made = [ids.new() for _ in range(1000)]
-    assert made[:3] == [b"abc-1", b"abc-2", b"abc-3"]
+    assert made[:3] == [b"abc-01", b"abc-02", b"abc-03"]
     assert len(set(made)) == 1000
     assert all(valid_request_id(request_id) for request_id in made)
     # two processes: different random prefixes
     assert RequestIds("X-Request-Id", True).new() != RequestIds("X-Request-Id", True).new()
 
 
+def test_generated_lines_are_the_counter_in_hex_across_digit_carries() -> None:
+    # the line is kept up to the counter's last two digits and rebuilt when they
+    # wrap: every ID up to and past 0xff, 0xfff and 0xffff is the counter in hex
+    ids = RequestIds("X-Request-Id", False, prefix=b"p")
+    for count in range(1, 0x10102):
+        assert ids.resolve_line(None) == b"X-Request-Id: p-%02x\r\n" % count, count
+    assert ids.new() == b"p-10102"
+    assert id_in_line(b"X-Request-Id: p-10102\r\n") == b"p-10102"
+
+
 def test_resolve_keeps_a_valid_trusted_id_only() -> None:
     trusting = RequestIds("X-Request-Id", True, prefix=b"p")
     assert trusting.resolve(b"client-1") == b"client-1"
-    assert trusting.resolve(b"bad id") == b"p-1"
-    assert trusting.resolve(None) == b"p-2"
+    assert trusting.resolve(b"bad id") == b"p-01"
+    assert trusting.resolve(None) == b"p-02"
+    assert trusting.resolve_line(b"client-1") == b"X-Request-Id: client-1\r\n"
     distrusting = RequestIds("X-Trace", False, prefix=b"q")
-    assert distrusting.resolve(b"client-1") == b"q-1"
+    assert distrusting.resolve(b"client-1") == b"q-01"
+    assert distrusting.resolve_line(b"client-1") == b"X-Trace: q-02\r\n"
     assert distrusting.line(b"q-1") == b"X-Trace: q-1\r\n"
     assert distrusting.header_lower == b"x-trace"
     assert distrusting.in_head(b"HTTP/1.1 200 OK\r\nx-TRACE : 1\r\n")

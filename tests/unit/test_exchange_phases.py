@@ -209,6 +209,38 @@ def test_a_reset_before_the_head_is_retried_on_the_other_backend() -> None:
     assert in_flight(proxy) == {sent_id: 0, other_id: 0}
 
 
+def _put_reset(config: str) -> tuple[Proxy, bytes, bytes]:
+    """A PUT whose body reaches the backend in two reads, then a reset: what the
+    other backend then receives, and what the client gets."""
+    proxy = Proxy(config)
+    first, first_t = proxy.pooled("blue-1")
+    second, second_t = proxy.pooled("blue-2")
+    conn, client = proxy.client()
+    conn.data_received(b"PUT /p HTTP/1.1\r\nHost: example.com\r\nContent-Length: 6\r\n\r\nabc")
+    conn.data_received(b"def")
+    sent, spare_t = (first, second_t) if first_t.take() else (second, first_t)
+    sent.connection_lost(ConnectionResetError())
+    return proxy, spare_t.take(), client.take()
+
+
+def test_a_body_sent_after_the_head_is_kept_and_sent_again_on_a_retry() -> None:
+    proxy, resent, answered = _put_reset(QUIET)
+    assert resent == (
+        b"PUT /p HTTP/1.1\r\nHost: example.com\r\nX-Forwarded-For: 192.0.2.7\r\n"
+        b"X-Forwarded-Proto: http\r\nX-Forwarded-Host: example.com\r\n"
+        b"Content-Length: 6\r\n\r\nabcdef"
+    )
+    assert answered == b"" and proxy.ctx.counters.retries == 1
+
+
+def test_a_body_beyond_the_retry_buffer_is_not_sent_again() -> None:
+    proxy, resent, answered = _put_reset(QUIET + "retries: {buffer_body_bytes: 4}\n")
+    assert resent == b"" and proxy.ctx.counters.retries == 0
+    assert answered == error(
+        "502 Bad Gateway", "upstream-reset", "upstream closed the connection", close=False
+    )
+
+
 def test_a_post_reset_on_a_fresh_connection_is_answered_502_and_not_retried() -> None:
     proxy = Proxy(QUIET)
     upstream, _up = proxy.pooled("blue-1")

@@ -227,3 +227,157 @@ def test_version_of_pipelined_and_split_requests() -> None:
     third.data_received(b"GET /b HT")
     third.data_received(b"TP/1.0\r\nHost: a\r\n\r\n")
     assert [e.version for e in third.queue] == ["1.0"]
+
+
+# ---- the request line and Host line, one piece per connection --------------------
+
+QUIET = (
+    "listen: 127.0.0.1:8080\nhealth_check: {enabled: false}\n"
+    "pools: {blue: {weight: 100, backends: [{address: 127.0.0.1:9001}]}}\n"
+    "http: {request_id: {enabled: false}, strictness: %s}\n"
+)
+
+
+class _Client:
+    """One client connection; ``send`` returns what the backend receives for a
+    request (on a pooled connection) and answers it, so the next can follow."""
+
+    def __init__(self, strictness: str = "strict") -> None:
+        self.proxy = Proxy(QUIET % strictness)
+        self.conn, self.wire = self.proxy.client()
+
+    def send(self, request: bytes) -> bytes:
+        upstream, wire = self.proxy.pooled("blue-1")
+        self.conn.data_received(request)
+        sent = bytes(wire.written)
+        upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+        return sent
+
+
+def _fwd(host: bytes) -> bytes:
+    return (
+        b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host
+    )
+
+
+def test_request_line_and_host_line_follow_each_request() -> None:
+    # the piece is rebuilt when the Host value or its name's spelling changes
+    client = _Client()
+    assert client.send(b"GET /a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n\r\n") == (
+        b"GET /a HTTP/1.1\r\nHost: a\r\nX-A: 1\r\n" + _fwd(b"a") + b"\r\n"
+    )
+    assert client.send(b"GET /b HTTP/1.1\r\nHost: b\r\n\r\n") == (
+        b"GET /b HTTP/1.1\r\nHost: b\r\n" + _fwd(b"b") + b"\r\n"
+    )
+    assert client.send(b"GET /b HTTP/1.1\r\nHOST: b\r\n\r\n") == (
+        b"GET /b HTTP/1.1\r\nHOST: b\r\n" + _fwd(b"b") + b"\r\n"
+    )
+    # another method, and a Host that is not the first header: order kept
+    assert client.send(b"DELETE /c HTTP/1.1\r\nX-B: 2\r\nHost: b\r\nX-C: 3\r\n\r\n") == (
+        b"DELETE /c HTTP/1.1\r\nX-B: 2\r\nHost: b\r\nX-C: 3\r\n" + _fwd(b"b") + b"\r\n"
+    )
+    # a header the proxy drops before Host: Host is still the first line sent
+    assert client.send(b"GET /d HTTP/1.1\r\nKeep-Alive: 5\r\nHost: b\r\n\r\n") == (
+        b"GET /d HTTP/1.1\r\nHost: b\r\n" + _fwd(b"b") + b"\r\n"
+    )
+
+
+def test_absolute_form_target_puts_its_authority_in_the_first_host_line() -> None:
+    sent = _Client().send(b"GET http://c.example/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert sent == b"GET /p?q HTTP/1.1\r\nHost: c.example\r\n" + _fwd(b"c.example") + b"\r\n"
+
+
+def test_two_host_headers_in_lenient_mode_both_go_in_order() -> None:
+    sent = _Client("lenient").send(b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nHost: b\r\n\r\n")
+    assert sent == b"GET / HTTP/1.1\r\nHost: a\r\nX-A: 1\r\nHost: b\r\n" + _fwd(b"b") + b"\r\n"
+    sent = _Client("lenient").send(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+    assert sent == b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n" + _fwd(b"b") + b"\r\n"
+
+
+def test_hash_on_the_host_header_reads_the_host_line_kept_aside() -> None:
+    # sticky.mode hash on header:Host: each Host keeps to one backend (read from the
+    # Host kept for the request line, not from the other forwarded headers)
+    proxy = Proxy(
+        "listen: 127.0.0.1:8080\nhealth_check: {enabled: false}\n"
+        "sticky: {mode: hash, hash_on: 'header:Host'}\n"
+        "pools: {blue: {weight: 100, backends: [{address: 127.0.0.1:9001}, "
+        "{address: 127.0.0.1:9002}, {address: 127.0.0.1:9003}]}}\n"
+    )
+    conn, _ = proxy.client()
+    chosen: dict[bytes, set[str]] = {}
+    for i in range(30):
+        host = b"h%d.example" % (i % 6)
+        for backend in ("blue-1", "blue-2", "blue-3"):
+            proxy.pooled(backend)
+        conn.data_received(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host)
+        exchange = conn.queue[0]
+        assert exchange.hash_key == host.decode()
+        assert exchange.backend is not None and exchange.upstream is not None
+        chosen.setdefault(host, set()).add(exchange.backend.id)
+        exchange.upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    assert all(len(backends) == 1 for backends in chosen.values()), chosen
+
+
+# ---- the last response head, taken by a prefix compare ----------------------------
+
+H1 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-B: 1\r\n\r\n"
+
+
+def _answer(client: _Client, response: bytes) -> tuple[bytes, int]:
+    """Send a GET, answer it with ``response``: what the client got, and the status."""
+    upstream, _ = client.proxy.pooled("blue-1")
+    client.conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    exchange = client.conn.queue[0]
+    upstream.data_received(response)
+    return client.wire.take(), exchange.status
+
+
+def test_a_repeated_response_head_is_relayed_as_the_first_was() -> None:
+    client = _Client()
+    out = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-B: 1\r\nX-Zdproxy-Pool: blue\r\n\r\nhello"
+    assert _answer(client, H1 + b"hello") == (out, 200)
+    assert _answer(client, H1 + b"hello") == (out, 200)  # the same head: by prefix
+    # another status and head after it: parsed, not taken for the last one
+    other = b"HTTP/1.1 404 Not Found\r\nContent-Length: 5\r\nX-B: 1\r\n\r\n"
+    got = _answer(client, other + b"nope!")
+    assert got == (other[:-2] + b"X-Zdproxy-Pool: blue\r\n\r\nnope!", 404)
+    # the same status and a head that differs late: parsed too
+    late = H1.replace(b"X-B: 1", b"X-B: 2")
+    assert _answer(client, late + b"hello") == (out.replace(b"X-B: 1", b"X-B: 2"), 200)
+    assert _answer(client, late + b"hello") == (out.replace(b"X-B: 1", b"X-B: 2"), 200)
+    # a 1xx before the same head: the final head is found after it
+    assert _answer(client, b"HTTP/1.1 102 Processing\r\n\r\n" + H1 + b"hello") == (out, 200)
+    assert _answer(client, H1 + b"hello") == (out, 200)
+
+
+def test_a_repeated_response_head_still_meets_a_lowered_head_limit() -> None:
+    client = _Client()
+    _answer(client, H1 + b"hello")
+    client.proxy.pools.max_head_bytes = len(H1) - 1  # as a reload would lower it
+    got, status = _answer(client, H1 + b"hello")
+    assert got.startswith(b"HTTP/1.1 502 ") and status == 502
+
+
+def test_get_is_read_from_the_request_line_and_other_methods_from_the_parser() -> None:
+    client = _Client()
+    assert client.send(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n").startswith(b"GET /g HTTP/1.1\r\n")
+    client = _Client()
+    assert client.send(b"HEAD /h HTTP/1.1\r\nHost: a\r\n\r\n").startswith(b"HEAD /h HTTP/1.1")
+
+
+def test_keep_alive_without_asking_the_parser_only_when_nothing_says_otherwise() -> None:
+    for request, closes in (
+        (b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", False),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: X-A, close\r\n\r\n", True),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", False),
+        (b"GET / HTTP/1.0\r\nHost: a\r\n\r\n", True),
+        (b"GET / HTTP/1.0\r\nHost: a\r\nConnection: keep-alive\r\n\r\n", False),
+    ):
+        client = _Client()
+        upstream, _ = client.proxy.pooled("blue-1")
+        client.conn.data_received(request)
+        upstream.data_received(H1 + b"hello")
+        out = client.wire.take()
+        assert (b"\r\nConnection: close\r\n" in out) is closes, request
+        assert client.wire.closed is closes, request

@@ -8,7 +8,7 @@ from collections import Counter
 from typing import Any
 
 from zdproxy.balancing.model import Admin, Backend, Health
-from zdproxy.balancing.selector import WeightedSelector
+from zdproxy.balancing.selector import RouteHints, WeightedSelector
 from zdproxy.config.schema import Config, DrainingConfig, StickyConfig
 from zdproxy.control.runtime import Runtime
 
@@ -23,14 +23,10 @@ class Clock:
         return self.now
 
 
-class Hints:
-    def __init__(
-        self, pool: str | None = None, affinity: str | None = None, key: str | None = None
-    ) -> None:
-        self.pool_override = pool
-        self.affinity = affinity
-        self.hash_key = key
-        self.set_cookie: bytes | None = None
+def Hints(
+    pool: str | None = None, affinity: str | None = None, key: str | None = None
+) -> RouteHints:
+    return RouteHints(pool, affinity, key)
 
 
 def cookie_value(set_cookie: bytes | None) -> str:
@@ -65,7 +61,7 @@ def setup(
     return runtime, selector, clock
 
 
-def pick(selector: WeightedSelector, hints: Hints, exclude: Backend | None = None) -> Backend:
+def pick(selector: WeightedSelector, hints: RouteHints, exclude: Backend | None = None) -> Backend:
     backend = selector.select(hints, exclude)
     assert backend is not None
     return backend

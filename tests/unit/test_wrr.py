@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from zdproxy.balancing.model import Backend, BackendState, Flag, PoolView, Snapshot
-from zdproxy.balancing.selector import WeightedSelector
+from zdproxy.balancing.selector import RouteHints, WeightedSelector
 from zdproxy.balancing.stats import PoolStats
 from zdproxy.balancing.wrr import (
     EarliestDeadline,
@@ -67,12 +67,10 @@ def _snapshot(weights: dict[str, int], members: dict[str, list[Backend]]) -> Sna
     return Snapshot(version=1, pools=pools)
 
 
-class Hints:
-    def __init__(self, pool: str | None = None) -> None:
-        self.pool_override = pool
-        self.affinity: str | None = None
-        self.hash_key: str | None = None
-        self.set_cookie: bytes | None = None
+def Hints(
+    pool: str | None = None, affinity: str | None = None, key: str | None = None
+) -> RouteHints:
+    return RouteHints(pool, affinity, key)
 
 
 def test_selector_splits_pools_by_percent_and_honours_override() -> None:

@@ -41,7 +41,7 @@ LATENCY_BUCKETS: tuple[float, ...] = (
     10.0,
     30.0,
 )
-_NBUCKETS = len(LATENCY_BUCKETS) + 1
+_NBUCKETS: Final = len(LATENCY_BUCKETS) + 1
 
 
 def _fine_bounds() -> tuple[float, ...]:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Sequence
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 T = TypeVar("T")
 
 #: above this many items with unequal weights, switch from SWRR to EDF
-SWRR_MAX_ITEMS = 32
+SWRR_MAX_ITEMS: Final = 32
 
 
 class Picker(Generic[T]):

@@ -10,13 +10,15 @@ and anything malformed are left to llhttp, which refuses what is invalid.
 
 from __future__ import annotations
 
+from typing import Final
+
 #: chunk sizes above this are refused: 1 TiB, far beyond any real chunk, far
 #: below the 2**63 where peers' signed arithmetic goes wrong
-MAX_CHUNK_SIZE = 1 << 40
+MAX_CHUNK_SIZE: Final = 1 << 40
 
 #: bytes of a chunk-size line kept while its end has not arrived; a size needs
 #: at most 11 hex digits below the bound, so a longer run of them is refused
-_LINE_KEEP = 64
+_LINE_KEEP: Final = 64
 _HEX = b"0123456789abcdefABCDEF"
 
 

@@ -1,15 +1,21 @@
 """Request IDs: keep a valid incoming one, or make a new one. Pure, no I/O.
 
-A new ID is a per-process random prefix and a counter (``3f9c0a1b2c4d-1f``):
-unique across processes and restarts (48 random bits) without a syscall or a
-``uuid4`` per request, and it only ever contains characters that are valid in
-an incoming ID too.
+A new ID is a per-process random prefix and a counter in hex, two digits at
+least (``3f9c0a1b2c4d-1f``): unique across processes and restarts (48 random
+bits) without a syscall or a ``uuid4`` per request, and it only ever contains
+characters that are valid in an incoming ID too.
+
+The data path takes the whole header line (``resolve_line``): it goes into the
+request sent upstream and into the response as one piece, and a new one costs
+one concatenation (the line up to the counter's last two digits is kept, and
+changes once in 256 IDs) instead of a ``%`` format.
 """
 
 from __future__ import annotations
 
 import os
 import re
+from typing import Final
 
 #: what an incoming ID may look like: 1-200 characters, no spaces, quotes or controls
 _VALID = re.compile(rb"[A-Za-z0-9._:+/=-]{1,200}").fullmatch
@@ -23,6 +29,7 @@ class RequestIds:
     """The request-ID policy of one process: header name, trust, generator."""
 
     __slots__ = (
+        "_base",
         "_count",
         "_prefix",
         "_seen_answer",
@@ -49,6 +56,8 @@ class RequestIds:
         #: IDs made so far (a plain int: a native increment when compiled, where
         #: ``itertools.count`` costs a Python-level call)
         self._count = 0
+        #: the next line up to its counter's last two hex digits (``_count >> 8``)
+        self._base = self.header + self._prefix
 
     def has_header(self, head: bytes) -> bool:
         """``in_head`` for the data path: the rewritten response head comes out of
@@ -63,15 +72,35 @@ class RequestIds:
         return answer
 
     def new(self) -> bytes:
-        self._count += 1
-        return b"%s%x" % (self._prefix, self._count)
+        return id_in_line(self._new_line())
 
     def resolve(self, incoming: bytes | None) -> bytes:
         """The ID of a request: the client's, when trusted and valid, else a new one."""
+        return id_in_line(self.resolve_line(incoming))
+
+    def resolve_line(self, incoming: bytes | None) -> bytes:
+        """``resolve``, as the header line the proxy writes (``X-Request-Id: ...``
+        and CRLF)."""
         if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
-            return incoming
-        self._count += 1  # new(), without the call
-        return b"%s%x" % (self._prefix, self._count)
+            return self.header + incoming + b"\r\n"
+        return self._new_line()
+
+    def _new_line(self) -> bytes:
+        count = self._count + 1
+        self._count = count
+        low = count & 0xFF
+        if not low:
+            self._base = b"%s%s%x" % (self.header, self._prefix, count >> 8)
+        return self._base + _LOW_DIGITS[low]
 
     def line(self, request_id: bytes) -> bytes:
         return b"%s%s\r\n" % (self.header, request_id)
+
+
+#: the last two hex digits of a counter, and the line's CRLF
+_LOW_DIGITS: Final = tuple(b"%02x\r\n" % low for low in range(256))
+
+
+def id_in_line(line: bytes) -> bytes:
+    """The ID a request-ID header line carries (header names hold no ``": "``)."""
+    return line[line.index(b": ") + 2 : -2]

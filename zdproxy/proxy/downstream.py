@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import cast
+from typing import Final, cast
 
 import httptools
 
@@ -35,12 +35,12 @@ from zdproxy.proxy.tunnel import Tunnel
 log = logging.getLogger("zdproxy.error")
 
 #: pipelined requests parsed ahead of the one being answered before reading pauses
-MAX_PIPELINE = 8
+MAX_PIPELINE: Final = 8
 
 #: how long a closing connection reads and drops what the client still sends, so
 #: that a close with unread input (a TCP reset on Linux) does not destroy
 #: responses already written (nginx's lingering_timeout is 5 s too)
-LINGER_SECONDS = 5.0
+LINGER_SECONDS: Final = 5.0
 
 
 class ClientConnection(asyncio.Protocol):
@@ -57,6 +57,9 @@ class ClientConnection(asyncio.Protocol):
         "fwd_lines",
         "head_bytes",
         "header_count",
+        "host_line",
+        "host_name",
+        "host_value",
         "idle",
         "input_done",
         "line_bytes",
@@ -119,6 +122,11 @@ class ClientConnection(asyncio.Protocol):
         #: the X-Forwarded-* lines last written for this connection, and their Host
         self.fwd_host: bytes | None = None
         self.fwd_lines = b""
+        #: the end of the request line and the Host line last sent upstream for
+        #: this connection, with the Host header's name and value it was built from
+        self.host_line = b""
+        self.host_name = b""
+        self.host_value = b""
         #: the read being parsed when it began between requests (its first request
         #: line starts it), until that request's head is complete or the read is
         #: parsed (never held longer: an unfinished head must not keep its read

@@ -18,7 +18,7 @@ import httptools
 from zdproxy.balancing.failures import LOCAL, Failure
 from zdproxy.balancing.model import Backend, BackendState
 from zdproxy.balancing.retry import may_retry
-from zdproxy.balancing.selector import WeightedSelector
+from zdproxy.balancing.selector import RouteHints, WeightedSelector
 from zdproxy.errors import (
     BadRequest,
     BadUpstreamResponse,
@@ -39,6 +39,7 @@ from zdproxy.http.head import (
     error_response,
     rewrite_response_head,
 )
+from zdproxy.http.requestid import id_in_line
 from zdproxy.http.routes import RouteTable, strip
 from zdproxy.http.rules import HTTP_VERSIONS, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
@@ -132,9 +133,8 @@ _CLOSE: Final = 1  # closed after what was written to it
 _ABORT: Final = 2  # reset now (a cut response, a hung backend, the client gone)
 
 
-class Exchange:
+class Exchange(RouteHints):
     __slots__ = (
-        "affinity",
         "after_reject",
         "attempts",
         "backend",
@@ -150,9 +150,10 @@ class Exchange:
         "extra_headers",
         "forwarded",
         "framing_doubtful",
-        "hash_key",
         "head_at",
         "host",
+        "host_name",
+        "id_line",
         "idempotent",
         "method",
         "out",
@@ -160,19 +161,17 @@ class Exchange:
         "pending",
         "pending_bytes",
         "phase",
-        "pool_override",
         "received_body",
         "replay",
+        "replay_lost",
         "request_chunked",
         "request_done",
         "request_head",
-        "request_id",
         "request_id_in",
         "response_close_delimited",
         "response_has_no_body",
         "response_sent",
         "selector",
-        "set_cookie",
         "shadow",
         "started_at",
         "status",
@@ -202,6 +201,10 @@ class Exchange:
         checker = self.checker = conn.checker
         checker.reset()
         self.host: bytes | None = None
+        #: the Host header's name as sent, when it is the first header forwarded:
+        #: its line then goes with the request line, built once per connection
+        #: (``_build_request_head``); else None and it is in ``forwarded``
+        self.host_name: bytes | None = None
         self.connection_tokens: list[bytes] | None = None
         self.xff: bytes | None = None
         self.xfwd: list[tuple[bytes, bytes]] | None = None
@@ -225,9 +228,14 @@ class Exchange:
         self.request_head = b""
         self.request_done = False
         self.received_body = 0
-        self.pending: list[bytes] = []
+        #: request body read before an upstream connection was attached (None: none;
+        #: both lists are made on first use: most requests have no body)
+        self.pending: list[bytes] | None = None
         self.pending_bytes = 0
-        self.replay: list[bytes] | None = []
+        #: request body sent upstream and kept for a retry, up to retry_buffer
+        self.replay: list[bytes] | None = None
+        #: part of the body went upstream and was not kept: no retry can resend it
+        self.replay_lost = False
         self.backend: Backend | None = None
         #: the service's selector (a route chose it; None: no route matched, 404)
         self.selector: Selector | None = conn.ctx.selector
@@ -239,9 +247,10 @@ class Exchange:
         #: loop time of the response head, and response body bytes: for the access log
         self.head_at = 0.0
         self.body_bytes = 0
-        #: the request-ID header as the client sent it, and the ID the request goes by
+        #: the request-ID header as the client sent it, and the header line of the
+        #: ID the request goes by (``request_id``), written to both sides as is
         self.request_id_in: bytes | None = None
-        self.request_id: bytes | None = None
+        self.id_line: bytes | None = None
         self.status = 0
         #: response bytes were written to the client (before that, an error can
         #: still be answered in their place)
@@ -279,8 +288,17 @@ class Exchange:
             self.pool_override = value.decode("latin-1").strip()
             self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _HOST:
+            forwarded = self.forwarded
+            if not forwarded and self.host is None:
+                self.host_name = name  # the first line: see _build_request_head
+            else:
+                first = self.host_name
+                if first is not None and self.host is not None:
+                    # a second Host (lenient mode forwards it): both go as sent
+                    forwarded[0:0] = (first, b": ", self.host, b"\r\n")
+                    self.host_name = None
+                forwarded += (name, b": ", value, b"\r\n")
             self.host = value
-            self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _COOKIE:
             self._parse_cookie(value)
             self.forwarded += (name, b": ", value, b"\r\n")
@@ -348,8 +366,9 @@ class Exchange:
         ``read`` is the read the request began at the first byte of, when the
         whole head came in that read (``ClientConnection.fed``): its request line
         gives the version without ``parser.get_http_version()``, which formats a
-        ``str`` each call."""
-        method = parser.get_method()
+        ``str`` each call, and a GET's method without ``parser.get_method()``."""
+        # a read that starts with "GET ": the request line llhttp parsed starts it
+        method = _GET if read is not None and read.startswith(b"GET ") else parser.get_method()
         self.method = method
         line = _line_version(read, method, self.url) if read is not None else 0
         if line == 11:
@@ -390,7 +409,12 @@ class Exchange:
                 raise _reject(400, "bad-host", "invalid Host header")
             # a connection's requests name the same host: checked once
             self.conn.valid_host = host
-        self.client_keep_alive = parser.should_keep_alive()
+        if version == "1.1" and self.connection_tokens is None:
+            # no Connection header: HTTP/1.1 keeps the connection (llhttp's answer,
+            # without a Python-level call)
+            self.client_keep_alive = True
+        else:
+            self.client_keep_alive = parser.should_keep_alive()
         if method == b"GET" or method in IDEMPOTENT:  # a compare before the set lookup
             self.idempotent = True
         if self.upgrade is not None and not parser.should_upgrade():
@@ -429,6 +453,8 @@ class Exchange:
 
     def _header(self, name: bytes) -> bytes | None:
         """A request header's value by lower-case name (routes match on them)."""
+        if name == b"host" and self.host_name is not None:
+            return self.host
         forwarded = self.forwarded
         for i in range(0, len(forwarded), 4):
             if forwarded[i].lower() == name:
@@ -452,7 +478,7 @@ class Exchange:
             if forwarded[i].lower() == b"host":
                 forwarded[i + 2] = authority
                 replaced = True
-        if not replaced:
+        if not replaced and self.host_name is None:
             forwarded += (b"Host", b": ", authority, b"\r\n")
 
     def _build_request_head(self) -> bytes:
@@ -465,7 +491,22 @@ class Exchange:
             names = connection_tokens(tokens) - _NEVER_HOP_BY_HOP
             forwarded = self._drop_connection_named(forwarded, names)
         url = self.url if self.upstream_url is None else self.upstream_url
-        parts = [self.method, b" ", url, b" HTTP/1.1\r\n", *forwarded]
+        host_name = self.host_name
+        if host_name is None:
+            line_end = b" HTTP/1.1\r\n"
+        else:
+            # the request line's end and the Host line: a connection's requests
+            # repeat them, so they are one piece, built once (fewer to join)
+            host = self.host
+            if host != conn.host_value or host_name != conn.host_name:
+                assert host is not None
+                conn.host_line = b" HTTP/1.1\r\n%s: %s\r\n" % (host_name, host)
+                conn.host_value = host
+                conn.host_name = host_name
+            line_end = conn.host_line
+        method = self.method
+        parts = [_GET_SP, url, line_end] if method is _GET else [method, b" ", url, line_end]
+        parts += forwarded
         if conn.trusted and (self.xff is not None or self.xfwd):
             parts.append(self._forwarding_kept())
         else:
@@ -487,8 +528,8 @@ class Exchange:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
         ids = conn.ctx.request_ids
         if ids is not None:
-            request_id = self.request_id = ids.resolve(self.request_id_in)
-            parts += (ids.header, request_id, b"\r\n")
+            line = self.id_line = ids.resolve_line(self.request_id_in)
+            parts.append(line)
         if self.host is not None:
             parts.append(b"\r\n")
         # else: an HTTP/1.0 request without Host; _attach adds the backend's address
@@ -521,7 +562,7 @@ class Exchange:
         """Called when this exchange reaches the head of its connection's queue."""
         conn = self.conn
         ctx = conn.ctx
-        self.started_at = ctx.loop.time()
+        self.started_at = ctx.clock()
         ctx.requests += 1
         if ctx.hash_on is not None:
             self.hash_key = self._hash_key(ctx.hash_on)
@@ -538,11 +579,8 @@ class Exchange:
         """What ``sticky.mode: hash`` hashes: the client address, or a header's value."""
         if not header:
             return self.conn.client_ip
-        forwarded = self.forwarded
-        for i in range(0, len(forwarded), 4):
-            if forwarded[i].lower() == header:
-                return forwarded[i + 2].decode("latin-1")
-        return None
+        value = self._header(header)
+        return None if value is None else value.decode("latin-1")
 
     def _dispatch(self, exclude: Backend | None) -> None:
         """Choose a backend (the first attempt, or a retry: ``exclude`` failed) and
@@ -622,24 +660,32 @@ class Exchange:
         if self.expect_continue and not self.request_done and self.attempts == 1:
             assert conn.transport is not None
             conn.transport.write(CONTINUE_100)
+        upstream.expect_response()
+        if self.request_done:
+            conn.set_deadline(UPSTREAM, conn.ctx.t_upstream)
+        chunked = self.request_chunked
+        replay = self.replay
+        pending = self.pending
+        if self.host is not None and not chunked and not replay and not pending:
+            transport.write(self.request_head)  # the usual request: its head, one buffer
+            return
         parts = [self.request_head]
         if self.host is None:
             parts += (b"Host: ", upstream.backend.address.encode("ascii"), b"\r\n\r\n")
-        chunked = self.request_chunked
-        if self.replay:
-            parts += (_frame(c) for c in self.replay) if chunked else self.replay
-        if self.pending:
-            parts += (_frame(c) for c in self.pending) if chunked else self.pending
-            if self.replay is not None:
-                self.replay += self.pending
-            self.pending = []
+        if replay:
+            parts += (_frame(c) for c in replay) if chunked else replay
+        if pending:
+            parts += (_frame(c) for c in pending) if chunked else pending
+            if not self.replay_lost:
+                if replay is None:
+                    self.replay = pending
+                else:
+                    replay += pending
+            self.pending = None
             self.pending_bytes = 0
             conn.resume_reading()
-        upstream.expect_response()
-        if self.request_done:
-            if chunked:
-                parts.append(LAST_CHUNK)
-            conn.set_deadline(UPSTREAM, conn.ctx.t_upstream)
+        if self.request_done and chunked:
+            parts.append(LAST_CHUNK)
         transport.writelines(parts)
 
     # ---- request body ------------------------------------------------------
@@ -667,14 +713,22 @@ class Exchange:
                 upstream.transport.writelines((b"%x\r\n" % len(data), data, b"\r\n"))
             else:
                 upstream.transport.write(data)
-            replay = self.replay
-            if replay is not None:
+            if not self.replay_lost:
                 if self.received_body <= conn.ctx.retry_buffer:
-                    replay.append(data)
+                    replay = self.replay
+                    if replay is None:
+                        self.replay = [data]
+                    else:
+                        replay.append(data)
                 else:
                     self.replay = None
+                    self.replay_lost = True
             return
-        self.pending.append(data)
+        pending = self.pending
+        if pending is None:
+            self.pending = [data]
+        else:
+            pending.append(data)
         self.pending_bytes += len(data)
         if self.pending_bytes > _PENDING_LIMIT:
             conn.pause_reading()
@@ -701,7 +755,7 @@ class Exchange:
         self.status = status
         conn = self.conn
         ctx = conn.ctx
-        self.head_at = ctx.loop.time()
+        self.head_at = ctx.clock()
         method = self.method
         no_body = method == b"HEAD" or status in (204, 304) or status == 101
         self.response_has_no_body = no_body
@@ -733,11 +787,11 @@ class Exchange:
             parts.append(_pool_line(ctx.pool_header, self.backend.pool))
         if self.set_cookie is not None:
             parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
-        request_id = self.request_id
+        id_line = self.id_line
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
-        if request_id is not None and ids is not None and not ids.has_header(head):
-            parts += (ids.header, request_id, b"\r\n")
+        if id_line is not None and ids is not None and not ids.has_header(head):
+            parts.append(id_line)
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
             self.client_keep_alive = False
@@ -951,7 +1005,7 @@ class Exchange:
 
     def request_body_lost(self) -> bool:
         """Part of the body went upstream and was not kept: it cannot be sent again."""
-        return self.expects_body and self.replay is None
+        return self.expects_body and self.replay_lost
 
     def _truncated(self, why: str, backend_fault: bool = False) -> None:
         """After response bytes went out: close the client so it sees the cut.
@@ -993,12 +1047,20 @@ class Exchange:
 
     def _id_line(self) -> bytes:
         """The request-ID header line of a response the proxy writes itself."""
-        ids = self.conn.ctx.request_ids
-        if ids is None:
-            return b""
-        if self.request_id is None:  # refused before its head was complete
-            self.request_id = ids.resolve(self.request_id_in)
-        return ids.line(self.request_id)
+        line = self.id_line
+        if line is None:  # refused before its head was complete
+            ids = self.conn.ctx.request_ids
+            if ids is None:
+                return b""
+            line = self.id_line = ids.resolve_line(self.request_id_in)
+        return line
+
+    @property
+    def request_id(self) -> bytes | None:
+        """The ID the request goes by (None: request IDs are off, or the request
+        was refused before it got one): for the access log."""
+        line = self.id_line
+        return None if line is None else id_in_line(line)
 
     # ---- finish ------------------------------------------------------------
 
@@ -1085,7 +1147,7 @@ class Exchange:
         """The request is over (answered, refused or cut): statistics, access log."""
         ctx = self.conn.ctx
         # one clock read for the access log, the shadow copy and the statistics
-        now = ctx.loop.time()
+        now = ctx.clock()
         access = ctx.access_log
         if access is not None:
             access.add(self, status, cause, now)
@@ -1148,6 +1210,8 @@ def _line_version(read: bytes, method: bytes, url: bytes) -> int:
     return 0
 
 
+_GET: Final = b"GET"
+_GET_SP: Final = b"GET "
 _LINE_11: Final = b" HTTP/1.1\r\n"
 _LINE_10: Final = b" HTTP/1.0\r\n"
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
 
@@ -57,7 +56,23 @@ class _SocketOptions(Protocol):
 
 
 #: "H", the first byte of a status line
-_H = 72
+_H: Final = 72
+
+
+class _LastHead:
+    """The last final response head that began a read, kept whole (its end is its
+    first blank line): see ``UpstreamConnection.on_headers_complete``."""
+
+    __slots__ = ("raw", "status")
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.status = 0
+
+
+_LAST_HEAD: Final = _LastHead()
+#: longer heads are not kept (as ``http.head``'s cache of rewritten heads)
+_LAST_HEAD_MAX: Final = 2048
 
 
 def _status_start(buf: bytes | bytearray, pos: int) -> int:
@@ -289,19 +304,31 @@ class UpstreamConnection(asyncio.Protocol):
         exchange = self.exchange
         if exchange is None:
             return
+        buf = self.head_buf
+        assert buf is not None
+        pos = self.head_pos
+        used = self.head_used
+        if not pos and not used and isinstance(buf, bytes):
+            # the usual case: a head alone at the start of one read; a backend
+            # repeats its head (for a second at a time, until Date moves), and a
+            # prefix compare (a memcmp) is cheaper than searching for its end
+            # (and than asking llhttp for the status, a Python-level call)
+            last = _LAST_HEAD
+            raw = last.raw
+            if raw and buf.startswith(raw) and len(raw) <= self.pools.max_head_bytes:
+                self.in_head = False
+                self.head_buf = None
+                self._final_head(exchange, last.status, buf, raw, len(raw))
+                return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             exchange.on_response_head(self, status, self._interim_head())
             return
         # the final head, inline: this runs once per response
-        buf = self.head_buf
-        assert buf is not None
-        pos = self.head_pos
         start = pos if buf[pos] == _H else _status_start(buf, pos)
         # llhttp just found the end of this head: the first blank line after its
         # start is that end (searched once per head, never per read)
         end = buf.find(b"\r\n\r\n", start) + 4
-        used = self.head_used
         if used + end - pos > self.pools.max_head_bytes:
             raise BadUpstreamResponse("response head too large")
         self.in_head = False
@@ -313,6 +340,17 @@ class UpstreamConnection(asyncio.Protocol):
             self.head_held = None
         else:
             head = buf[start:end]
+            if end - start <= _LAST_HEAD_MAX:
+                # its first blank line is its end: a read that starts with it
+                # has its head end there too (the prefix compare above)
+                _LAST_HEAD.raw = head
+                _LAST_HEAD.status = status
+        self._final_head(exchange, status, buf, head, end)
+
+    def _final_head(
+        self, exchange: Exchange, status: int, buf: bytes | bytearray, head: bytes, end: int
+    ) -> None:
+        """Relay the final response ``head``, which ends at ``end`` in ``buf``."""
         if exchange.on_response_head(self, status, head):
             guard = ChunkSizeGuard()
             if not guard.feed(buf, end):
@@ -391,7 +429,9 @@ class UpstreamPools:
         self.max_idle = max_idle_per_backend
         #: limits.max_response_header_bytes: every head of one response, 1xx included
         self.max_head_bytes = max_head_bytes
-        self._idle: dict[str, deque[UpstreamConnection]] = {}
+        #: per backend, oldest first (lists: pop and append are native calls when
+        #: compiled, a deque's are Python-level method calls)
+        self._idle: dict[str, list[UpstreamConnection]] = {}
         self.open_count = 0
         #: the most requests in flight to a backend lately, where above ``max_idle``:
         #: that many idle connections are kept (``release``); forgotten every
@@ -424,7 +464,7 @@ class UpstreamPools:
             return
         stack = self._idle.get(conn.backend.id)
         if stack is None:
-            stack = self._idle[conn.backend.id] = deque()
+            stack = self._idle[conn.backend.id] = []
         idle = len(stack)
         # above the cap, kept up to the recent peak of requests in flight: the next
         # burst finds its connections here, where closing them made every burst
@@ -466,8 +506,14 @@ class UpstreamPools:
             self._peak.clear()
             self._peak_until = now + PEAK_SECONDS
         for stack in self._idle.values():
-            while stack and stack[0].idle_since < cutoff:
-                stack.popleft().close()
+            old = 0
+            while old < len(stack) and stack[old].idle_since < cutoff:
+                old += 1
+            if old:
+                expired = stack[:old]
+                del stack[:old]
+                for conn in expired:
+                    conn.close()
 
     def close_all(self) -> None:
         for backend_id in list(self._idle):
