@@ -785,8 +785,9 @@ class Exchange(RouteHints):
         parts = [head]
         if ctx.pool_header is not None and self.backend is not None:
             parts.append(_pool_line(ctx.pool_header, self.backend.pool))
-        if self.set_cookie is not None:
-            parts += (b"Set-Cookie: ", self.set_cookie, b"\r\n")
+        set_cookie = self.set_cookie
+        if set_cookie is not None:
+            parts.append(_set_cookie_line(set_cookie))
         id_line = self.id_line
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
@@ -1265,6 +1266,28 @@ def _pool_line_cached(header: bytes, pool: str) -> bytes:
             lines.clear()
         line = lines[pool] = header + pool.encode("ascii") + b"\r\n"
     return line
+
+
+class _LastCookie:
+    """The last Set-Cookie line made, by the value it carries: the selector hands
+    every new client of a second the same pin object (``_pool_cookie``)."""
+
+    __slots__ = ("line", "value")
+
+    def __init__(self) -> None:
+        self.value = b""
+        self.line = b""
+
+
+_LAST_COOKIE: Final = _LastCookie()
+
+
+def _set_cookie_line(value: bytes) -> bytes:
+    last = _LAST_COOKIE
+    if value is not last.value:
+        last.line = b"Set-Cookie: %s\r\n" % value
+        last.value = value
+    return last.line
 
 
 def _forwarding(xff: bytes, proto: bytes, host: bytes | None) -> bytes:

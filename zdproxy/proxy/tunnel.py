@@ -89,7 +89,7 @@ def start_tunnel(exchange: Exchange, upstream: UpstreamConnection, rest: bytes) 
     conn.tunnel = server
     conn.tunnel_ref = tunnel
     if conn.queue and conn.queue[0] is exchange:
-        conn.queue.popleft()
+        conn.queue.pop(0)
     conn.set_deadline(TUNNEL, ctx.t_tunnel)
     if rest:
         client.write(rest)
