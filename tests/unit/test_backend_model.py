@@ -301,3 +301,20 @@ def test_a_drain_and_a_removal_do_not_end_on_unsettled_in_flight_figures() -> No
     clock.now += 10.0
     runtime.tick()
     assert runtime.backends["blue-1"].state is BackendState.DRAINED
+
+
+def test_status_counts_in_runs_read_exactly() -> None:
+    backend = Backend("b-1", "blue", "127.0.0.1", 1)
+    statuses = [200] * 5 + [404, 404, 200, 503] + [200] * 3
+    for i, status in enumerate(statuses):
+        backend.count(status)
+        if i == 6:  # a read in the middle of a run folds it in, exactly once
+            assert backend.codes == {200: 5, 404: 2}
+    assert backend.codes == {200: 9, 404: 2, 503: 1}
+    assert backend.codes == {200: 9, 404: 2, 503: 1}  # reading twice adds nothing
+    backend.codes = {}  # a worker handing its counts over starts again
+    backend.count(200)
+    assert backend.codes == {200: 1}
+    backend.count(200)
+    backend.codes = {}  # the run not read yet goes too
+    assert backend.codes == {}

@@ -381,3 +381,55 @@ def test_keep_alive_without_asking_the_parser_only_when_nothing_says_otherwise()
         out = client.wire.take()
         assert (b"\r\nConnection: close\r\n" in out) is closes, request
         assert client.wire.closed is closes, request
+
+
+KEEP = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n"
+CLOSE = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n"
+
+
+def _pooled_after(client: _Client, response: bytes) -> bool:
+    """Whether the upstream connection went back to the pool after ``response``."""
+    upstream, wire = client.proxy.pooled("blue-1")
+    client.conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.data_received(response)
+    assert client.wire.take().endswith(b"hello")
+    return not wire.closed
+
+
+def test_keep_alive_of_a_repeated_head_is_the_heads_own() -> None:
+    client = _Client()
+    got = [_pooled_after(client, r + b"hello") for r in (KEEP, KEEP, CLOSE, CLOSE, KEEP)]
+    assert got == [True, True, False, False, True]
+
+
+def test_keep_alive_learnt_only_for_the_head_it_was_asked_for() -> None:
+    # client A's response begins (head KEEP), B's whole CLOSE response comes, then
+    # A's ends: A's answer must not be taken for B's head, nor B's for A's
+    a, b = _Client(), _Client()
+    b.proxy = a.proxy
+    b.conn, b.wire = a.proxy.client()
+    a_up, a_wire = a.proxy.pooled("blue-1")
+    a.conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    a_up.data_received(KEEP + b"he")
+    assert not _pooled_after(b, CLOSE + b"hello")
+    a_up.data_received(b"llo")
+    assert a.wire.take().endswith(b"hello") and not a_wire.closed
+    assert not _pooled_after(b, CLOSE + b"hello")
+    assert _pooled_after(a, KEEP + b"hello")
+
+
+def test_keep_alive_of_a_split_head_after_a_head_request_is_asked_anew() -> None:
+    # a HEAD's answer ends without the parser's message-complete; the next
+    # response on that connection, its head split across reads, is not the last
+    # head: its own Connection: close counts
+    empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    client = _Client()
+    upstream, wire = client.proxy.pooled("blue-1")
+    for method in (b"GET", b"HEAD"):  # the second: the head is the last one
+        client.conn.data_received(method + b" / HTTP/1.1\r\nHost: a\r\n\r\n")
+        upstream.data_received(empty)
+        assert client.wire.take().startswith(b"HTTP/1.1 200 OK\r\n") and not wire.closed
+    client.conn.data_received(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.data_received(CLOSE[:20])
+    upstream.data_received(CLOSE[20:] + b"hello")
+    assert client.wire.take().endswith(b"hello") and wire.closed

@@ -207,8 +207,10 @@ class Backend:
     too: the data path reads them per request, an enum operation would cost more)."""
 
     __slots__ = (
+        "_codes",
+        "_run",
+        "_run_code",
         "address",
-        "codes",
         "ejected",
         "failures",
         "flags",
@@ -242,8 +244,11 @@ class Backend:
         self.in_flight = 0
         #: consecutive failures (5xx, connect, reset); reset by a success
         self.failures = 0
-        #: responses by status code, for zdproxy_requests_total
-        self.codes: dict[int, int] = {}
+        #: responses by status code (``codes``), but the latest run of one code
+        self._codes: dict[int, int] = {}
+        #: that run: its code and its length (``count``)
+        self._run_code = 0
+        self._run = 0
         #: upstream failures by kind, for zdproxy_upstream_errors_total
         self.upstream_errors: dict[str, int] = {}
 
@@ -271,6 +276,37 @@ class Backend:
             return None
         before, self.state = self.state, state
         return before
+
+    def count(self, status: int) -> None:
+        """One response of ``status``, counted by the data path: a run of one code
+        (most traffic) costs an integer increment, where a dict update costs about
+        500 instructions compiled; the run goes into the dict when the code changes
+        and whenever ``codes`` is read."""
+        if status == self._run_code:
+            self._run += 1
+        else:
+            self._fold()
+            self._run_code = status
+            self._run = 1
+
+    def _fold(self) -> None:
+        run = self._run
+        if run:
+            codes = self._codes
+            code = self._run_code
+            codes[code] = codes.get(code, 0) + run
+            self._run = 0
+
+    @property
+    def codes(self) -> dict[int, int]:
+        """Responses by status code, for zdproxy_requests_total (the run folded in)."""
+        self._fold()
+        return self._codes
+
+    @codes.setter
+    def codes(self, value: dict[int, int]) -> None:
+        self._run = 0
+        self._codes = value
 
     @property
     def admin(self) -> Admin:

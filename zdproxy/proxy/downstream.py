@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Final, cast
 
 import httptools
@@ -42,6 +43,14 @@ MAX_PIPELINE: Final = 8
 LINGER_SECONDS: Final = 5.0
 
 
+def _never_sent(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
+
+
+def _closed() -> bool:
+    return True
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
         "checker",
@@ -69,8 +78,10 @@ class ClientConnection(asyncio.Protocol):
         "queue",
         "reading_paused",
         "reclaimed",
+        "send",
         "trailer",
         "transport",
+        "transport_closing",
         "trusted",
         "tunnel",
         "tunnel_ref",
@@ -84,6 +95,11 @@ class ClientConnection(asyncio.Protocol):
         #: listener (a value sent by a client is kept only from a trusted proxy)
         self.proto = proto
         self.transport: asyncio.Transport | None = None
+        #: the transport's write and is_closing, bound once (connection_made): a
+        #: call through a bound method skips the lookup that compiled code pays
+        #: for ``transport.write(...)`` on every response
+        self.send: Callable[[bytes], object] = _never_sent
+        self.transport_closing: Callable[[], bool] = _closed
         self.parser = httptools.HttpRequestParser(self)
         #: the request-head classifier, shared by this connection's requests in turn
         self.checker = HeadChecker()
@@ -139,6 +155,8 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self.send = self.transport.write
+        self.transport_closing = self.transport.is_closing
         ctx = self.ctx
         ctx.connections.add(self)
         ctx.counters.connections_accepted += 1
@@ -349,8 +367,7 @@ class ClientConnection(asyncio.Protocol):
         queue = self.queue
         if queue and queue[0] is exchange:
             queue.pop(0)
-        transport = self.transport
-        if transport is None or transport.is_closing():
+        if self.transport is None or self.transport_closing():
             return
         if not keep_alive or self.closing:
             # input may be left unread (pipelined requests, a body cut short)

@@ -667,7 +667,7 @@ class Exchange(RouteHints):
         replay = self.replay
         pending = self.pending
         if self.host is not None and not chunked and not replay and not pending:
-            transport.write(self.request_head)  # the usual request: its head, one buffer
+            upstream.send(self.request_head)  # the usual request: its head, one buffer
             return
         parts = [self.request_head]
         if self.host is None:
@@ -853,7 +853,7 @@ class Exchange(RouteHints):
                 if len(out) - extra < 4 and len(out[-1]) <= 16384:
                     # one small buffer is cheaper to hand over than a writev of pieces;
                     # large bodies go as they are (no copy)
-                    transport.write(b"".join(out))
+                    self.conn.send(b"".join(out))
                 else:
                     transport.writelines(out)
 
@@ -1158,8 +1158,7 @@ class Exchange(RouteHints):
         backend = self.backend
         if backend is None:
             return
-        codes = backend.codes
-        codes[status] = codes.get(status, 0) + 1
+        backend.count(status)
         if status >= 500:
             ctx.observer.failure(backend, Failure.STATUS_5XX, now)
         elif backend.failures:

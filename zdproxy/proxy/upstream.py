@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import httptools
@@ -59,15 +60,30 @@ class _SocketOptions(Protocol):
 _H: Final = 72
 
 
+def _never_sent(data: bytes) -> None:
+    raise RuntimeError("write before connection_made")
+
+
+def _closed() -> bool:
+    return True
+
+
+#: not known yet (``_LastHead.keep_alive``)
+_UNKNOWN: Final = -1
+
+
 class _LastHead:
     """The last final response head that began a read, kept whole (its end is its
     first blank line): see ``UpstreamConnection.on_headers_complete``."""
 
-    __slots__ = ("raw", "status")
+    __slots__ = ("keep_alive", "raw", "status")
 
     def __init__(self) -> None:
         self.raw = b""
         self.status = 0
+        #: llhttp's keep-alive answer at the end of a response with this head:
+        #: 1, 0, or _UNKNOWN until one ended (``UpstreamConnection._keep_alive``)
+        self.keep_alive = _UNKNOWN
 
 
 _LAST_HEAD: Final = _LastHead()
@@ -95,12 +111,15 @@ class UpstreamConnection(asyncio.Protocol):
         "head_used",
         "idle_since",
         "in_head",
+        "known_head",
         "parser",
         "pools",
         "reusable",
         "reused",
+        "send",
         "sock",
         "transport",
+        "transport_closing",
         "tunnel_peer",
         "tunnel_ref",
     )
@@ -109,6 +128,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.pools = pools
         self.backend = backend
         self.transport: asyncio.Transport | None = None
+        #: the transport's write, bound once (connection_made): see ClientConnection.send
+        self.send: Callable[[bytes], object] = _never_sent
+        self.transport_closing: Callable[[], bool] = _closed
         #: the TCP socket, to acknowledge a partial response at once (``_ack_now``);
         #: None where TCP_QUICKACK does not exist
         self.sock: _SocketOptions | None = None
@@ -120,6 +142,9 @@ class UpstreamConnection(asyncio.Protocol):
         # place, so the work per read stays linear in the bytes read.
         #: a request was sent and its final response head has not been parsed yet
         self.in_head = False
+        #: the final head being relayed when it is ``_LAST_HEAD``'s: its keep-alive
+        #: answer is then known, or learnt at the end of this response
+        self.known_head: bytes | None = None
         #: the bytes the parser is reading: this read, or ``head_held`` with it
         self.head_buf: bytes | bytearray | None = None
         #: the unfinished head from earlier reads (None: nothing held)
@@ -145,6 +170,8 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports implement asyncio.Transport without subclassing it
         self.transport = cast(asyncio.Transport, transport)
+        self.send = self.transport.write
+        self.transport_closing = self.transport.is_closing
         if _TCP_QUICKACK:
             self.sock = transport.get_extra_info("socket")
         self.pools.open_count += 1
@@ -261,6 +288,7 @@ class UpstreamConnection(asyncio.Protocol):
         head fields are back at their rest values once a final head is taken.)"""
         self.in_head = True
         self.chunks = None
+        self.known_head = None
 
     def _interim_head(self) -> bytes:
         """The raw 1xx head just parsed; the final head follows in the same bytes.
@@ -318,6 +346,7 @@ class UpstreamConnection(asyncio.Protocol):
             if raw and buf.startswith(raw) and len(raw) <= self.pools.max_head_bytes:
                 self.in_head = False
                 self.head_buf = None
+                self.known_head = raw
                 self._final_head(exchange, last.status, buf, raw, len(raw))
                 return
         status = self.parser.get_status_code()
@@ -345,6 +374,8 @@ class UpstreamConnection(asyncio.Protocol):
                 # has its head end there too (the prefix compare above)
                 _LAST_HEAD.raw = head
                 _LAST_HEAD.status = status
+                _LAST_HEAD.keep_alive = _UNKNOWN
+                self.known_head = head
         self._final_head(exchange, status, buf, head, end)
 
     def _final_head(
@@ -371,7 +402,26 @@ class UpstreamConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         exchange = self.exchange
         if exchange is not None:
-            exchange.on_response_complete(self, self.parser.should_keep_alive())
+            exchange.on_response_complete(self, self._keep_alive())
+
+    def _keep_alive(self) -> bool:
+        """llhttp's keep-alive answer for the response just ended. For a response
+        whose head is ``_LAST_HEAD``'s it is a function of that head (version,
+        Connection, framing; a HEAD's answer never gets here), so it is asked once
+        per head (a Python-level call) and remembered with it."""
+        head = self.known_head
+        if head is None:
+            return self.parser.should_keep_alive()
+        self.known_head = None
+        last = _LAST_HEAD
+        if head is last.raw:
+            known = last.keep_alive
+            if known != _UNKNOWN:
+                return known == 1
+            keep_alive = self.parser.should_keep_alive()
+            last.keep_alive = 1 if keep_alive else 0
+            return keep_alive
+        return self.parser.should_keep_alive()
 
     # helpers
 
@@ -450,7 +500,7 @@ class UpstreamPools:
         while stack:
             conn = stack.pop()
             transport = conn.transport
-            if not conn.closed and transport is not None and not transport.is_closing():
+            if not conn.closed and transport is not None and not conn.transport_closing():
                 conn.reused = True
                 conn.got_bytes = False
                 return conn
