@@ -433,3 +433,72 @@ def test_keep_alive_of_a_split_head_after_a_head_request_is_asked_anew() -> None
     upstream.data_received(CLOSE[:20])
     upstream.data_received(CLOSE[20:] + b"hello")
     assert client.wire.take().endswith(b"hello") and wire.closed
+
+
+# ---- the request-ID line ends both heads --------------------------------------------
+
+
+def _with_ids() -> _Client:
+    """Request IDs on (in the config, so the data path knows the header), with a
+    known prefix for exact bytes."""
+    client = _Client.__new__(_Client)
+    client.proxy = Proxy((QUIET % "strict").replace("id: {enabled: false}", "id: {enabled: true}"))
+    client.conn, client.wire = client.proxy.client()
+    assert client.proxy.ctx.request_ids is not None
+    client.proxy.ctx.request_ids = RequestIds("X-Request-Id", True, prefix=b"p")
+    return client
+
+
+def test_request_id_line_ends_both_heads_or_goes_before_the_last_lines() -> None:
+    client = _with_ids()
+    up, up_wire = client.proxy.pooled("blue-1")
+    client.conn.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert up_wire.take() == b"GET /a HTTP/1.1\r\nHost: a\r\n" + _fwd(b"a") + (
+        b"X-Request-Id: p-01\r\n\r\n"
+    )
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.wire.take() == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Zdproxy-Pool: blue\r\n"
+        b"X-Request-Id: p-01\r\n\r\nok"
+    )
+    # a chunked answer: its Transfer-Encoding line, then the blank line
+    client.conn.data_received(b"GET /b HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    assert up_wire.take().endswith(b"X-Request-Id: p-02\r\n\r\n")
+    up.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+    assert client.wire.take() == (
+        b"HTTP/1.1 200 OK\r\nX-Zdproxy-Pool: blue\r\nX-Request-Id: p-02\r\n"
+        b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    )
+
+
+def test_request_id_line_of_a_request_without_host_and_an_echoing_backend() -> None:
+    client = _with_ids()
+    up, up_wire = client.proxy.pooled("blue-1")
+    client.conn.data_received(b"GET /a HTTP/1.0\r\nX-Request-Id: mine\r\n\r\n")
+    assert up_wire.take() == (
+        b"GET /a HTTP/1.1\r\nX-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\n"
+        b"X-Request-Id: mine\r\nHost: 127.0.0.1:9001\r\n\r\n"
+    )
+    # the backend sets the header itself: not written twice
+    up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: mine\r\n\r\nok")
+    assert client.wire.take() == (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nx-request-id: mine\r\n"
+        b"X-Zdproxy-Pool: blue\r\nConnection: close\r\n\r\nok"
+    )
+
+
+def test_head_prefix_is_kept_only_while_its_three_pieces_are_the_same() -> None:
+    proxy = Proxy(QUIET % "strict")
+    upstream, _ = proxy.pooled("blue-1")
+    head, pool, cookie = b"HTTP/1.1 200 OK\r\nA: 1\r\n", b"X-Pool: blue\r\n", b"Set-Cookie: 1\r\n"
+    first = upstream.head_prefix(head, pool, cookie)
+    assert first == head + pool + cookie
+    assert upstream.head_prefix(head, pool, cookie) is first
+    # another pin (a new second), another pool, another head: made anew
+    for args in (
+        (head, pool, b"Set-Cookie: 2\r\n"),
+        (head, b"X-Pool: green\r\n", b"Set-Cookie: 2\r\n"),
+        (b"HTTP/1.1 200 OK\r\nA: 2\r\n", b"X-Pool: green\r\n", b"Set-Cookie: 2\r\n"),
+        (b"HTTP/1.1 200 OK\r\nA: 2\r\n", b"", b""),
+    ):
+        assert upstream.head_prefix(*args) == b"".join(args)

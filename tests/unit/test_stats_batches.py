@@ -86,3 +86,15 @@ def test_a_full_batch_is_counted_within_the_second() -> None:
     # the full batch was counted without a read: only the rest is pending
     assert len(stats._seconds) == 3
     assert stats.count == stats_module._BATCH + 3
+
+
+def test_runs_of_one_status_are_counted_whole() -> None:
+    # a batch is mostly one status: runs, a run cut by one other status, a run
+    # that ends the batch
+    statuses = [200] * 700 + [503] + [200] * 300 + [0] * 5 + [404] * 2 + [999] + [200] * 40
+    samples = [(status, 0.001, 1000.0 + i / 10000) for i, status in enumerate(statuses)]
+    stats = PoolStats(window_seconds=60)
+    for status, seconds, now in samples:
+        stats.record(status, seconds, now)
+    assert stats.classes == _reference(samples)[1]
+    assert stats.window(1000.5, 1).classes == _reference(samples)[1]

@@ -19,7 +19,6 @@ read counts the batch first.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections import Counter
 from collections.abc import Sequence
 from typing import Final
 
@@ -243,12 +242,24 @@ class PoolStats:
         else:
             fine[FINE_BUCKETS - 1] += total - below
             latency[FINE_BUCKETS - 1] += total - below
+        # by runs of one status (most of a batch): a native loop, where a Counter
+        # cost a Python-level call and a dict update per request
         classes = self._classes
         window = bucket.classes
-        for status, n in Counter(statuses).items():
-            cls = _CLASS_OF[status] if status < 600 else 0
-            classes[cls] += n
-            window[cls] += n
+        run_status = statuses[0]
+        run = 0
+        for status in statuses:
+            if status == run_status:
+                run += 1
+                continue
+            cls = _CLASS_OF[run_status] if run_status < 600 else 0
+            classes[cls] += run
+            window[cls] += run
+            run_status = status
+            run = 1
+        cls = _CLASS_OF[run_status] if run_status < 600 else 0
+        classes[cls] += run
+        window[cls] += run
 
     def _enter(self, now: float) -> WindowBucket:
         """The ring bucket of ``now``'s second, made the current one."""

@@ -5,10 +5,11 @@ least (``3f9c0a1b2c4d-1f``): unique across processes and restarts (48 random
 bits) without a syscall or a ``uuid4`` per request, and it only ever contains
 characters that are valid in an incoming ID too.
 
-The data path takes the whole header line (``resolve_line``): it goes into the
-request sent upstream and into the response as one piece, and a new one costs
-one concatenation (the line up to the counter's last two digits is kept, and
-changes once in 256 IDs) instead of a ``%`` format.
+The data path takes the whole header line and the blank line that ends a head
+(``resolve_end``): it ends both the request sent upstream and the response as
+one piece (the rare head that needs a line after it cuts the blank line off),
+and a new one costs one concatenation (the line up to the counter's last two hex
+digits is kept, and changes once in 256 IDs) instead of a ``%`` format.
 """
 
 from __future__ import annotations
@@ -72,20 +73,24 @@ class RequestIds:
         return answer
 
     def new(self) -> bytes:
-        return id_in_line(self._new_line())
+        return id_in_end(self._new_end())
 
     def resolve(self, incoming: bytes | None) -> bytes:
         """The ID of a request: the client's, when trusted and valid, else a new one."""
-        return id_in_line(self.resolve_line(incoming))
+        return id_in_end(self.resolve_end(incoming))
 
     def resolve_line(self, incoming: bytes | None) -> bytes:
         """``resolve``, as the header line the proxy writes (``X-Request-Id: ...``
         and CRLF)."""
-        if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
-            return self.header + incoming + b"\r\n"
-        return self._new_line()
+        return self.resolve_end(incoming)[:-2]
 
-    def _new_line(self) -> bytes:
+    def resolve_end(self, incoming: bytes | None) -> bytes:
+        """``resolve_line`` and the blank line after it (CRLF CRLF at the end)."""
+        if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
+            return self.header + incoming + b"\r\n\r\n"
+        return self._new_end()
+
+    def _new_end(self) -> bytes:
         count = self._count + 1
         self._count = count
         low = count & 0xFF
@@ -97,10 +102,15 @@ class RequestIds:
         return b"%s%s\r\n" % (self.header, request_id)
 
 
-#: the last two hex digits of a counter, and the line's CRLF
-_LOW_DIGITS: Final = tuple(b"%02x\r\n" % low for low in range(256))
+#: the last two hex digits of a counter, the line's CRLF and the blank line
+_LOW_DIGITS: Final = tuple(b"%02x\r\n\r\n" % low for low in range(256))
 
 
 def id_in_line(line: bytes) -> bytes:
     """The ID a request-ID header line carries (header names hold no ``": "``)."""
     return line[line.index(b": ") + 2 : -2]
+
+
+def id_in_end(end: bytes) -> bytes:
+    """The ID a request-ID line and blank line (``resolve_end``) carry."""
+    return end[end.index(b": ") + 2 : -4]

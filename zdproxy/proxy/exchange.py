@@ -39,7 +39,7 @@ from zdproxy.http.head import (
     error_response,
     rewrite_response_head,
 )
-from zdproxy.http.requestid import id_in_line
+from zdproxy.http.requestid import id_in_end
 from zdproxy.http.routes import RouteTable, strip
 from zdproxy.http.rules import HTTP_VERSIONS, Tier
 from zdproxy.http.target import TargetError, split_absolute, valid_host
@@ -153,7 +153,7 @@ class Exchange(RouteHints):
         "head_at",
         "host",
         "host_name",
-        "id_line",
+        "id_end",
         "idempotent",
         "method",
         "out",
@@ -248,9 +248,10 @@ class Exchange(RouteHints):
         self.head_at = 0.0
         self.body_bytes = 0
         #: the request-ID header as the client sent it, and the header line of the
-        #: ID the request goes by (``request_id``), written to both sides as is
+        #: ID the request goes by (``request_id``) with the blank line that ends a
+        #: head: the last piece of both heads, as is (``RequestIds.resolve_end``)
         self.request_id_in: bytes | None = None
-        self.id_line: bytes | None = None
+        self.id_end: bytes | None = None
         self.status = 0
         #: response bytes were written to the client (before that, an error can
         #: still be answered in their place)
@@ -526,13 +527,13 @@ class Exchange(RouteHints):
             parts.append(b"Content-Length: %d\r\n" % self.content_length)
         if self.upgrade is not None:
             parts += (b"Connection: upgrade\r\nUpgrade: ", self.upgrade, b"\r\n")
+        # without a Host (HTTP/1.0), the head stays open: _attach adds the backend's
         ids = conn.ctx.request_ids
         if ids is not None:
-            line = self.id_line = ids.resolve_line(self.request_id_in)
-            parts.append(line)
-        if self.host is not None:
+            end = self.id_end = ids.resolve_end(self.request_id_in)
+            parts.append(end if self.host is not None else end[:-2])
+        elif self.host is not None:
             parts.append(b"\r\n")
-        # else: an HTTP/1.0 request without Host; _attach adds the backend's address
         return b"".join(parts)
 
     def _forwarding_kept(self) -> bytes:
@@ -782,29 +783,30 @@ class Exchange(RouteHints):
             # a broken backend may send that body late, where the next request's
             # answer is expected; the connection is not trusted with another one
             self.framing_doubtful = True
-        parts = [head]
-        if ctx.pool_header is not None and self.backend is not None:
-            parts.append(_pool_line(ctx.pool_header, self.backend.pool))
+        backend = self.backend
+        pool_line = b""
+        if ctx.pool_header is not None and backend is not None:
+            pool_line = _pool_line(ctx.pool_header, backend.pool)
         set_cookie = self.set_cookie
-        if set_cookie is not None:
-            parts.append(_set_cookie_line(set_cookie))
-        id_line = self.id_line
+        cookie_line = b"" if set_cookie is None else _set_cookie_line(set_cookie)
+        parts = [upstream.head_prefix(head, pool_line, cookie_line)]
+        id_end = self.id_end
         # a backend that sets the header itself (often echoing it) is left alone
         ids = ctx.request_ids
-        if id_line is not None and ids is not None and not ids.has_header(head):
-            parts.append(id_line)
+        if id_end is not None and (ids is None or ids.has_header(head)):
+            id_end = None
         if self.upgrade is not None and status != 101:
             # declined: the client's stream after its request is not HTTP we parsed
             self.client_keep_alive = False
         # an answer that comes before the request body ended: the rest of that body
         # will not be read, so the client connection closes after the answer
         keep_alive = self.client_keep_alive and not conn.closing and self.request_done
+        lines = b""  # the head's lines after the request ID's, if any
         if status == 101:
-            parts.append(b"Connection: upgrade\r\nUpgrade: ")
-            parts += (self.upgrade or b"websocket", b"\r\n")
+            lines = b"Connection: upgrade\r\nUpgrade: " + (self.upgrade or b"websocket") + b"\r\n"
         elif not no_body and not has_length:
             if self.version == "1.1":
-                parts.append(b"Transfer-Encoding: chunked\r\n")
+                lines = b"Transfer-Encoding: chunked\r\n"
                 self.chunk_out = True
             else:
                 keep_alive = False  # close-delimited for an HTTP/1.0 client
@@ -812,10 +814,15 @@ class Exchange(RouteHints):
         if not keep_alive:
             self.client_keep_alive = False
             if status != 101:
-                parts.append(b"Connection: close\r\n")
+                lines += b"Connection: close\r\n"
         elif self.version == "1.0":
-            parts.append(b"Connection: keep-alive\r\n")
-        parts.append(b"\r\n")
+            lines += b"Connection: keep-alive\r\n"
+        if lines:
+            if id_end is not None:
+                parts.append(id_end[:-2])
+            parts += (lines, b"\r\n")
+        else:
+            parts.append(b"\r\n" if id_end is None else id_end)
         self._to(RELAYING)
         # held until the end of this read, so head and body leave in one syscall
         # (joined there once, with the body: the head's pieces count as one)
@@ -1048,20 +1055,20 @@ class Exchange(RouteHints):
 
     def _id_line(self) -> bytes:
         """The request-ID header line of a response the proxy writes itself."""
-        line = self.id_line
-        if line is None:  # refused before its head was complete
+        end = self.id_end
+        if end is None:  # refused before its head was complete
             ids = self.conn.ctx.request_ids
             if ids is None:
                 return b""
-            line = self.id_line = ids.resolve_line(self.request_id_in)
-        return line
+            end = self.id_end = ids.resolve_end(self.request_id_in)
+        return end[:-2]
 
     @property
     def request_id(self) -> bytes | None:
         """The ID the request goes by (None: request IDs are off, or the request
         was refused before it got one): for the access log."""
-        line = self.id_line
-        return None if line is None else id_in_line(line)
+        end = self.id_end
+        return None if end is None else id_in_end(end)
 
     # ---- finish ------------------------------------------------------------
 

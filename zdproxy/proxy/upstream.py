@@ -68,26 +68,10 @@ def _closed() -> bool:
     return True
 
 
-#: not known yet (``_LastHead.keep_alive``)
+#: not known yet (``UpstreamConnection.last_keep_alive``)
 _UNKNOWN: Final = -1
-
-
-class _LastHead:
-    """The last final response head that began a read, kept whole (its end is its
-    first blank line): see ``UpstreamConnection.on_headers_complete``."""
-
-    __slots__ = ("keep_alive", "raw", "status")
-
-    def __init__(self) -> None:
-        self.raw = b""
-        self.status = 0
-        #: llhttp's keep-alive answer at the end of a response with this head:
-        #: 1, 0, or _UNKNOWN until one ended (``UpstreamConnection._keep_alive``)
-        self.keep_alive = _UNKNOWN
-
-
-_LAST_HEAD: Final = _LastHead()
-#: longer heads are not kept (as ``http.head``'s cache of rewritten heads)
+#: longer heads are not kept (``UpstreamConnection.last_head``; as ``http.head``'s
+#: cache of rewritten heads)
 _LAST_HEAD_MAX: Final = 2048
 
 
@@ -111,9 +95,16 @@ class UpstreamConnection(asyncio.Protocol):
         "head_used",
         "idle_since",
         "in_head",
-        "known_head",
+        "last_head",
+        "last_is_current",
+        "last_keep_alive",
+        "last_status",
         "parser",
         "pools",
+        "prefix",
+        "prefix_cookie",
+        "prefix_head",
+        "prefix_pool",
         "reusable",
         "reused",
         "send",
@@ -142,9 +133,20 @@ class UpstreamConnection(asyncio.Protocol):
         # place, so the work per read stays linear in the bytes read.
         #: a request was sent and its final response head has not been parsed yet
         self.in_head = False
-        #: the final head being relayed when it is ``_LAST_HEAD``'s: its keep-alive
-        #: answer is then known, or learnt at the end of this response
-        self.known_head: bytes | None = None
+        #: the last final head that began a read on this connection, kept whole
+        #: (its end is its first blank line), its status, and llhttp's keep-alive
+        #: answer at the end of a response with it (1, 0, or _UNKNOWN): a backend
+        #: repeats its head for a second at a time (``on_headers_complete``)
+        self.last_head = b""
+        self.last_status = 0
+        self.last_keep_alive = _UNKNOWN
+        #: the response being relayed has ``last_head`` (``_keep_alive``)
+        self.last_is_current = False
+        #: the last ``head_prefix`` made, and the three pieces it was made of
+        self.prefix = b""
+        self.prefix_head = b""
+        self.prefix_pool = b""
+        self.prefix_cookie = b""
         #: the bytes the parser is reading: this read, or ``head_held`` with it
         self.head_buf: bytes | bytearray | None = None
         #: the unfinished head from earlier reads (None: nothing held)
@@ -288,7 +290,24 @@ class UpstreamConnection(asyncio.Protocol):
         head fields are back at their rest values once a final head is taken.)"""
         self.in_head = True
         self.chunks = None
-        self.known_head = None
+        self.last_is_current = False
+
+    def head_prefix(self, head: bytes, pool_line: bytes, cookie_line: bytes) -> bytes:
+        """The rewritten head, the pool line and the Set-Cookie line as one piece,
+        kept while the three are the same objects (the head cache, the pool line
+        and the pin of the second hand out the same objects while they repeat):
+        two pieces fewer to join per response."""
+        if (
+            head is self.prefix_head
+            and pool_line is self.prefix_pool
+            and cookie_line is self.prefix_cookie
+        ):
+            return self.prefix
+        prefix = self.prefix = head + pool_line + cookie_line
+        self.prefix_head = head
+        self.prefix_pool = pool_line
+        self.prefix_cookie = cookie_line
+        return prefix
 
     def _interim_head(self) -> bytes:
         """The raw 1xx head just parsed; the final head follows in the same bytes.
@@ -341,13 +360,12 @@ class UpstreamConnection(asyncio.Protocol):
             # repeats its head (for a second at a time, until Date moves), and a
             # prefix compare (a memcmp) is cheaper than searching for its end
             # (and than asking llhttp for the status, a Python-level call)
-            last = _LAST_HEAD
-            raw = last.raw
+            raw = self.last_head
             if raw and buf.startswith(raw) and len(raw) <= self.pools.max_head_bytes:
                 self.in_head = False
                 self.head_buf = None
-                self.known_head = raw
-                self._final_head(exchange, last.status, buf, raw, len(raw))
+                self.last_is_current = True
+                self._final_head(exchange, self.last_status, buf, raw, len(raw))
                 return
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -372,10 +390,10 @@ class UpstreamConnection(asyncio.Protocol):
             if end - start <= _LAST_HEAD_MAX:
                 # its first blank line is its end: a read that starts with it
                 # has its head end there too (the prefix compare above)
-                _LAST_HEAD.raw = head
-                _LAST_HEAD.status = status
-                _LAST_HEAD.keep_alive = _UNKNOWN
-                self.known_head = head
+                self.last_head = head
+                self.last_status = status
+                self.last_keep_alive = _UNKNOWN
+                self.last_is_current = True
         self._final_head(exchange, status, buf, head, end)
 
     def _final_head(
@@ -406,22 +424,18 @@ class UpstreamConnection(asyncio.Protocol):
 
     def _keep_alive(self) -> bool:
         """llhttp's keep-alive answer for the response just ended. For a response
-        whose head is ``_LAST_HEAD``'s it is a function of that head (version,
-        Connection, framing; a HEAD's answer never gets here), so it is asked once
-        per head (a Python-level call) and remembered with it."""
-        head = self.known_head
-        if head is None:
+        with ``last_head`` it is a function of that head (version, Connection,
+        framing; a HEAD's answer never gets here), so it is asked once per head (a
+        Python-level call) and remembered with it."""
+        if not self.last_is_current:
             return self.parser.should_keep_alive()
-        self.known_head = None
-        last = _LAST_HEAD
-        if head is last.raw:
-            known = last.keep_alive
-            if known != _UNKNOWN:
-                return known == 1
-            keep_alive = self.parser.should_keep_alive()
-            last.keep_alive = 1 if keep_alive else 0
-            return keep_alive
-        return self.parser.should_keep_alive()
+        self.last_is_current = False
+        known = self.last_keep_alive
+        if known != _UNKNOWN:
+            return known == 1
+        keep_alive = self.parser.should_keep_alive()
+        self.last_keep_alive = 1 if keep_alive else 0
+        return keep_alive
 
     # helpers
 
