@@ -427,8 +427,12 @@ class UpstreamConnection(asyncio.Protocol):
         with ``last_head`` it is a function of that head (version, Connection,
         framing; a HEAD's answer never gets here), so it is asked once per head (a
         Python-level call) and remembered with it."""
+        # typed locals: where httptools has no type information (pip's isolated
+        # build environment) its answers are Any, which mypyc refuses to return
+        keep_alive: bool
         if not self.last_is_current:
-            return self.parser.should_keep_alive()
+            keep_alive = self.parser.should_keep_alive()
+            return keep_alive
         self.last_is_current = False
         known = self.last_keep_alive
         if known != _UNKNOWN:
