@@ -8,7 +8,7 @@ import textwrap
 import pytest
 
 from zdproxy.config import ConfigError, load_config_text
-from zdproxy.http.requestid import RequestIds, id_in_line, valid_request_id
+from zdproxy.http.requestid import RequestIds, id_in_end, valid_request_id
 from zdproxy.proxy.accesslog import (
     Record,
     clf_time,
@@ -202,9 +202,9 @@ def test_generated_lines_are_the_counter_in_hex_across_digit_carries() -> None:
     # wrap: every ID up to and past 0xff, 0xfff and 0xffff is the counter in hex
     ids = RequestIds("X-Request-Id", False, prefix=b"p")
     for count in range(1, 0x10102):
-        assert ids.resolve_line(None) == b"X-Request-Id: p-%02x\r\n" % count, count
+        assert ids.resolve_end(None) == b"X-Request-Id: p-%02x\r\n\r\n" % count, count
     assert ids.new() == b"p-10102"
-    assert id_in_line(b"X-Request-Id: p-10102\r\n") == b"p-10102"
+    assert id_in_end(b"X-Request-Id: p-10102\r\n\r\n") == b"p-10102"
 
 
 def test_resolve_keeps_a_valid_trusted_id_only() -> None:
@@ -212,10 +212,10 @@ def test_resolve_keeps_a_valid_trusted_id_only() -> None:
     assert trusting.resolve(b"client-1") == b"client-1"
     assert trusting.resolve(b"bad id") == b"p-01"
     assert trusting.resolve(None) == b"p-02"
-    assert trusting.resolve_line(b"client-1") == b"X-Request-Id: client-1\r\n"
+    assert trusting.resolve_end(b"client-1") == b"X-Request-Id: client-1\r\n\r\n"
     distrusting = RequestIds("X-Trace", False, prefix=b"q")
     assert distrusting.resolve(b"client-1") == b"q-01"
-    assert distrusting.resolve_line(b"client-1") == b"X-Trace: q-02\r\n"
+    assert distrusting.resolve_end(b"client-1") == b"X-Trace: q-02\r\n\r\n"
     assert distrusting.line(b"q-1") == b"X-Trace: q-1\r\n"
     assert distrusting.header_lower == b"x-trace"
     assert distrusting.in_head(b"HTTP/1.1 200 OK\r\nx-TRACE : 1\r\n")

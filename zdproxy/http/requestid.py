@@ -79,13 +79,9 @@ class RequestIds:
         """The ID of a request: the client's, when trusted and valid, else a new one."""
         return id_in_end(self.resolve_end(incoming))
 
-    def resolve_line(self, incoming: bytes | None) -> bytes:
-        """``resolve``, as the header line the proxy writes (``X-Request-Id: ...``
-        and CRLF)."""
-        return self.resolve_end(incoming)[:-2]
-
     def resolve_end(self, incoming: bytes | None) -> bytes:
-        """``resolve_line`` and the blank line after it (CRLF CRLF at the end)."""
+        """``resolve``, as the header line the proxy writes (``X-Request-Id: ...``
+        and CRLF) and the blank line that ends a head (a second CRLF)."""
         if incoming is not None and self.trust_incoming and _VALID(incoming) is not None:
             return self.header + incoming + b"\r\n\r\n"
         return self._new_end()
@@ -106,11 +102,7 @@ class RequestIds:
 _LOW_DIGITS: Final = tuple(b"%02x\r\n\r\n" % low for low in range(256))
 
 
-def id_in_line(line: bytes) -> bytes:
-    """The ID a request-ID header line carries (header names hold no ``": "``)."""
-    return line[line.index(b": ") + 2 : -2]
-
-
 def id_in_end(end: bytes) -> bytes:
-    """The ID a request-ID line and blank line (``resolve_end``) carry."""
+    """The ID a request-ID line and blank line (``resolve_end``) carry (header
+    names hold no ``": "``)."""
     return end[end.index(b": ") + 2 : -4]

@@ -31,6 +31,7 @@ from zdproxy.proxy.deadlines import (
 from zdproxy.proxy.exchange import Exchange
 from zdproxy.proxy.phases import PARSING
 from zdproxy.proxy.tunnel import Tunnel
+from zdproxy.proxy.upstream import not_connected_closing, not_connected_send
 
 log = logging.getLogger("zdproxy.error")
 
@@ -41,14 +42,6 @@ MAX_PIPELINE: Final = 8
 #: that a close with unread input (a TCP reset on Linux) does not destroy
 #: responses already written (nginx's lingering_timeout is 5 s too)
 LINGER_SECONDS: Final = 5.0
-
-
-def _never_sent(data: bytes) -> None:
-    raise RuntimeError("write before connection_made")
-
-
-def _closed() -> bool:
-    return True
 
 
 class ClientConnection(asyncio.Protocol):
@@ -98,8 +91,8 @@ class ClientConnection(asyncio.Protocol):
         #: the transport's write and is_closing, bound once (connection_made): a
         #: call through a bound method skips the lookup that compiled code pays
         #: for ``transport.write(...)`` on every response
-        self.send: Callable[[bytes], object] = _never_sent
-        self.transport_closing: Callable[[], bool] = _closed
+        self.send: Callable[[bytes], object] = not_connected_send
+        self.transport_closing: Callable[[], bool] = not_connected_closing
         self.parser = httptools.HttpRequestParser(self)
         #: the request-head classifier, shared by this connection's requests in turn
         self.checker = HeadChecker()

@@ -60,11 +60,13 @@ class _SocketOptions(Protocol):
 _H: Final = 72
 
 
-def _never_sent(data: bytes) -> None:
+def not_connected_send(data: bytes) -> None:
+    """A protocol's ``send`` until ``connection_made`` binds its transport's write."""
     raise RuntimeError("write before connection_made")
 
 
-def _closed() -> bool:
+def not_connected_closing() -> bool:
+    """A protocol's ``transport_closing`` until ``connection_made``: not usable."""
     return True
 
 
@@ -120,8 +122,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.backend = backend
         self.transport: asyncio.Transport | None = None
         #: the transport's write, bound once (connection_made): see ClientConnection.send
-        self.send: Callable[[bytes], object] = _never_sent
-        self.transport_closing: Callable[[], bool] = _closed
+        self.send: Callable[[bytes], object] = not_connected_send
+        self.transport_closing: Callable[[], bool] = not_connected_closing
         #: the TCP socket, to acknowledge a partial response at once (``_ack_now``);
         #: None where TCP_QUICKACK does not exist
         self.sock: _SocketOptions | None = None
