@@ -155,6 +155,20 @@ async def deploy_admin(deploy_proxy: AdminProxy) -> AsyncIterator[AdminClient]:
         yield client
 
 
+async def refused_unchanged(
+    client: AdminClient, path: str, body: dict[str, Any], message: str
+) -> None:
+    """POST ``body`` to ``path``: a 400 JSON error naming ``message``, and the
+    state and the audit events exactly as before."""
+    before = await client.state()
+    answer = await client.call("POST", path, body)
+    assert answer.status == 400, answer.text
+    assert set(answer.json()) == {"error"}, answer.text
+    assert message in answer.json()["error"], answer.json()["error"]
+    assert await client.state() == before
+    assert await client.events() == []
+
+
 def rollout(**keys: Any) -> dict[str, Any]:
     """A valid rollout body with ``keys`` changed (a value None: the key left out)."""
     body: dict[str, Any] = {
@@ -226,13 +240,7 @@ def rollout(**keys: Any) -> dict[str, Any]:
 async def test_bad_rollout_bodies_are_refused_and_change_nothing(
     deploy_admin: AdminClient, body: dict[str, Any], message: str
 ) -> None:
-    before = await deploy_admin.state()
-    answer = await deploy_admin.call("POST", "/api/v1/rollouts", body)
-    assert answer.status == 400, answer.text
-    assert set(answer.json()) == {"error"}, answer.text
-    assert message in answer.json()["error"], answer.json()["error"]
-    assert await deploy_admin.state() == before
-    assert await deploy_admin.events() == []
+    await refused_unchanged(deploy_admin, "/api/v1/rollouts", body, message)
     assert (await deploy_admin.call("GET", "/api/v1/rollouts/current")).status == 404
 
 
@@ -252,13 +260,7 @@ async def test_bad_rollout_bodies_are_refused_and_change_nothing(
 async def test_bad_rolling_bodies_are_refused_and_change_nothing(
     deploy_admin: AdminClient, body: dict[str, Any], message: str
 ) -> None:
-    before = await deploy_admin.state()
-    answer = await deploy_admin.call("POST", "/api/v1/pools/blue/rolling", body)
-    assert answer.status == 400, answer.text
-    assert set(answer.json()) == {"error"}, answer.text
-    assert message in answer.json()["error"], answer.json()["error"]
-    assert await deploy_admin.state() == before
-    assert await deploy_admin.events() == []
+    await refused_unchanged(deploy_admin, "/api/v1/pools/blue/rolling", body, message)
 
 
 async def test_good_rollout_and_rolling_bodies_start_them(deploy_admin: AdminClient) -> None:
