@@ -102,7 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: {','.join(DEFAULT_PROXIES)})",
     )
     parser.add_argument("--rounds", type=int, help="rounds per case (default 5; quick 1)")
-    parser.add_argument("--duration", type=int, help="seconds per wrk run (default 3; quick 2)")
+    parser.add_argument(
+        "--duration", type=int, help="seconds per target, case and round (default 3; quick 2)"
+    )
+    parser.add_argument(
+        "--slices",
+        type=int,
+        help="wrk runs that --duration is cut into, taken in turns by the targets "
+        "(default 3; quick 1)",
+    )
     parser.add_argument("--warmup", type=int, help="warm-up seconds per proxy (default 2)")
     parser.add_argument(
         "--idle-connections",
@@ -152,6 +160,7 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "rounds": args.rounds or (1 if quick else 5),
         "duration": args.duration or (2 if quick else 3),
+        "slices": max(1, args.slices or (1 if quick else 3)),
         "warmup": args.warmup if args.warmup is not None else (1 if quick else 2),
         "idle_connections": args.idle_connections or (2000 if quick else 10000),
         "event_duration": args.event_duration or (4 if quick else 6),
@@ -176,7 +185,7 @@ def zdproxy_command(override: str | None) -> tuple[list[str] | None, dict[str, s
 
 def estimate_seconds(settings: dict[str, Any], scenarios: list[str], proxies: list[str]) -> float:
     cases = [c for c in CASES if c.scenario in scenarios]
-    per_run = settings["duration"] + 0.6
+    per_run = settings["duration"] + 0.6 * settings["slices"]
     total = settings["rounds"] * len(cases) * len(proxies) * per_run
     total += len(proxies) * (settings["warmup"] + 1) + 10
     n_proxies = len([p for p in proxies if p != "direct"])
@@ -236,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.profile:
         estimate = estimate_seconds(settings, scenarios, proxies)
         log(
-            f"* {settings['rounds']} round(s) x {settings['duration']} s per case; "
+            f"* {settings['rounds']} round(s) x {settings['duration']} s per case "
+            f"in {settings['slices']} slice(s); "
             f"proxies {','.join(proxies)}; scenarios {','.join(scenarios)}; "
             f"about {estimate / 60:.1f} min"
         )
@@ -415,6 +425,7 @@ def _run(
             "machine": machine_info(tools),
             "rounds": settings["rounds"],
             "duration": settings["duration"],
+            "slices": settings["slices"],
             "pinning": (
                 f"wrk -t1 and the nginx backends on CPU {pinning.load_cpu}, "
                 f"the proxy under test alone on CPU {pinning.proxy_cpu}"
@@ -467,7 +478,9 @@ def _run(
             f"== throughput: {len(cases)} cases x {len(targets)} targets x "
             f"{settings['rounds']} rounds"
         )
-        results["throughput"] = run_throughput(session, cases, settings["rounds"])
+        results["throughput"] = run_throughput(
+            session, cases, settings["rounds"], settings["slices"]
+        )
         save()
 
     if "memory" in scenarios and targets:

@@ -237,6 +237,13 @@ def noise_note(runs: list[dict[str, Any]]) -> list[str]:
     return [text, ""]
 
 
+def _sliced(meta: dict[str, Any]) -> str:
+    slices = int(meta.get("slices", 1))
+    if slices <= 1:
+        return ""
+    return f" in {slices} slices taken in turns by the targets (p99: median of the slices')"
+
+
 def render_markdown(results: dict[str, Any]) -> str:
     meta = results["meta"]
     machine = meta["machine"]
@@ -244,7 +251,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "# zdproxy benchmark results",
         "",
         f"Generated {machine['date']} by `{meta['command']}` "
-        f"({meta['rounds']} round(s) of {meta['duration']} s per case, medians; "
+        f"({meta['rounds']} round(s) of {meta['duration']} s per case{_sliced(meta)}, medians; "
         f"whole run {meta.get('elapsed_s', 0) / 60:.1f} min). "
         "How to run and read this: [docs/benchmarks.md](../../docs/benchmarks.md).",
         "",

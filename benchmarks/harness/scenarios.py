@@ -2,14 +2,19 @@
 
 Throughput cases run in rounds; in each round every target runs every case,
 targets interleaved (rotated each round) so that slow drift of the machine
-spreads over all of them. The proxies run side by side for the whole session,
-pinned to the same CPU; only the one under load does work.
+spreads over all of them. Within a round, a target's time on a case is cut into
+slices taken in turns with the other targets (``combine_slices``): the CPU time
+per request of these shared machines moves by 15 % from one second to the next
+(docs/benchmarks.md), and a single block per target would catch one such second
+and not the others. The proxies run side by side for the whole session, pinned
+to the same CPU; only the one under load does work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import resource
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,27 +111,80 @@ def warm_up(session: Session, seconds: int) -> None:
             measure(session, target, warm, seconds)
 
 
+def combine_slices(slices: list[dict[str, Any]]) -> dict[str, Any]:
+    """One round's record for a target from its slices: counts and times summed,
+    rates from the sums, latency percentiles the median of the slices' (wrk
+    reports percentiles, not histograms that could be merged), the max the max.
+    The slices themselves are kept under ``"slices"``."""
+    first = slices[0]
+    if len(slices) == 1:
+        return first
+    out: dict[str, Any] = {"case": first["case"], "proxy": first["proxy"]}
+    for key in ("requests", "duration_us", "bytes", "errors", *_ERROR_KEYS):
+        out[key] = sum(s[key] for s in slices)
+    seconds = out["duration_us"] / 1e6
+    out["rps"] = round(out["requests"] / seconds, 1) if seconds else 0.0
+    for key in ("p50_us", "p90_us", "p99_us"):
+        out[key] = int(statistics.median(s[key] for s in slices))
+    out["max_us"] = max(s["max_us"] for s in slices)
+    requests = out["requests"]
+    out["mean_us"] = (
+        round(sum(s["mean_us"] * s["requests"] for s in slices) / requests, 1) if requests else 0.0
+    )
+    if all("cpu_s" in s for s in slices):
+        out["cpu_s"] = round(sum(s["cpu_s"] for s in slices), 3)
+        out["cpu_us_per_req"] = round(out["cpu_s"] * 1e6 / requests, 2) if requests else None
+    if all("proxy_cpu_other_pct" in s for s in slices):
+        out["proxy_cpu_other_pct"] = round(
+            sum(s["proxy_cpu_other_pct"] * s["duration_us"] for s in slices)
+            / max(out["duration_us"], 1),
+            1,
+        )
+    out["slices"] = slices
+    return out
+
+
+_ERROR_KEYS = ("connect", "read", "write", "status", "timeout")
+
+
+def slice_order(targets: list[Target], slices: int) -> list[Target]:
+    """The order targets take their slices in: forwards, then backwards, and so
+    on, so that no target always runs right after the same other one."""
+    order: list[Target] = []
+    for n in range(slices):
+        order += targets if n % 2 == 0 else targets[::-1]
+    return order
+
+
 def run_throughput(
-    session: Session, cases: list[Case], rounds: int, progress: Callable[[str], None] = log
+    session: Session,
+    cases: list[Case],
+    rounds: int,
+    slices: int = 1,
+    progress: Callable[[str], None] = log,
 ) -> list[dict[str, Any]]:
+    """``rounds`` records per target and case, each over ``session.duration``
+    seconds cut into ``slices`` wrk runs taken in turns (at least a second each)."""
     runs: list[dict[str, Any]] = []
     targets = session.targets
+    seconds = max(1, session.duration // max(slices, 1))
     for round_no in range(rounds):
         shift = round_no % len(targets) if targets else 0
         order = targets[shift:] + targets[:shift]
         for case in cases:
-            for target in order:
-                if target.proc is not None and not target.proc.alive():
-                    msg = f"{target.name}: died during the run\n{target.describe_failure('exited')}"
-                    if msg not in session.skipped:
-                        session.skipped.append(msg)
-                        log("! " + msg)
+            taken: dict[str, list[dict[str, Any]]] = {t.name: [] for t in order}
+            for target in slice_order(order, slices):
+                if _died(session, target):
                     continue
                 try:
-                    record = measure(session, target, case, session.duration)
+                    taken[target.name].append(measure(session, target, case, seconds))
                 except RuntimeError as exc:
                     log(f"! {case.key} {target.name}: {exc}")
+                time.sleep(0.2)
+            for target in order:
+                if not taken[target.name]:
                     continue
+                record = combine_slices(taken[target.name])
                 record["round"] = round_no + 1
                 runs.append(record)
                 cpu = record.get("cpu_us_per_req")
@@ -136,8 +194,17 @@ def run_throughput(
                     f"errors {record['errors']:>5}"
                     + (f"  cpu {cpu:7.1f} us/req" if cpu is not None else "")
                 )
-                time.sleep(0.2)
     return runs
+
+
+def _died(session: Session, target: Target) -> bool:
+    if target.proc is None or target.proc.alive():
+        return False
+    msg = f"{target.name}: died during the run\n{target.describe_failure('exited')}"
+    if msg not in session.skipped:
+        session.skipped.append(msg)
+        log("! " + msg)
+    return True
 
 
 def run_memory(session: Session, connections: int) -> list[dict[str, Any]]:

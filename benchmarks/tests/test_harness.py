@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from harness import report
+from harness import report, scenarios
 from harness.balancing_bench import ReferenceRandomWeighted, ReferenceSmoothWeighted
 from harness.profiling import top_functions
 from harness.servers import (
@@ -255,3 +255,71 @@ def test_write_reports(tmp_path: Path) -> None:
     assert (tmp_path / "chart.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text())["meta"]["rounds"] == 3
     assert "## Machine" in (tmp_path / "RESULTS.md").read_text()
+
+
+def _slice(
+    requests: int, seconds: float, cpu_s: float, p99_us: int, **extra: Any
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "case": "keepalive-c50",
+        "proxy": "zdproxy",
+        "requests": requests,
+        "duration_us": int(seconds * 1e6),
+        "bytes": requests * 1100,
+        "connect": 0,
+        "read": 0,
+        "write": 0,
+        "status": 0,
+        "timeout": 0,
+        "errors": 0,
+        "p50_us": p99_us // 4,
+        "p90_us": p99_us // 2,
+        "p99_us": p99_us,
+        "max_us": p99_us * 3,
+        "mean_us": p99_us / 5,
+        "rps": requests / seconds,
+        "cpu_s": cpu_s,
+        "cpu_us_per_req": round(cpu_s * 1e6 / requests, 2),
+        "proxy_cpu_other_pct": 0.0,
+    }
+    record.update(extra)
+    return record
+
+
+def test_combined_slices_rate_from_sums_and_p99_is_the_median() -> None:
+    # a slow second (half the requests for the same CPU) weighs by its requests
+    slices = [
+        _slice(50_000, 1.0, 1.0, 2000),
+        _slice(25_000, 1.0, 1.0, 9000, read=2, errors=2, proxy_cpu_other_pct=30.0),
+        _slice(50_000, 1.0, 1.0, 1800),
+    ]
+    out = scenarios.combine_slices(slices)
+    assert out["requests"] == 125_000
+    assert out["rps"] == 41666.7
+    assert out["cpu_s"] == 3.0
+    assert out["cpu_us_per_req"] == 24.0  # 3 s of CPU over 125,000 requests
+    assert out["p99_us"] == 2000  # the median slice, not the slow one
+    assert out["max_us"] == 27000
+    assert (out["read"], out["errors"]) == (2, 2)
+    assert out["proxy_cpu_other_pct"] == 10.0
+    assert out["mean_us"] == round((400 * 50_000 + 1800 * 25_000 + 360 * 50_000) / 125_000, 1)
+    assert out["slices"] == slices
+
+
+def test_one_slice_is_the_record_itself() -> None:
+    only = _slice(1000, 1.0, 0.02, 500)
+    assert scenarios.combine_slices([only]) is only
+
+
+def test_slices_without_cpu_have_no_cpu_figure() -> None:
+    slices = [_slice(10, 1.0, 0.0, 100), _slice(10, 1.0, 0.0, 100)]
+    for record in slices:
+        del record["cpu_s"], record["cpu_us_per_req"]
+    assert "cpu_us_per_req" not in scenarios.combine_slices(slices)
+
+
+def test_slice_order_alternates_direction() -> None:
+    a, b, c = (object() for _ in range(3))
+    order = scenarios.slice_order([a, b, c], 3)  # type: ignore[list-item]
+    assert order == [a, b, c, c, b, a, a, b, c]
+    assert scenarios.slice_order([a, b], 1) == [a, b]  # type: ignore[list-item]
