@@ -6,7 +6,7 @@ from support_exchange import Proxy
 
 from zdproxy.balancing.model import Backend
 from zdproxy.balancing.sticky import CACHE_SIZE, Pin, StickyCodec
-from zdproxy.http import head
+from zdproxy.http import head, rules
 from zdproxy.http.head import rewrite_response_head
 from zdproxy.http.requestid import RequestIds
 from zdproxy.proxy import exchange as exchange_module
@@ -195,6 +195,30 @@ def test_header_kinds_are_remembered_by_name_as_sent() -> None:
     assert len(kinds) <= 512
 
 
+def test_one_table_serves_the_checker_and_the_exchange() -> None:
+    # a name remembered as sent carries the checker's code: a second
+    # Content-Length is still seen, on the first request and on a later one
+    client = _Client()
+    kinds = client.proxy.ctx.header_kinds
+    double = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"
+    for _ in range(2):
+        conn, wire = client.proxy.client()
+        conn.data_received(double)
+        assert wire.take().startswith(b"HTTP/1.1 400 ")
+        assert b"Content-Length" in kinds
+    # a name the checker finds odd (here a look-alike of Content-Length,
+    # forwarded in lenient mode) is analysed whole each time, never remembered
+    lenient = _Client("lenient")
+    request = b"GET / HTTP/1.1\r\nHost: a\r\nContent_Length: 5\r\nX-Plain: 1\r\n\r\n"
+    for _ in range(2):
+        assert b"\r\nContent_Length: 5\r\nX-Plain: 1\r\n" in lenient.send(request)
+        assert b"Content_Length" not in lenient.proxy.ctx.header_kinds
+        assert b"X-Plain" in lenient.proxy.ctx.header_kinds
+    assert max(rules.name_code(n) for n in (b"Host", b"te", b"Content-Length", b"A_B", b"")) < (
+        1 << rules.NAME_CODE_BITS
+    )
+
+
 def test_version_read_from_the_request_line() -> None:
     line_version = exchange_module._line_version
     assert line_version(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n", b"GET", b"/a") == 11
@@ -252,6 +276,21 @@ class _Client:
         sent = bytes(wire.written)
         upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
         return sent
+
+
+def test_a_target_split_across_reads_is_forwarded_whole() -> None:
+    # the first piece of a target is taken as it is, the next ones appended
+    client = _Client()
+    upstream, wire = client.proxy.pooled("blue-1")
+    client.conn.data_received(b"GET /lo")
+    client.conn.data_received(b"ng/pa")
+    client.conn.data_received(b"th?q=1 HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (
+        bytes(wire.written) == b"GET /long/path?q=1 HTTP/1.1\r\nHost: a\r\n" + _fwd(b"a") + b"\r\n"
+    )
+    upstream.data_received(b"HTTP/1.1 204 No Content\r\n\r\n")
+    # and the next request on the connection starts from an empty target
+    assert client.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n").startswith(b"GET /b HTTP/1.1\r\n")
 
 
 def _fwd(host: bytes) -> bytes:

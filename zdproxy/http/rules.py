@@ -148,22 +148,31 @@ _NAME_CACHE_MAX: Final = 4096
 _name_cache: dict[bytes, int] = {}
 
 
-def _name_code(name: bytes) -> int:
-    """Classify a header name for the fast path, remembering clean ones."""
+#: the largest code ``name_code`` returns: a caller may pack a code into the
+#: low bits of a number of its own (``HeadChecker.coded_header``)
+NAME_CODE_BITS: Final = 3
+ODD_NAME: Final = _ODD
+
+
+def name_code(name: bytes) -> int:
+    """What ``HeadChecker.coded_header`` needs to know of a header name. Only a
+    name whose code is not ``ODD_NAME`` may be remembered with its code."""
     if not name or name.translate(None, _TCHAR):
         return _ODD
     lower = name.lower()
     if lower == _TE_NAME:
-        code = _TE
-    elif lower == _CL_NAME:
-        code = _CL
-    elif lower == _HOST_NAME:
-        code = _HOST
-    elif _lookalike(name):
-        return _ODD
-    else:
-        code = _PLAIN
-    if len(_name_cache) < _NAME_CACHE_MAX:
+        return _TE
+    if lower == _CL_NAME:
+        return _CL
+    if lower == _HOST_NAME:
+        return _HOST
+    return _ODD if _lookalike(name) else _PLAIN
+
+
+def _name_code(name: bytes) -> int:
+    """Classify a header name for the fast path, remembering clean ones."""
+    code = name_code(name)
+    if code != _ODD and len(_name_cache) < _NAME_CACHE_MAX:
         _name_cache[name] = code
     return code
 
@@ -305,6 +314,11 @@ class HeadChecker:
         code = _name_cache.get(name)
         if code is None:
             code = _name_code(name)
+        self.coded_header(name, value, code)
+
+    def coded_header(self, name: bytes, value: bytes, code: int) -> None:
+        """``header`` for a caller that keeps ``name_code(name)`` in a table of its
+        own (one lookup per header instead of two)."""
         if not code:  # _PLAIN
             if 0 in value.translate(_VALUE_MAP):
                 self._header_full(name, value)

@@ -295,7 +295,12 @@ class ClientConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         exchange = self.parsing
         assert exchange is not None
-        exchange.url += url
+        # llhttp hands the target over in one piece unless it spans reads; a
+        # generic += on bytes costs a dispatch even when the left side is empty
+        if exchange.url:
+            exchange.url += url
+        else:
+            exchange.url = url
         self.head_bytes += len(url)
         if self.head_bytes > self.ctx.max_header_bytes:
             raise ProxyError("request target too large", status=431, cause="headers-too-large")

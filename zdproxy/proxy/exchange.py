@@ -41,7 +41,7 @@ from zdproxy.http.head import (
 )
 from zdproxy.http.requestid import id_in_end
 from zdproxy.http.routes import RouteTable, strip
-from zdproxy.http.rules import HTTP_VERSIONS, Tier
+from zdproxy.http.rules import HTTP_VERSIONS, NAME_CODE_BITS, ODD_NAME, Tier, name_code
 from zdproxy.http.target import TargetError, split_absolute, valid_host
 from zdproxy.proxy.deadlines import UPSTREAM
 from zdproxy.proxy.fdlimit import OUT_OF_FDS
@@ -87,6 +87,7 @@ _OVERRIDE: Final = 13  # forwarded, and it names the pool (routing.header)
 
 #: entries the header table may grow to with names remembered as sent (``add_header``)
 _KINDS_REMEMBERED: Final = 512
+_CODE_MASK: Final = (1 << NAME_CODE_BITS) - 1
 
 _REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": _HOST,
@@ -117,11 +118,18 @@ _NEVER_HOP_BY_HOP: Final = frozenset({b"host"})
 
 def header_kinds(request_id_header: bytes | None) -> dict[bytes, int]:
     """The table ``add_header`` uses, with the request-ID header (lower case) when
-    request IDs are on: the proxy then writes that header itself."""
+    request IDs are on: the proxy then writes that header itself. An entry is the
+    header's kind shifted left by ``NAME_CODE_BITS``, with the request checker's
+    code of its name (``rules.name_code``) in the low bits: one lookup per header
+    serves both."""
     kinds = dict(_REQUEST_HEADER_KIND)
     if request_id_header is not None:
         kinds[request_id_header] = _REQUEST_ID
-    return kinds
+    return {name: _entry(kind, name) for name, kind in kinds.items()}
+
+
+def _entry(kind: int, name: bytes) -> int:
+    return kind << NAME_CODE_BITS | name_code(name)
 
 
 #: request body chunks held before the upstream is connected, before reading pauses
@@ -276,13 +284,13 @@ class Exchange(RouteHints):
     # ---- parse -------------------------------------------------------------
 
     def add_header(self, name: bytes, value: bytes) -> None:
-        self.checker.header(name, value)
         kinds = self.conn.ctx.header_kinds
-        # by the name as sent: its hash is already computed (the checker looked it
-        # up), and a name seen before is in the table (``_kind_of``)
-        kind = kinds.get(name)
-        if kind is None:
-            kind = self._kind_of(name, kinds)
+        # by the name as sent: a name seen before is in the table (``_kind_of``)
+        entry = kinds.get(name)
+        if entry is None:
+            entry = self._kind_of(name, kinds)
+        self.checker.coded_header(name, value, entry & _CODE_MASK)
+        kind = entry >> NAME_CODE_BITS
         if kind == _FORWARD:
             self.forwarded += (name, b": ", value, b"\r\n")
         elif kind == _OVERRIDE:
@@ -344,12 +352,16 @@ class Exchange(RouteHints):
         name as sent. The table is the context's, rebuilt with the override
         header on every reload; the names remembered are bounded."""
         lname = name.lower()
-        kind = kinds.get(lname)
-        if kind is None:
+        known = kinds.get(lname)
+        if known is not None:
+            kind = known >> NAME_CODE_BITS
+        else:
             kind = _OVERRIDE if lname == self.conn.ctx.override_header else _FORWARD
-        if len(kinds) < _KINDS_REMEMBERED:
-            kinds[name] = kind
-        return kind
+        entry = _entry(kind, name)
+        # a name the checker finds odd is analysed whole every time, never remembered
+        if entry & _CODE_MASK != ODD_NAME and len(kinds) < _KINDS_REMEMBERED:
+            kinds[name] = entry
+        return entry
 
     def _parse_cookie(self, value: bytes) -> None:
         ctx = self.conn.ctx
