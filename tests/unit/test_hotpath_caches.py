@@ -293,6 +293,27 @@ def test_a_target_split_across_reads_is_forwarded_whole() -> None:
     assert client.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n").startswith(b"GET /b HTTP/1.1\r\n")
 
 
+def test_a_response_ends_at_the_time_of_the_read_that_ends_it() -> None:
+    # whole in one read: its end is the time its head came (no second clock
+    # read); its head in one read and the rest later: the later read's time
+    proxy = Proxy(QUIET % "strict")
+    stats = proxy.selector.pool_view("blue").stats
+    conn, client = proxy.client()
+    upstream, _ = proxy.pooled("blue-1")
+    conn.data_received(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n")
+    proxy.loop.clock += 0.25
+    upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.take().endswith(b"\r\n\r\nok")
+    assert stats.latency_sum == 0.25
+    conn.data_received(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n")
+    proxy.loop.clock += 0.5
+    upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    proxy.loop.clock += 2.0
+    upstream.data_received(b"ok")
+    assert client.take().endswith(b"\r\n\r\nok")
+    assert stats.latency_sum == 0.25 + 2.5
+
+
 def _fwd(host: bytes) -> bytes:
     return (
         b"X-Forwarded-For: 192.0.2.7\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Host: %s\r\n" % host

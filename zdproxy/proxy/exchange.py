@@ -159,6 +159,7 @@ class Exchange(RouteHints):
         "forwarded",
         "framing_doubtful",
         "head_at",
+        "head_read",
         "host",
         "host_name",
         "id_end",
@@ -254,6 +255,8 @@ class Exchange(RouteHints):
         self.started_at = 0.0
         #: loop time of the response head, and response body bytes: for the access log
         self.head_at = 0.0
+        #: the upstream connection's read the head came in (``UpstreamConnection.reads``)
+        self.head_read = -1
         self.body_bytes = 0
         #: the request-ID header as the client sent it, and the header line of the
         #: ID the request goes by (``request_id``) with the blank line that ends a
@@ -769,6 +772,7 @@ class Exchange(RouteHints):
         conn = self.conn
         ctx = conn.ctx
         self.head_at = ctx.clock()
+        self.head_read = upstream.reads
         method = self.method
         no_body = method == b"HEAD" or status in (204, 304) or status == 101
         self.response_has_no_body = no_body
@@ -1166,8 +1170,14 @@ class Exchange(RouteHints):
     def _record(self, status: int, cause: str | None = None) -> None:
         """The request is over (answered, refused or cut): statistics, access log."""
         ctx = self.conn.ctx
-        # one clock read for the access log, the shadow copy and the statistics
-        now = ctx.clock()
+        # one clock read for the access log, the shadow copy and the statistics;
+        # none for a response that ended in the read its head came in (the usual
+        # small one): the clock read then is as good
+        upstream = self.upstream
+        if upstream is not None and upstream.reads == self.head_read:
+            now = self.head_at
+        else:
+            now = ctx.clock()
         access = ctx.access_log
         if access is not None:
             access.add(self, status, cause, now)

@@ -107,6 +107,7 @@ class UpstreamConnection(asyncio.Protocol):
         "prefix_cookie",
         "prefix_head",
         "prefix_pool",
+        "reads",
         "reusable",
         "reused",
         "send",
@@ -161,6 +162,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.chunks: ChunkSizeGuard | None = None
         self.got_bytes = False
         self.reused = False
+        #: reads taken from the backend: a response whose head and end come in the
+        #: same read ends at the time its head came (``Exchange._record``)
+        self.reads = 0
         self.closed = False
         #: the response ended cleanly: back to the pool once the read is parsed
         self.reusable = False
@@ -209,6 +213,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._stray("bytes on an idle connection")
             return
         self.got_bytes = True
+        self.reads += 1
         chunks = self.chunks
         if chunks is not None and not chunks.feed(data):
             self._bad_response(BadUpstreamResponse("chunk size too large"))
