@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from zdproxy import heap
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.config.diff import ConfigDiff, diff
 from zdproxy.config.loader import ConfigError, load_config, summary
@@ -97,6 +98,7 @@ class Reloader:
         if self.server.workers is not None:
             # the workers' data-path settings (timeouts, limits, routes...)
             self.server.workers.reloaded()
+        heap.settle()
         log.info("config reload by %s: %s", actor, "; ".join(plan.lines()) or "nothing changed")
         return ReloadResult("ok", [], plan, event)
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
 from typing import TYPE_CHECKING
 
+from zdproxy import heap
 from zdproxy.admin.app import build_control_plane
 from zdproxy.balancing.model import Backend, BackendState, Snapshot
 from zdproxy.balancing.passive import PassiveObserver
@@ -436,6 +437,7 @@ async def serve(
         handover.close_unused()
     await server.start()
     server.install_signal_handlers()
+    heap.settle()
     log.info("zdproxy %s serving (pid %d)", _version(), os.getpid())
     if handover is not None:
         server.upgrader.took_over(handover)

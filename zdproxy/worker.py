@@ -19,6 +19,7 @@ import sys
 from functools import partial
 from typing import Any
 
+from zdproxy import heap
 from zdproxy.balancing.model import Backend
 from zdproxy.balancing.retry import RetryBudget
 from zdproxy.config.loader import ConfigError, load_config
@@ -71,6 +72,7 @@ class WorkerProcess:
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda: None)
         loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
+        heap.settle()
         self._send({"ready": os.getpid()})
         self._send({"ack": first.get("seq", 0)})
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
@@ -148,6 +150,7 @@ class WorkerProcess:
             ctx.install(settings)
             ctx.routes = routes
             ctx.retry_policy = RetryBudget(kept.retries.budget_percent)
+        heap.settle()
         log.info("worker %d: config reloaded", self.index)
 
     async def _report(self) -> None:
