@@ -435,9 +435,10 @@ async def serve(
     wire(server)
     if handover is not None:
         handover.close_unused()
+    # before the first request: the collection it makes must not stall one
+    heap.settle()
     await server.start()
     server.install_signal_handlers()
-    heap.settle()
     log.info("zdproxy %s serving (pid %d)", _version(), os.getpid())
     if handover is not None:
         server.upgrader.took_over(handover)

@@ -60,6 +60,7 @@ class WorkerProcess:
         # the first state first: until then every backend is "starting", unroutable
         first = json.loads(await reader.readline())
         apply_message_state(server, first)
+        heap.settle()  # before the first request: see server.serve
         await server.start()
         ctx = server.ctx
         assert ctx is not None
@@ -72,7 +73,6 @@ class WorkerProcess:
         for sig in (signal.SIGHUP, signal.SIGUSR2):
             loop.add_signal_handler(sig, lambda: None)
         loop.add_signal_handler(signal.SIGUSR1, server.reopen_logs)
-        heap.settle()
         self._send({"ready": os.getpid()})
         self._send({"ack": first.get("seq", 0)})
         log.info("worker %d serving (pid %d)", self.index, os.getpid())
