@@ -172,6 +172,7 @@ def _results() -> dict[str, Any]:
         _run("nginx", 38000, 22.0, 5200),
         _run("nginx", 42000, 24.0, 5400),
         _run("zdproxy", 30000, 26.0, 8000, errors=1),
+        _run("zdproxy-compiled", 36000, 30.0, 12000),
         _run("direct", 70000, None, 700),
     ]
     return {
@@ -241,8 +242,15 @@ def test_markdown_has_ratios_to_nginx_and_the_verdict() -> None:
     assert "0.75x" in zd_row  # req/s
     assert "1.18x" in zd_row  # CPU per request: 26 / 22
     assert "1.54x" in zd_row  # p99: 8.0 / 5.2
-    assert "- met: CPU/request 1.18x nginx" in text
-    assert "NOT met: 1 errors" in text
+    verdicts = text[text.index("Target check") :].split("###")[0]
+    # the default build first, then the checkout, each with its own three checks
+    assert verdicts.index("`zdproxy-compiled` (the compiled") < verdicts.index("`zdproxy` (this")
+    compiled, checkout = verdicts.split("`zdproxy` (this checkout")
+    assert "- NOT met: CPU/request 1.36x nginx" in compiled  # 30 / 22
+    assert "- met: p99 2.31x" not in compiled and "- NOT met: p99 2.31x" in compiled
+    assert "- met: 0 errors" in compiled
+    assert "- met: CPU/request 1.18x nginx" in checkout
+    assert "NOT met: 1 errors" in checkout
     assert "| zdproxy | 10 / 10 | 1.0 | 1.0 | 4.00 | 4.00x |" in text
     assert "admin API answered 404" in text
     assert "| zdproxy | flip | 50 | 1.00 | 4.00 | 9.0 | 0 | - | 20 / 20 / 60 |  |" in text
