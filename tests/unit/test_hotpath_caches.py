@@ -312,6 +312,14 @@ def test_a_response_ends_at_the_time_of_the_read_that_ends_it() -> None:
     upstream.data_received(b"ok")
     assert client.take().endswith(b"\r\n\r\nok")
     assert stats.latency_sum == 0.25 + 2.5
+    # a head, then no other read: a response cut by the upstream timeout ends
+    # when the timeout struck, not when its head came
+    conn.data_received(b"GET /c HTTP/1.1\r\nHost: a\r\n\r\n")
+    upstream.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n")
+    waited = proxy.ctx.t_upstream + 1.0
+    proxy.advance(waited)
+    assert client.closed
+    assert stats.latency_sum == 0.25 + 2.5 + waited
 
 
 def _fwd(host: bytes) -> bytes:

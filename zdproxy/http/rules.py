@@ -148,8 +148,8 @@ _NAME_CACHE_MAX: Final = 4096
 _name_cache: dict[bytes, int] = {}
 
 
-#: the largest code ``name_code`` returns: a caller may pack a code into the
-#: low bits of a number of its own (``HeadChecker.coded_header``)
+#: bits that hold every code ``name_code`` returns: a caller may keep a code in
+#: the low bits of a number of its own (``HeadChecker.coded_header``)
 NAME_CODE_BITS: Final = 3
 ODD_NAME: Final = _ODD
 

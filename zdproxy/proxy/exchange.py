@@ -349,11 +349,12 @@ class Exchange(RouteHints):
         # _DROP: hop-by-hop, or framing the proxy redoes itself
 
     def _kind_of(self, name: bytes, kinds: dict[bytes, int]) -> int:
-        """What ``add_header`` does with a header ``name`` (any case) the table does
-        not hold as sent: looked up in lower case (the routing override header is
-        one to forward too, ``_OVERRIDE``), then remembered in the table under the
-        name as sent. The table is the context's, rebuilt with the override
-        header on every reload; the names remembered are bounded."""
+        """The table entry (``header_kinds``) for a header ``name`` (any case) the
+        table does not hold as sent: its kind looked up in lower case (the routing
+        override header is one to forward too, ``_OVERRIDE``), its checker code
+        from the name as sent, then remembered under that name. The table is the
+        context's, rebuilt with the override header on every reload; the names
+        remembered are bounded."""
         lname = name.lower()
         known = kinds.get(lname)
         if known is not None:
@@ -884,7 +885,9 @@ class Exchange(RouteHints):
         if self.phase != RELAYING or self.status == 101:
             return  # interim response, or a tunnel's handshake
         self.upstream_keep_alive = keep_alive and not self.framing_doubtful
-        self._finish(clean=True)
+        # a response that ended in the read its head came in (every small one) is
+        # timed by the head's clock read: no second one
+        self._finish(True, self.head_at if upstream.reads == self.head_read else 0.0)
 
     def on_upstream_upgraded(self, upstream: UpstreamConnection, rest: bytes) -> None:
         from zdproxy.proxy.tunnel import start_tunnel
@@ -1088,7 +1091,9 @@ class Exchange(RouteHints):
 
     # ---- finish ------------------------------------------------------------
 
-    def _finish(self, clean: bool) -> None:
+    def _finish(self, clean: bool, ended_at: float = 0.0) -> None:
+        """The response ended (``clean``: as its framing said); ``ended_at``: the
+        loop time it ended at, when known without reading the clock (0.0: not)."""
         conn = self.conn
         if self.chunk_out:
             if self.out is None:
@@ -1096,7 +1101,7 @@ class Exchange(RouteHints):
             else:
                 self.out.append(LAST_CHUNK)
         self.flush_response()
-        self._record(self.status)
+        self._record(self.status, None, ended_at)
         backend = self.backend
         if (
             clean
@@ -1167,16 +1172,12 @@ class Exchange(RouteHints):
             keep_alive = False
         conn.response_finished(self, keep_alive)
 
-    def _record(self, status: int, cause: str | None = None) -> None:
-        """The request is over (answered, refused or cut): statistics, access log."""
+    def _record(self, status: int, cause: str | None = None, now: float = 0.0) -> None:
+        """The request is over (answered, refused or cut): statistics, access log.
+        ``now``: the loop time it ended at, when the caller knows it (0.0: not)."""
         ctx = self.conn.ctx
-        # one clock read for the access log, the shadow copy and the statistics;
-        # none for a response that ended in the read its head came in (the usual
-        # small one): the clock read then is as good
-        upstream = self.upstream
-        if upstream is not None and upstream.reads == self.head_read:
-            now = self.head_at
-        else:
+        # one clock read for the access log, the shadow copy and the statistics
+        if not now:
             now = ctx.clock()
         access = ctx.access_log
         if access is not None:
