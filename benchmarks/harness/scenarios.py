@@ -164,7 +164,8 @@ def run_throughput(
     progress: Callable[[str], None] = log,
 ) -> list[dict[str, Any]]:
     """``rounds`` records per target and case, each over ``session.duration``
-    seconds cut into ``slices`` wrk runs taken in turns (at least a second each)."""
+    seconds cut into ``slices`` wrk runs taken in turns (whole seconds, at least
+    one each: a duration of 5 s in 3 slices is three 1 s runs)."""
     runs: list[dict[str, Any]] = []
     targets = session.targets
     seconds = max(1, session.duration // max(slices, 1))
