@@ -471,11 +471,10 @@ class ClientConnection(asyncio.Protocol):
         if ids is not None:
             if broken is None:
                 request_id = ids.new()
+                extra = ids.line(request_id)
             else:
+                extra = broken.id_line()
                 request_id = broken.request_id
-                if request_id is None:
-                    request_id = ids.resolve(broken.request_id_in)
-            extra = ids.line(request_id)
         response = error_response(status, cause, message, extra=extra)
         head_end = response.index(b"\r\n\r\n") + 4
         if broken is not None and broken.method == b"HEAD":

@@ -1060,7 +1060,7 @@ class Exchange(RouteHints):
             # the client's bytes after an upgrade request were not parsed as HTTP
             keep_alive = False
         response = error_response(
-            error.status, error.cause, str(error), close=not keep_alive, extra=self._id_line()
+            error.status, error.cause, str(error), close=not keep_alive, extra=self.id_line()
         )
         head_end = response.index(b"\r\n\r\n") + 4
         if self.method == b"HEAD":
@@ -1072,8 +1072,10 @@ class Exchange(RouteHints):
             transport.write(response)
         self._after_response(keep_alive)
 
-    def _id_line(self) -> bytes:
-        """The request-ID header line of a response the proxy writes itself."""
+    def id_line(self) -> bytes:
+        """The request-ID header line of a response the proxy writes itself (b"":
+        request IDs are off); a request refused before its head was complete gets
+        its ID here."""
         end = self.id_end
         if end is None:  # refused before its head was complete
             ids = self.conn.ctx.request_ids
