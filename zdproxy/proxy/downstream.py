@@ -364,7 +364,13 @@ class ClientConnection(asyncio.Protocol):
         """The response of the head exchange is fully written."""
         queue = self.queue
         if queue and queue[0] is exchange:
-            queue.pop(0)
+            if len(queue) == 1:
+                # emptied with clear(), not pop(): a list popped empty keeps a
+                # 1-byte libc block, which the next request's append reallocs
+                # (two libc calls a request; clear() frees to pymalloc instead)
+                queue.clear()
+            else:
+                del queue[0]
         if self.transport is None or self.transport_closing():
             return
         if not keep_alive or self.closing:

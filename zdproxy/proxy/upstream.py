@@ -523,7 +523,12 @@ class UpstreamPools:
                 peak[backend.id] = in_flight
         stack = self._idle.get(backend.id)
         while stack:
-            conn = stack.pop()
+            if len(stack) == 1:
+                # clear(), not pop(), to empty it: see ClientConnection.response_finished
+                conn = stack[0]
+                stack.clear()
+            else:
+                conn = stack.pop()
             transport = conn.transport
             if not conn.closed and transport is not None and not conn.transport_closing():
                 conn.reused = True
