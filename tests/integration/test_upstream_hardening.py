@@ -379,6 +379,52 @@ def test_a_body_after_the_answer_to_head(
     second_client_gets_a_fresh_connection(proxy, backend, first, target.strip("/"))
 
 
+def _learn(client: RawClient, times: int) -> None:
+    """Answers of the same head and size on one kept-alive upstream connection:
+    from the second on, the proxy relays them without its parser."""
+    for _ in range(times):
+        client.send(get("/head-body-same-read"))
+        expected = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", b"hello")
+        assert read_exactly(client.sock, len(expected)) == expected
+
+
+def _one_connection(backend: ScriptedBackend, *targets: bytes) -> int:
+    """The upstream connection that answered the last request of each target,
+    the same for all of them."""
+    conns = {backend.requests(target)[-1].conn_id for target in targets}
+    assert len(conns) == 1, "the requests went out on more than one connection"
+    return conns.pop()
+
+
+def test_stray_bytes_after_a_learnt_answer_close_the_connection(
+    proxy: ProxyProcess, backend: ScriptedBackend
+) -> None:
+    """The same head and size again, with the start of another response in the
+    same read: not that answer alone, so the stray bytes are seen."""
+    with RawClient(proxy.port) as client:
+        _learn(client, 3)
+        client.send(get("/stray-same-read"))  # the same head and body length, and more
+        expected = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n", b"first")
+        assert read_exactly(client.sock, len(expected)) == expected
+    first = _one_connection(backend, b"/head-body-same-read", b"/stray-same-read")
+    second_client_gets_a_fresh_connection(proxy, backend, first, "learnt-then-stray")
+
+
+def test_a_learnt_answer_to_head_is_still_a_body_after_the_head(
+    proxy: ProxyProcess, backend: ScriptedBackend
+) -> None:
+    """The bytes of a learnt answer, head and body, answering a HEAD: the body is
+    not relayed and the connection is not trusted again."""
+    with RawClient(proxy.port) as client:
+        _learn(client, 3)
+        client.send(b"HEAD /head-body-same-read HTTP/1.1\r\nHost: x\r\n\r\n")
+        expected = relayed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n")
+        assert read_exactly(client.sock, len(expected)) == expected
+        assert client.still_open(), "bytes after the answer to HEAD reached the client"
+    first = _one_connection(backend, b"/head-body-same-read")
+    backend.wait_closed(first)
+
+
 @pytest.mark.parametrize("target", ["/204-with-body", "/204-announcing-body"])
 def test_a_204_with_a_body(target: str, proxy: ProxyProcess, backend: ScriptedBackend) -> None:
     with RawClient(proxy.port) as client:

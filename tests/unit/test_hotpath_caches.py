@@ -570,3 +570,135 @@ def test_head_prefix_is_kept_only_while_its_three_pieces_are_the_same() -> None:
         (b"HTTP/1.1 200 OK\r\nA: 2\r\n", b"", b""),
     ):
         assert upstream.head_prefix(*args) == b"".join(args)
+
+
+# ---- a whole response the same as the last one: relayed without the parser ---------
+
+OUT1 = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-B: 1\r\nX-Zdproxy-Pool: blue\r\n\r\n"
+
+
+class _Spy:
+    """A parser protocol that records every callback: fed, it shows the parser ran."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def on_message_begin(self) -> None:
+        self.calls.append("begin")
+
+    def on_message_complete(self) -> None:
+        self.calls.append("complete")
+
+
+class _Backend:
+    """One kept-alive upstream connection of one client's requests, reused each
+    time (the pool holds it alone)."""
+
+    def __init__(self) -> None:
+        self.client = _Client()
+        self.upstream, self.wire = self.client.proxy.pooled("blue-1")
+
+    def ask(
+        self, response: bytes, *reads: int, method: bytes = b"GET", version: bytes = b"1.1"
+    ) -> bytes:
+        """Send a request, answer it with ``response`` (cut at ``reads``): what
+        the client got. The request must reach this connection."""
+        request = b"%s / HTTP/%s\r\nHost: a\r\n\r\n" % (method, version)
+        self.client.conn.data_received(request)
+        assert self.wire.take().startswith(method + b" / HTTP/1.1\r\n")
+        start = 0
+        for cut in (*reads, len(response)):
+            self.upstream.data_received(response[start:cut])
+            start = cut
+        return self.client.wire.take()
+
+    def pooled(self) -> bool:
+        """The connection is idle in the pool, open."""
+        return not self.wire.closed and self.client.proxy.pools.idle_count("blue-1") == 1
+
+
+def test_a_repeated_whole_response_is_relayed_without_the_parser() -> None:
+    import httptools
+
+    backend = _Backend()
+    assert backend.ask(H1 + b"hello") == OUT1 + b"hello"
+    assert backend.upstream.repeat_size == len(H1) + 5 and backend.pooled()
+    spy = _Spy()
+    parser = backend.upstream.parser
+    backend.upstream.parser = httptools.HttpResponseParser(spy)
+    for body in (b"hello", b"world"):  # the same head; the body is relayed as read
+        assert backend.ask(H1 + body) == OUT1 + body
+        assert backend.pooled()
+    assert spy.calls == []
+    # the parser stays between messages: it reads the next other response
+    backend.upstream.parser = parser
+    other = b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\n"
+    assert backend.ask(other + b"nope") == other[:-2] + b"X-Zdproxy-Pool: blue\r\n\r\nnope"
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    got = backend.ask(chunked + b"2\r\nok\r\n0\r\n\r\n")
+    assert got == (
+        b"HTTP/1.1 200 OK\r\nX-Zdproxy-Pool: blue\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"2\r\nok\r\n0\r\n\r\n"
+    )
+    assert backend.ask(H1 + b"hello") == OUT1 + b"hello" and backend.pooled()
+
+
+def test_a_repeat_is_taken_only_whole_and_alone_in_its_read() -> None:
+    backend = _Backend()
+    backend.ask(H1 + b"hello")
+    # split across reads: the parser's way, the same bytes out
+    assert backend.ask(H1 + b"hello", 3, len(H1) + 2) == OUT1 + b"hello" and backend.pooled()
+    # more bytes than the response: the parser sees them, the connection is
+    # out of step with its backend and closes; the client still gets its answer
+    assert backend.ask(H1 + b"hello" + b"HTTP/1.1 200 OK\r\n") == OUT1 + b"hello"
+    assert backend.wire.closed and backend.client.proxy.pools.idle_count("blue-1") == 0
+
+
+def test_a_head_request_is_never_answered_as_a_repeat() -> None:
+    backend = _Backend()
+    backend.ask(H1 + b"hello")
+    # a backend that sends a body after the head of a HEAD's answer: the body is
+    # not relayed, and the connection is not trusted again
+    assert backend.ask(H1 + b"hello", method=b"HEAD") == OUT1
+    assert backend.wire.closed
+
+
+def test_only_a_kept_alive_content_length_response_is_learnt() -> None:
+    for response in (
+        CLOSE + b"hello",  # closes: never reused
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\nX-B: 1\r\n\r\n",  # no body: its head does not say
+        b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello",  # 1.0 without keep-alive
+    ):
+        backend = _Backend()
+        backend.ask(response)
+        assert backend.upstream.repeat_size == -1, response
+    # chunked to an HTTP/1.0 client (relayed as it comes, to the close): the
+    # upstream connection is kept, its chunked size not learnt
+    backend = _Backend()
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+    assert backend.ask(chunked, version=b"1.0").endswith(b"\r\n\r\nhello")
+    assert backend.upstream.repeat_size == -1 and backend.pooled()
+    # a HEAD's answer is not a size either, nor is a response split from its head
+    backend = _Backend()
+    backend.ask(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", method=b"HEAD")
+    assert backend.upstream.repeat_size == -1 and backend.pooled()
+    backend.ask(KEEP + b"hello", len(KEEP) - 4)
+    assert backend.upstream.repeat_size == -1
+    # a new head forgets the size learnt with the last one
+    backend.ask(KEEP + b"hello")
+    assert backend.upstream.repeat_size == len(KEEP) + 5
+    backend.ask(H1 + b"hello")
+    assert backend.upstream.repeat_size == len(H1) + 5
+    # a head split across reads is parsed, and leaves what was learnt alone
+    assert backend.ask(H1 + b"hello", 20) == OUT1 + b"hello"
+    assert backend.upstream.repeat_size == len(H1) + 5 and backend.pooled()
+
+
+def test_a_repeat_still_meets_a_lowered_head_limit() -> None:
+    backend = _Backend()
+    backend.ask(H1 + b"hello")
+    backend.client.proxy.pools.max_head_bytes = len(H1) - 1  # as a reload would lower it
+    got = backend.ask(H1 + b"hello")
+    assert got.startswith(b"HTTP/1.1 502 ") and backend.wire.closed
