@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import httptools
 from support_exchange import Proxy
 
 from zdproxy.balancing.model import Backend
@@ -618,8 +619,6 @@ class _Backend:
 
 
 def test_a_repeated_whole_response_is_relayed_without_the_parser() -> None:
-    import httptools
-
     backend = _Backend()
     assert backend.ask(H1 + b"hello") == OUT1 + b"hello"
     assert backend.upstream.repeat_size == len(H1) + 5 and backend.pooled()
